@@ -1,0 +1,100 @@
+"""Steering a transformers model: a forward hook on decoder layer L's output.
+
+    with yapo_fast.steer(model, vector, multiplier=1.0, sae=sae):
+        model.generate(...)
+
+    handle = yapo_fast.patch_model(model, vector, sae=sae); ...; handle.remove()
+
+Every position is steered (prompt and generated tokens). Removing the hook restores the model
+exactly: the hook is the only thing that changes, no weight is touched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import YapoFastError
+from ..model import check_layer, decoder_layers, model_identity
+from ..steering import make_steer_fn
+from ..vector import SteeringVector
+
+
+@dataclass
+class SteeringHandle:
+    """Undo a patch with .remove() (idempotent); also a context manager."""
+
+    vector: SteeringVector
+    multiplier: float
+    layer: int
+    _hook: torch.utils.hooks.RemovableHandle | None
+
+    def remove(self) -> None:
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+
+    @property
+    def active(self) -> bool:
+        return self._hook is not None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.remove()
+
+
+def _replace_hidden(output, new_hidden):
+    if isinstance(output, torch.Tensor):
+        return new_hidden
+    if isinstance(output, tuple):
+        return (new_hidden, *output[1:])
+    raise YapoFastError(f"decoder layer returned {type(output).__name__}; expected a tensor or a tuple")
+
+
+def patch_model(model, vector: SteeringVector, multiplier: float | None = None, *, sae=None,
+                check: bool = True) -> SteeringHandle:
+    """Steer `model` at vector.layer until handle.remove(). `sae` is needed for yapo vectors."""
+    if not isinstance(vector, SteeringVector):
+        raise YapoFastError(f"expected a SteeringVector (yapo_fast.load_vector(path)), got {type(vector).__name__}")
+    layer = check_layer(model, vector.layer)
+    if check:
+        vector.check_compatible(model=model_identity(model), sae=sae)
+    m = vector.multiplier if multiplier is None else multiplier
+    steer_fn = make_steer_fn(vector, m, sae=sae)
+
+    def hook(_module, _inputs, output):
+        hidden = output if isinstance(output, torch.Tensor) else output[0]
+        return _replace_hidden(output, steer_fn(hidden))
+
+    return SteeringHandle(vector=vector, multiplier=float(m), layer=layer,
+                          _hook=decoder_layers(model)[layer].register_forward_hook(hook))
+
+
+@contextlib.contextmanager
+def steer(model, vector: SteeringVector, multiplier: float | None = None, *, sae=None, check: bool = True):
+    """Context manager form of patch_model."""
+    handle = patch_model(model, vector, multiplier, sae=sae, check=check)
+    try:
+        yield handle
+    finally:
+        handle.remove()
+
+
+@contextlib.contextmanager
+def capture_layer_output(model, layer: int):
+    """Record decoder layer `layer`'s output hidden states (a list, one tensor per forward)."""
+    check_layer(model, layer)
+    seen: list[torch.Tensor] = []
+
+    def hook(_module, _inputs, output):
+        seen.append((output if isinstance(output, torch.Tensor) else output[0]).detach())
+
+    handle = decoder_layers(model)[layer].register_forward_hook(hook)
+    try:
+        yield seen
+    finally:
+        handle.remove()

@@ -1,0 +1,113 @@
+"""The `yapo-fast` command line."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .errors import YapoFastError
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="transformers model id or path (default: embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--sae", default=None, help="SAE directory in sae-lens format (default: the shipped SAE)")
+    p.add_argument("--sae-id", default=None, help="with --sae naming a sae-lens release: the SAE id in it")
+
+
+def cmd_steer(args) -> None:
+    """Generate for a prompt with and without a vector, side by side."""
+    from . import load_model, load_sae, load_vector, steer
+    from .hf_generate import generate_text
+
+    vector = load_vector(args.vector)
+    model, tok = load_model(args.model)
+    sae = load_sae(args.sae, sae_id=args.sae_id) if vector.is_sparse else None
+    m = vector.multiplier if args.multiplier is None else args.multiplier
+    plain = generate_text(model, tok, args.prompt, max_new_tokens=args.max_new_tokens)
+    with steer(model, vector, m, sae=sae):
+        steered = generate_text(model, tok, args.prompt, max_new_tokens=args.max_new_tokens)
+    for prompt, a, b in zip(args.prompt, plain, steered):
+        print(f"## {prompt}\n-- unsteered:\n{a}\n-- steered ({vector.method}, layer {vector.layer}, m={m:g}):\n{b}\n")
+
+
+def cmd_caa(args) -> None:
+    from . import load_model
+    from .caa import train_caa
+    from .data import bipo_csv_path, load_pairs
+
+    model, tok = load_model(args.model)
+    data = Path(args.data) if args.data else bipo_csv_path(args.behaviour)
+    vec = train_caa(model, tok, load_pairs(data, limit=args.pairs), args.layer, reduce=args.reduce)
+    vec.info["data"] = str(data)
+    vec.save(args.out)
+    print(f"wrote {args.out} (CAA, layer {args.layer}, |v|={vec.values.norm():.3f})")
+
+
+def cmd_main(args) -> None:
+    """The main job on the embedded default: a vector for one behaviour, steered vs unsteered text."""
+    from . import load_model, steer
+    from .caa import train_caa
+    from .data import bipo_csv_path, load_pairs
+    from .hf_generate import generate_text
+
+    out = Path(args.out)
+    model, tok = load_model(None)
+    pairs = load_pairs(bipo_csv_path(args.behaviour), limit=args.pairs)
+    vec = train_caa(model, tok, pairs, args.layer)
+    path = vec.save(out / f"caa-{args.behaviour}-L{args.layer}.safetensors")
+    questions = [p.prompt for p in load_pairs(bipo_csv_path(args.behaviour, "test"), limit=args.prompts)]
+    plain = generate_text(model, tok, questions, max_new_tokens=args.max_new_tokens)
+    with steer(model, vec, args.multiplier):
+        steered = generate_text(model, tok, questions, max_new_tokens=args.max_new_tokens)
+    for q, a, b in zip(questions, plain, steered):
+        print(f"## {q}\n-- unsteered: {a}\n-- steered (CAA x{args.multiplier:g}): {b}\n")
+    print(f"vector: {path}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="yapo-fast", description="Fast, exact sparse activation steering (YaPO).")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("steer", help="generate for prompts with and without a steering vector")
+    _add_model_args(p)
+    p.add_argument("--vector", required=True, help="steering vector (.safetensors)")
+    p.add_argument("--prompt", action="append", required=True, help="prompt (repeat for several)")
+    p.add_argument("--multiplier", type=float, default=None, help="default: the vector's own")
+    p.add_argument("--max-new-tokens", type=int, default=48)
+    p.set_defaults(func=cmd_steer)
+
+    p = sub.add_parser("caa", help="a CAA vector (mean activation difference) from preference pairs")
+    p.add_argument("--model", default=None)
+    p.add_argument("--behaviour", default="hallucination", help="shipped BiPO behaviour (when --data is not given)")
+    p.add_argument("--data", default=None, help="BiPO CSV or JSONL (prompt, chosen, rejected)")
+    p.add_argument("--layer", type=int, required=True)
+    p.add_argument("--pairs", type=int, default=None, help="use the first N pairs")
+    p.add_argument("--reduce", choices=("mean", "last"), default="mean")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_caa)
+
+    p = sub.add_parser("main", help="the main job on the embedded default model")
+    p.add_argument("--behaviour", default="hallucination")
+    p.add_argument("--layer", type=int, default=15)
+    p.add_argument("--pairs", type=int, default=64)
+    p.add_argument("--prompts", type=int, default=3)
+    p.add_argument("--multiplier", type=float, default=4.0)
+    p.add_argument("--max-new-tokens", type=int, default=40)
+    p.add_argument("--out", default="runs/main")
+    p.set_defaults(func=cmd_main)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except YapoFastError as exc:
+        print(f"yapo-fast: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
