@@ -65,9 +65,18 @@ def cmd_main(args) -> None:
     print(f"vector: {path}")
 
 
+# Feature modules that add their own subcommands: each has register(subparsers), which adds
+# parsers whose `func` takes the parsed args. Add a module here to add its commands.
+COMMAND_MODULES: list[str] = []
+
+
 def build_parser() -> argparse.ArgumentParser:
+    import importlib
+
     parser = argparse.ArgumentParser(prog="yapo-fast", description="Fast, exact sparse activation steering (YaPO).")
     sub = parser.add_subparsers(dest="command", required=True)
+    for name in COMMAND_MODULES:
+        importlib.import_module(f"yapo_fast.{name}").register(sub)
 
     p = sub.add_parser("steer", help="generate for prompts with and without a steering vector")
     _add_model_args(p)
