@@ -9,7 +9,9 @@ import math
 import torch
 
 from .errors import YapoFastError, check_finite
-from .kernels.sparse_steer_reference import dense_steer_reference, sparse_steer_reference
+from .kernels.sparse_steer import prepare_sparse_steer
+from .kernels.sparse_steer import sparse_steer as fused_sparse_steer
+from .kernels.sparse_steer_reference import dense_steer_reference
 from .vector import SteeringVector
 
 
@@ -26,14 +28,18 @@ def _check_hidden(h: torch.Tensor, d_model: int, what: str) -> None:
 
 
 def sparse_steer(h: torch.Tensor, sae, vector: "SteeringVector | torch.Tensor", multiplier: float = 1.0) -> torch.Tensor:
-    """YaPO at every position of h (..., d_model): h + Dec(ReLU(Enc(h) + m*v)) - Dec(Enc(h))."""
+    """YaPO at every position of h (..., d_model): h + Dec(ReLU(Enc(h) + m*v)) - Dec(Enc(h)).
+
+    Exact, through the fused kernels (yapo_fast.kernels.sparse_steer); differentiable wrt h and
+    the latent. To steer many calls with one vector, prepare once: make_steer_fn."""
     multiplier = check_multiplier(multiplier)
     latent = vector.latent() if isinstance(vector, SteeringVector) else vector
     if latent.shape != (sae.d_sae,):
         raise YapoFastError(f"latent vector has shape {tuple(latent.shape)} but the SAE has d_sae={sae.d_sae}")
     _check_hidden(h, sae.d_in, f"SAE {sae.name!r}")
     check_finite("latent vector", latent)
-    return sparse_steer_reference(h, sae, latent.to(h.device), multiplier)
+    sae = sae.to(device=h.device) if sae.device != h.device else sae
+    return fused_sparse_steer(h, prepare_sparse_steer(sae, latent.to(h.device), multiplier))
 
 
 def dense_steer(h: torch.Tensor, vector: "SteeringVector | torch.Tensor", multiplier: float = 1.0) -> torch.Tensor:
@@ -51,15 +57,17 @@ def make_steer_fn(vector: SteeringVector, multiplier: float, sae=None):
         if sae is None:
             raise YapoFastError("a yapo vector is steered through its SAE: pass sae=...")
         latent = vector.latent()
-        sae32 = sae.to(dtype=torch.float32)
-        cache = {}
+        if latent.shape != (sae.d_sae,):
+            raise YapoFastError(f"vector has d_sae={latent.shape[0]} but the SAE has d_sae={sae.d_sae}")
+        cache = {}  # device -> PreparedSteer: the vector is prepared once per device
 
         def steer_fn(h: torch.Tensor) -> torch.Tensor:
             key = h.device
             if key not in cache:
-                cache[key] = (sae32.to(device=h.device), latent.to(h.device))
-            s, v = cache[key]
-            return sparse_steer_reference(h, s, v, multiplier)
+                _check_hidden(h, sae.d_in, f"SAE {sae.name!r}")
+                cache[key] = prepare_sparse_steer(sae.to(device=h.device, dtype=torch.float32),
+                                                  latent.to(h.device), multiplier)
+            return fused_sparse_steer(h, cache[key])
 
         return steer_fn
     dense = vector.dense()

@@ -1,0 +1,148 @@
+"""The fused sparse steer (every CPU backend) against THE reference, kernels/sparse_steer_reference.py.
+
+Triton runs in tests/test_kernels_triton.py (TRITON_INTERPRET=1 must be set before its import).
+TopK inputs here are random floats: no ties among pre-activations (the tie rule itself is tested
+in tests/test_kernels_topk_threshold.py)."""
+
+import pytest
+import torch
+
+from helpers import SAE_KINDS, random_latent, random_sae
+from yapo_fast import YapoFastError
+from yapo_fast.kernels.sparse_steer import prepare_sparse_steer, sparse_steer, stack_prepared
+from yapo_fast.kernels.sparse_steer_reference import sparse_steer_reference
+
+CPU_BACKENDS = ("torch",)
+MULTIPLIERS = (-2.0, -1.0, -0.5, 0.0, 1.0, 2.0)
+# float32: both sides compute in float32 but sum in different orders (and the reference adds and
+# subtracts two full decodes), so allow a few ulps of |h'|. bfloat16: the output is rounded to
+# bf16 (8 bits of mantissa): one ulp of |h'| ~ 2^-8 relative, plus a float32 difference that can
+# tip the rounding.
+TOL = {torch.float32: dict(max_abs=2e-4, rms=2e-5), torch.bfloat16: dict(max_abs=6e-2, rms=8e-3)}
+
+
+def hidden(T, d, seed=0, dtype=torch.float32):
+    return (2.0 * torch.randn(T, d, generator=torch.Generator().manual_seed(seed))).to(dtype)
+
+
+def assert_matches(got, want, dtype):
+    tol = TOL[dtype]
+    diff = (got.float() - want.float()).abs()
+    scale = max(1.0, float(want.float().abs().max()))
+    assert float(diff.max()) <= tol["max_abs"] * scale, f"max abs diff {float(diff.max()):.3g}"
+    assert float(diff.pow(2).mean().sqrt()) <= tol["rms"] * scale, f"rms diff {float(diff.pow(2).mean().sqrt()):.3g}"
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("kind", SAE_KINDS)
+@pytest.mark.parametrize("sign", ("pos", "neg", "mixed"))
+@pytest.mark.parametrize("multiplier", MULTIPLIERS)
+def test_matches_reference_signs_and_multipliers(backend, kind, sign, multiplier):
+    sae = random_sae(kind, d_in=48, d_sae=96, seed=1)
+    h = hidden(7, 48, seed=2)
+    v = random_latent(96, 17, sign, seed=3)
+    got = sparse_steer(h, prepare_sparse_steer(sae, v, multiplier), backend=backend)
+    want = sparse_steer_reference(h, sae, v, multiplier)
+    assert_matches(got, want, torch.float32)
+    if multiplier != 0.0:  # the op really moves h: a no-op would fail
+        assert float((got - h).abs().max()) > 1e-2
+
+
+SHAPES = [  # (T, d_model, d_sae, support): odd sizes, support 1 / 17 / all; few big ones
+    (1, 48, 96, 1), (7, 64, 1000, 17), (300, 64, 96, 96), (7, 576, 1000, 1000), (300, 576, 9216, 17),
+    (1, 576, 9216, 9216),
+]
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("kind", SAE_KINDS)
+@pytest.mark.parametrize("T,d_model,d_sae,support", SHAPES)
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16))
+def test_matches_reference_shapes_and_dtypes(backend, kind, T, d_model, d_sae, support, dtype):
+    sae = random_sae(kind, d_in=d_model, d_sae=d_sae, seed=T + d_sae)
+    h = hidden(T, d_model, seed=support, dtype=dtype)
+    v = random_latent(d_sae, support, "mixed", seed=5)
+    got = sparse_steer(h, prepare_sparse_steer(sae, v, -1.5), backend=backend)
+    assert got.dtype == dtype and got.shape == h.shape
+    assert_matches(got, sparse_steer_reference(h, sae, v, -1.5), dtype)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_bfloat16_sae_and_leading_dims(backend):
+    sae = random_sae("jumprelu", d_in=64, d_sae=96, seed=4, dtype=torch.bfloat16)
+    h = hidden(2 * 5, 64, seed=1).view(2, 5, 64)
+    v = random_latent(96, 30, "mixed", seed=2)
+    got = sparse_steer(h, prepare_sparse_steer(sae, v, 2.0), backend=backend)
+    assert_matches(got, sparse_steer_reference(h, sae, v, 2.0), torch.float32)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_inplace_and_out_equal_new_tensor(backend):
+    sae = random_sae("jumprelu", d_in=64, d_sae=96, seed=4)
+    prepared = prepare_sparse_steer(sae, random_latent(96, 17, "mixed", seed=1), -1.0)
+    h = hidden(9, 64)
+    fresh = sparse_steer(h, prepared, backend=backend)
+    assert not torch.equal(fresh, h)
+    out = torch.full_like(h, float("nan"))
+    assert sparse_steer(h, prepared, out=out, backend=backend) is out
+    h2 = h.clone()
+    assert sparse_steer(h2, prepared, inplace=True, backend=backend) is h2
+    torch.testing.assert_close(out, fresh, rtol=0, atol=0)
+    torch.testing.assert_close(h2, fresh, rtol=0, atol=0)
+    strided = hidden(9, 128)[:, ::2]  # non-contiguous input and in-place target
+    want = sparse_steer(strided.contiguous(), prepared, backend=backend)
+    assert_matches(sparse_steer(strided, prepared, inplace=True, backend=backend), want, torch.float32)
+    assert_matches(strided, want, torch.float32)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("kind", SAE_KINDS)
+def test_slots_give_each_token_its_single_vector_result(backend, kind):
+    sae = random_sae(kind, d_in=64, d_sae=200, seed=7)
+    vectors = [(random_latent(200, 1, "neg", seed=1), 1.0), (random_latent(200, 40, "mixed", seed=2), -2.0),
+               (random_latent(200, 9, "pos", seed=3), 0.5)]
+    prepared = [prepare_sparse_steer(sae, v, m) for v, m in vectors]
+    slots = stack_prepared(prepared)
+    h = hidden(31, 64, seed=3)
+    slot_index = torch.tensor([(t % 4) - 1 for t in range(31)])  # -1, 0, 1, 2, -1, ...
+    got = sparse_steer(h, slots, slot_index=slot_index, backend=backend)
+    for t in range(31):
+        s = int(slot_index[t])
+        if s < 0:
+            assert torch.equal(got[t], h[t])  # unsteered tokens are copied exactly
+        else:
+            single = sparse_steer(h[t:t + 1], prepared[s], backend=backend)[0]
+            torch.testing.assert_close(got[t], single, rtol=1e-6, atol=1e-5)
+            v, m = vectors[s]
+            assert_matches(got[t:t + 1], sparse_steer_reference(h[t:t + 1], sae, v, m), torch.float32)
+
+
+def test_bad_input_is_named():
+    sae = random_sae("relu", d_in=64, d_sae=96)
+    prepared = prepare_sparse_steer(sae, random_latent(96, 5, "neg"), 1.0)
+    with pytest.raises(YapoFastError, match="d_model=64"):
+        sparse_steer(torch.randn(3, 32), prepared)
+    with pytest.raises(YapoFastError, match="d_sae=96"):
+        prepare_sparse_steer(sae, torch.zeros(95), 1.0)
+    with pytest.raises(YapoFastError, match="slot_index"):
+        sparse_steer(torch.randn(3, 64), stack_prepared([prepared]))
+    with pytest.raises(YapoFastError, match="slot_index values"):
+        sparse_steer(torch.randn(3, 64), stack_prepared([prepared]), slot_index=torch.tensor([0, 1, -1]))
+    with pytest.raises(YapoFastError, match="YAPO_FAST_KERNEL"):
+        sparse_steer(torch.randn(3, 64), prepared, backend="cuda-magic")
+    with pytest.raises(YapoFastError, match="CUDA"):
+        sparse_steer(torch.randn(3, 64), prepared, backend="triton")
+
+
+def test_env_var_forces_backend(monkeypatch):
+    import yapo_fast.kernels.sparse_steer_torch as torch_path
+    calls = []
+    real = torch_path.steer_torch
+    monkeypatch.setattr("yapo_fast.kernels.sparse_steer.steer_torch", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setenv("YAPO_FAST_KERNEL", "torch")
+    sae = random_sae("relu", d_in=64, d_sae=96)
+    sparse_steer(torch.randn(3, 64), prepare_sparse_steer(sae, random_latent(96, 5, "neg"), 1.0))
+    assert calls == [1]
+    monkeypatch.setenv("YAPO_FAST_KERNEL", "nope")
+    with pytest.raises(YapoFastError, match="nope"):
+        sparse_steer(torch.randn(3, 64), prepare_sparse_steer(sae, random_latent(96, 5, "neg"), 1.0))
