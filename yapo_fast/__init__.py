@@ -5,11 +5,12 @@ from .integrations.hf_hooks import SteeringHandle, patch_model, steer
 from .model import DEFAULT_MODEL, decoder_layers, load_model, model_identity
 from .sae import SAE, load_sae
 from .steering import dense_steer, sparse_steer
+from .train import TrainResult, train
 from .vector import SteeringVector, load_vector
 
 __all__ = [
     "DEFAULT_MODEL", "SAE", "SteeringHandle", "SteeringVector", "VectorMismatchError", "YapoFastError",
     "decoder_layers", "dense_steer", "load_model", "load_sae", "load_vector", "model_identity",
-    "patch_model", "sparse_steer", "steer",
+    "patch_model", "sparse_steer", "steer", "train", "TrainResult",
 ]
 __version__ = "0.1.0"

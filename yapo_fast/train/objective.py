@@ -1,0 +1,38 @@
+"""The steering deltas as functions of v, and the bi-directional DPO loss.
+
+YaPO, with z the (cached, sparse) SAE code of a position and m = d the batch direction:
+
+    delta = Dec(ReLU(z + m v)) - Dec(z) = sum_i (ReLU(z_i + m v_i) - z_i) W_dec[i]
+          = ReLU(m v) @ W_dec                                   (every position: z_i = 0 there)
+            + sum_{i active} (ReLU(z_i + m v_i) - z_i - ReLU(m v_i)) W_dec[i]
+
+so a step costs one d_sae x d_model product plus work over the active latents only; autograd of
+this expression gives exactly d * 1[z_i + m v_i > 0] * (g . W_dec[i]) summed over positions.
+BiPO: delta = m v at every position.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def yapo_delta(codes: dict, n_rows: int, v: torch.Tensor, d: int, W_dec: torch.Tensor) -> torch.Tensor:
+    """(n_rows, d_in) YaPO delta for the rows described by sparse codes (rows, cols, vals)."""
+    mv = d * v
+    base = torch.relu(mv) @ W_dec  # the contribution of inactive latents, the same at every position
+    cols = codes["cols"]
+    va = mv[cols]
+    z = codes["vals"]
+    coef = torch.relu(z + va) - z - torch.relu(va)
+    corr = torch.zeros(n_rows, W_dec.shape[1], dtype=W_dec.dtype, device=W_dec.device)
+    corr = corr.index_add(0, codes["rows"], coef[:, None] * W_dec[cols])
+    return corr + base
+
+
+def dpo_losses(policy: torch.Tensor, reference: torch.Tensor, d: int, beta: float) -> torch.Tensor:
+    """Per-pair bi-directional DPO losses; policy/reference: (2B,) = B chosen then B rejected."""
+    B = policy.shape[0] // 2
+    ratio = policy - reference
+    logits = d * beta * (ratio[:B] - ratio[B:])
+    return -F.logsigmoid(logits)

@@ -1,0 +1,243 @@
+"""yapo_fast.train(...): YaPO, BiPO and CAA vectors from preference pairs.
+
+The step loop is plain: for each (batch, d) of the seeded schedule, the lean forward from the
+cached layer-L states gives the policy log-probs, the cached reference log-probs give the DPO
+loss, autograd gives the gradient of v (all-reduced across processes), then clip, AdamW, cosine
+schedule. Checkpoints, the JSONL loss log and the per-epoch vector files live beside `out`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from ..errors import YapoFastError
+from ..model import check_layer, model_identity
+from ..vector import SteeringVector
+from . import distributed as ddp
+from .cache import ExampleCache, assemble, build_cache, tokenize_pairs
+from .checkpoint import load_checkpoint, save_checkpoint
+from .config import TrainConfig, batch_schedule, make_optimizer
+from .lean import DecoderRunner, forward_from_layer
+from .objective import dpo_losses, yapo_delta
+
+
+@dataclass
+class TrainResult:
+    vector: SteeringVector
+    losses: list[dict] = field(default_factory=list)  # one record per optimizer step
+    seconds: float = 0.0  # wall time of this call (cache + steps)
+    cache_seconds: float = 0.0
+    steps: int = 0  # optimizer steps of the whole schedule
+    resumed_from: int = 0  # the step this call started at (0: fresh)
+    out: Path | None = None
+    log_path: Path | None = None
+
+
+class LeanObjective:
+    """The loss of a batch as a function of v, from the cached layer-L states (this process's pairs)."""
+
+    def __init__(self, runner: DecoderRunner, cache: ExampleCache, cfg: TrainConfig, sae=None):
+        self.runner, self.cache, self.cfg = runner, cache, cfg
+        self.W_dec = None if sae is None else sae.W_dec.to(runner.device, runner.dtype)
+
+    def loss_sum(self, indices: list[int], v: torch.Tensor, d: int) -> torch.Tensor:
+        """Sum over `indices` of the per-pair DPO losses (differentiable in v)."""
+        b = assemble(self.cache, indices, self.runner.device)
+        B, p_max, dm = b.hp.shape
+        r_max = b.hr.shape[1]
+        if self.cfg.method == "yapo":
+            hp = b.hp + yapo_delta(b.codes_p, B * p_max, v, d, self.W_dec).reshape(B, p_max, dm)
+            hr = b.hr + yapo_delta(b.codes_r, 2 * B * r_max, v, d, self.W_dec).reshape(2 * B, r_max, dm)
+        else:  # bipo: h + m v at every position
+            hp, hr = b.hp + d * v, b.hr + d * v
+        policy = forward_from_layer(self.runner, self.cfg.layer + 1, hp, b.p_lens, hr, b.r_lens, b.targets)
+        return dpo_losses(policy.float(), b.ref, d, self.cfg.beta).sum()
+
+
+def _resolve(method, pairs, model, tokenizer, sae, layer):
+    from ..data import load_pairs
+    from ..model import load_model
+    from ..sae import SAE, load_sae
+
+    if isinstance(pairs, (str, os.PathLike)):
+        pairs = load_pairs(pairs)
+    pairs = list(pairs)
+    if not pairs:
+        raise YapoFastError("no preference pairs to train on")
+    if model is None or isinstance(model, (str, os.PathLike)):
+        model, loaded_tok = load_model(model)
+        tokenizer = tokenizer or loaded_tok
+    if tokenizer is None:
+        raise YapoFastError("a model object was given without its tokenizer: pass tokenizer=...")
+    if method == "yapo" or (layer is None and sae is not None):
+        sae = sae if isinstance(sae, SAE) else load_sae(sae)
+    if layer is None:
+        if sae is None or sae.layer is None:
+            raise YapoFastError("no layer given and no SAE naming its layer: pass layer=... (--layer)")
+        layer = sae.layer
+    if method == "yapo":
+        if sae.layer is not None and sae.layer != layer:
+            raise YapoFastError(f"the SAE reads layer {sae.layer} but layer={layer} was asked: train at the SAE's layer")
+        if sae.d_in != model.config.hidden_size:
+            raise YapoFastError(f"SAE {sae.name!r} reads d_in={sae.d_in} but the model has hidden size "
+                                f"{model.config.hidden_size}: use an SAE trained on this model")
+    check_layer(model, layer)
+    return pairs, model, tokenizer, (sae if method == "yapo" else None), layer
+
+
+def _paths(out):
+    if out is None:
+        return None, None, None
+    out = Path(out)
+    if out.suffix != ".safetensors":
+        out = out.with_suffix(out.suffix + ".safetensors") if out.suffix else out.with_suffix(".safetensors")
+    stem = out.with_suffix("")
+    return out, Path(f"{stem}.losses.jsonl"), Path(f"{stem}.ckpt.safetensors")
+
+
+def _read_log(path: Path | None, upto: int) -> list[dict]:
+    records = []
+    if path is not None and path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:  # a line cut by a kill
+                continue
+            if rec.get("step", 0) <= upto:
+                records.append(rec)
+    return records
+
+
+def train(method: str, pairs, *, model=None, tokenizer=None, sae=None, layer: int | None = None, epochs: int = 1,
+          batch_size: int = 4, lr: float = 5e-4, beta: float = 0.1, warmup_steps: int = 100, grad_clip: float = 1.0,
+          seed: int = 0, system: str | None = None, out=None, resume: bool = True, checkpoint_every: int = 50,
+          caa_reduce: str = "mean", multiplier: float = 1.0, cache_batch_size: int = 8,
+          cache_memory_bytes: int | None = None, progress: bool = True, callback=None) -> TrainResult:
+    """Train a steering vector.
+
+    method: 'yapo' (sparse, in the SAE's latent space), 'bipo' (dense) or 'caa' (mean difference).
+    pairs: a list of PreferencePair or a path (BiPO CSV or JSONL prompt/chosen/rejected).
+    model/tokenizer: a transformers causal LM and its tokenizer, a path, or None (embedded default).
+    sae: a yapo_fast.SAE, a sae-lens directory, or None (the shipped SAE); yapo only.
+    layer: the decoder layer whose output is steered (default: the SAE's layer).
+    out: the vector file (.safetensors); beside it <stem>.losses.jsonl (one line per step),
+      <stem>.epoch<k>.safetensors (after every epoch) and <stem>.ckpt.safetensors (resume state).
+    resume: continue from the checkpoint beside `out` when it belongs to the same run.
+    cache_memory_bytes: bound on the in-memory layer-L cache; beyond it pairs are spilled to disk.
+    callback: called with each step's record after the step (an exception stops the run).
+    Under torchrun the pairs are split across processes and the gradient all-reduced.
+    """
+    t0 = time.perf_counter()
+    pairs, model, tokenizer, sae, layer = _resolve(method, pairs, model, tokenizer, sae, layer)
+    cfg = TrainConfig(method=method, layer=layer, epochs=epochs, batch_size=batch_size, lr=lr, beta=beta,
+                      warmup_steps=warmup_steps, grad_clip=grad_clip, seed=seed, system=system,
+                      checkpoint_every=checkpoint_every, caa_reduce=caa_reduce).validate()
+    out_path, log_path, ckpt_path = _paths(out)
+    ident = model_identity(model)
+    info = {"pairs": len(pairs), "epochs": epochs, "batch_size": batch_size, "lr": lr, "beta": beta,
+            "warmup_steps": warmup_steps, "seed": seed, "system": system}
+    if method == "caa":
+        from ..caa import train_caa
+
+        vec = train_caa(model, tokenizer, pairs, layer, reduce=caa_reduce, system=system, progress=progress)
+        vec.multiplier = float(multiplier)
+        if out_path is not None:
+            vec.save(out_path)
+        seconds = time.perf_counter() - t0
+        return TrainResult(vector=vec, seconds=seconds, cache_seconds=seconds, out=out_path)
+
+    rank, world = ddp.init_from_env(model.device)
+    main = rank == 0
+    runner = DecoderRunner(model)
+    tokens = tokenize_pairs(tokenizer, pairs, system)
+    data_hash = __import__("hashlib").sha256(json.dumps([[t.prompt, t.chosen, t.rejected] for t in tokens]).encode()).hexdigest()[:16]
+    fingerprint = cfg.fingerprint(data=data_hash, model=ident.get("fingerprint"), world=None,
+                                  sae=None if sae is None else sae.weights_hash())
+    schedule = batch_schedule(len(pairs), batch_size, epochs, seed)
+    total = len(schedule)
+
+    size = sae.d_sae if method == "yapo" else model.config.hidden_size
+    v = torch.zeros(size, dtype=runner.dtype, device=runner.device, requires_grad=True)
+    opt, sched = make_optimizer(v, cfg, total)
+    start = 0
+    if resume and ckpt_path is not None and ckpt_path.exists():
+        start = load_checkpoint(ckpt_path, v=v, optimizer=opt, scheduler=sched, fingerprint=fingerprint)
+    losses = _read_log(log_path, start) if main else []
+
+    def vector_now() -> SteeringVector:
+        run_info = {**info, "steps": total}
+        if method == "yapo":
+            return SteeringVector.from_latent(v.detach(), layer=layer, sae=sae, model=ident, multiplier=multiplier,
+                                              info=run_info)
+        return SteeringVector.from_dense(v.detach(), method=method, layer=layer, model=ident, multiplier=multiplier,
+                                         info=run_info)
+
+    cache_seconds = 0.0
+    if start < total:
+        tc = time.perf_counter()
+        mine = ddp.local_share(list(range(len(pairs))), rank, world)
+        cache = build_cache(runner, tokens, mine, layer, sae=sae, batch_size=cache_batch_size,
+                            max_memory_bytes=cache_memory_bytes, progress=progress and main)
+        cache_seconds = time.perf_counter() - tc
+        objective = LeanObjective(runner, cache, cfg, sae)
+        if main and log_path is not None:
+            log_path.parent.mkdir(parents=True, exist_ok=True)
+            from ..atomic import write_text_atomic
+
+            write_text_atomic(log_path, "".join(json.dumps(r) + "\n" for r in losses))
+        log_file = log_path.open("a") if (main and log_path is not None) else None
+        bar = tqdm(total=total, initial=start, desc=f"{method} layer {layer}", disable=not (progress and main))
+        try:
+            for step in range(start, total):
+                epoch, batch, d = schedule[step]
+                ts = time.perf_counter()
+                opt.zero_grad(set_to_none=False)
+                local = ddp.local_share(batch, rank, world)
+                loss_sum = objective.loss_sum(local, v, d) if local else v.sum() * 0.0
+                (loss_sum / len(batch)).backward()
+                stats = torch.stack([loss_sum.detach().float().reshape(())]).to(v.device)
+                ddp.all_reduce_sum(v.grad, world)
+                ddp.all_reduce_sum(stats, world)
+                grad_norm = float(torch.nn.utils.clip_grad_norm_([v], grad_clip))
+                opt.step()
+                lr_now = sched.get_last_lr()[0]
+                sched.step()
+                rec = {"step": step + 1, "epoch": epoch, "d": d, "loss": float(stats[0]) / len(batch),
+                       "grad_norm": grad_norm, "lr": lr_now, "nnz": int(torch.count_nonzero(v.detach())),
+                       "seconds": time.perf_counter() - ts}
+                if main:
+                    losses.append(rec)
+                    if log_file is not None:
+                        log_file.write(json.dumps(rec) + "\n")
+                        log_file.flush()
+                bar.update(1)
+                bar.set_postfix(loss=f"{rec['loss']:.4f}", d=d, nnz=rec["nnz"])
+                epoch_end = step + 1 == total or schedule[step + 1][0] != epoch
+                if main and out_path is not None:
+                    if epoch_end:
+                        vec = vector_now()
+                        vec.info["epoch"] = epoch + 1
+                        vec.save(out_path.with_suffix(f".epoch{epoch + 1}.safetensors"))
+                        vec.save(out_path)
+                    if epoch_end or (step + 1) % checkpoint_every == 0:
+                        save_checkpoint(ckpt_path, v=v, optimizer=opt, scheduler=sched, step=step + 1,
+                                        fingerprint=fingerprint)
+                if callback is not None:
+                    callback(rec)
+        finally:
+            bar.close()
+            if log_file is not None:
+                log_file.close()
+        ddp.barrier(world)
+    vec = vector_now()
+    if main and out_path is not None and not out_path.exists():
+        vec.save(out_path)
+    return TrainResult(vector=vec, losses=losses, seconds=time.perf_counter() - t0, cache_seconds=cache_seconds,
+                       steps=total, resumed_from=start, out=out_path, log_path=log_path)
