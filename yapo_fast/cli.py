@@ -67,7 +67,7 @@ def cmd_main(args) -> None:
 
 # Feature modules that add their own subcommands: each has register(subparsers), which adds
 # parsers whose `func` takes the parsed args. Add a module here to add its commands.
-COMMAND_MODULES: list[str] = []
+COMMAND_MODULES: list[str] = ["cli_explain", "cli_train"]
 
 
 def build_parser() -> argparse.ArgumentParser:
