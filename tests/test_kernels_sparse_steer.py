@@ -12,7 +12,7 @@ from yapo_fast import YapoFastError
 from yapo_fast.kernels.sparse_steer import prepare_sparse_steer, sparse_steer, stack_prepared
 from yapo_fast.kernels.sparse_steer_reference import sparse_steer_reference
 
-CPU_BACKENDS = ("torch",)
+CPU_BACKENDS = ("torch", "numba")
 MULTIPLIERS = (-2.0, -1.0, -0.5, 0.0, 1.0, 2.0)
 # float32: both sides compute in float32 but sum in different orders (and the reference adds and
 # subtracts two full decodes), so allow a few ulps of |h'|. bfloat16: the output is rounded to

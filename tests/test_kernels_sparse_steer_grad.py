@@ -23,7 +23,7 @@ def test_gradcheck_float64(kind, multiplier):
     assert torch.autograd.gradcheck(f, (h, v), eps=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("backend", ("torch",))
+@pytest.mark.parametrize("backend", ("torch", "numba"))
 @pytest.mark.parametrize("kind", SAE_KINDS)
 @pytest.mark.parametrize("sign", ("neg", "mixed", "pos"))
 @pytest.mark.parametrize("multiplier", (-2.0, -1.0, 0.0, 2.0))
