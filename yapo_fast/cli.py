@@ -44,30 +44,9 @@ def cmd_caa(args) -> None:
     print(f"wrote {args.out} (CAA, layer {args.layer}, |v|={vec.values.norm():.3f})")
 
 
-def cmd_main(args) -> None:
-    """The main job on the embedded default: a vector for one behaviour, steered vs unsteered text."""
-    from . import load_model, steer
-    from .caa import train_caa
-    from .data import bipo_csv_path, load_pairs
-    from .hf_generate import generate_text
-
-    out = Path(args.out)
-    model, tok = load_model(None)
-    pairs = load_pairs(bipo_csv_path(args.behaviour), limit=args.pairs)
-    vec = train_caa(model, tok, pairs, args.layer)
-    path = vec.save(out / f"caa-{args.behaviour}-L{args.layer}.safetensors")
-    questions = [p.prompt for p in load_pairs(bipo_csv_path(args.behaviour, "test"), limit=args.prompts)]
-    plain = generate_text(model, tok, questions, max_new_tokens=args.max_new_tokens)
-    with steer(model, vec, args.multiplier):
-        steered = generate_text(model, tok, questions, max_new_tokens=args.max_new_tokens)
-    for q, a, b in zip(questions, plain, steered):
-        print(f"## {q}\n-- unsteered: {a}\n-- steered (CAA x{args.multiplier:g}): {b}\n")
-    print(f"vector: {path}")
-
-
 # Feature modules that add their own subcommands: each has register(subparsers), which adds
 # parsers whose `func` takes the parsed args. Add a module here to add its commands.
-COMMAND_MODULES: list[str] = ["cli_explain", "cli_train"]
+COMMAND_MODULES: list[str] = ["cli_explain", "cli_train", "cli_eval"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -96,15 +75,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_caa)
 
-    p = sub.add_parser("main", help="the main job on the embedded default model")
-    p.add_argument("--behaviour", default="hallucination")
-    p.add_argument("--layer", type=int, default=15)
-    p.add_argument("--pairs", type=int, default=64)
-    p.add_argument("--prompts", type=int, default=3)
-    p.add_argument("--multiplier", type=float, default=4.0)
-    p.add_argument("--max-new-tokens", type=int, default=40)
-    p.add_argument("--out", default="runs/main")
-    p.set_defaults(func=cmd_main)
     return parser
 
 
