@@ -34,7 +34,7 @@ def planted_model_and_sae(layer: int = 1, latent: int = 5):
     sae = SAE.random("relu", 64, 96, seed=2, layer=layer)
     direction = emb[ord(PLANTED)] / emb[ord(PLANTED)].norm()
     sae.W_enc[:, latent] = direction
-    sae.b_enc[latent] = 0.0
+    sae.b_enc[latent] = -1.0  # pre-activation: >= 5 on PLANTED, < 0.1 elsewhere: it fires on PLANTED only
     sae.b_dec.zero_()
     sae._hash = None
     return model, sae
