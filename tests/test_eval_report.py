@@ -1,0 +1,43 @@
+"""evaluate() on a tiny model with behaviour and country vectors, and the files report.py writes."""
+
+import json
+
+import torch
+
+from eval_helpers import word_tokenizer
+from helpers import random_latent, random_sae, tiny_llama
+from yapo_fast import SteeringVector, model_identity
+from yapo_fast.evaluate import evaluate
+from yapo_fast.report import write_report
+
+
+def test_tiny_evaluation_writes_report_and_plots(tmp_path):
+    model, tok = tiny_llama(), word_tokenizer()
+    sae = random_sae("jumprelu", layer=2)
+    ident = model_identity(model)
+    yapo = SteeringVector.from_latent(random_latent(96, 8, "mixed"), layer=2, sae=sae, model=ident)
+    bipo = SteeringVector.from_dense(torch.randn(64), method="bipo", layer=2, model=ident)
+    res = evaluate(model, tok, sae=sae, behaviour_vectors={"power-seeking": {"yapo": yapo, "bipo": bipo}},
+                   country_vectors={"Spain": {"bipo": bipo}}, multipliers=(-1.0, 0.0, 1.0), ab_limit=3, mcq_limit=3,
+                   mmlu_per_subject=1, mmlu_shots=1, generation_prompts={"power-seeking": ["w1 w2", "w3"]},
+                   max_new_tokens=2, progress=False)
+    res["training"] = {"yapo": {"seconds": 1.0, "steps": 2, "pairs": 4, "data": "x.csv",
+                                "losses": [{"step": 1, "loss": 0.69}, {"step": 2, "loss": 0.6}]}}
+    ab = res["ab"]["power-seeking"]
+    assert ab["n"] == 3 and ab["curves"]["yapo"][1]["mean"] == ab["baseline"]  # m=0 is the unsteered model
+    sp = res["culture"]["Spain"]
+    assert sp["localized"]["n"] == sp["non_localized"]["n"] == 3
+    gap = sp["localized"]["accuracy"]["bipo"]["accuracy"] - sp["non_localized"]["accuracy"]["bipo"]["accuracy"]
+    assert sp["gap"]["bipo"] == gap
+    assert set(res["mmlu"]["accuracy"]) == {"unsteered", "power-seeking/yapo", "power-seeking/bipo", "Spain/bipo"}
+    rows = res["generations"]["power-seeking"]["rows"]
+    assert [set(r) for r in rows] == [{"prompt", "unsteered", "yapo", "bipo"}] * 2
+
+    paths = write_report(res, tmp_path)
+    names = {p.name for p in paths["plots"]}
+    assert names == {"steering_power-seeking.png", "culture_accuracy.png", "mmlu.png", "training_loss.png"}
+    for p in paths["plots"]:
+        assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 5000
+    md = paths["markdown"].read_text()
+    assert "## Steering curve: power-seeking" in md and "| Spain | bipo |" in md and "random-sae" in md
+    assert json.loads(paths["json"].read_text())["culture"]["Spain"]["gap"]["bipo"] == gap
