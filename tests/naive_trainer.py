@@ -93,7 +93,7 @@ class NaiveTrainer:
             opt.zero_grad()
             loss = self.loss(batch, v, d)
             loss.backward()
-            rec = {"loss": float(loss.detach()), "d": d}
+            rec = {"loss": float(loss.detach()), "d": d, "v": v.detach().clone()}
             if record_grads:
                 rec["grad"] = v.grad.detach().clone()
             torch.nn.utils.clip_grad_norm_([v], grad_clip)

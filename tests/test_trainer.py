@@ -1,0 +1,123 @@
+"""The lean trainer against the naive one (tests/naive_trainer.py): per-step loss and gradient,
+the vector after 20 steps, sparsity of v, and the pieces of the lean forward."""
+
+import pytest
+import torch
+
+import yapo_fast
+from naive_trainer import NaiveTrainer
+from trainer_fixtures import LAYER, single_thread, tiny_pairs, tiny_setup  # noqa: F401 (autouse fixture)
+from yapo_fast.errors import YapoFastError
+from yapo_fast.train import TrainConfig, batch_schedule
+from yapo_fast.train.cache import build_cache, tokenize_pairs
+from yapo_fast.train.lean import DecoderRunner
+from yapo_fast.train.trainer import LeanObjective
+
+CASES = [("yapo", "relu"), ("yapo", "jumprelu"), ("yapo", "topk"), ("bipo", None)]
+STEPS = 20  # 7 pairs in batches of 4 (the last batch of an epoch has 3): 2 steps per epoch, 10 epochs
+SCHED = dict(batch_size=4, lr=2e-2, warmup_steps=3, seed=1)
+
+
+def rel(a, b):
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+@pytest.mark.parametrize("method,kind", CASES)
+def test_lean_equals_naive_per_step_and_after_20_steps(method, kind):
+    model, tok, sae = tiny_setup(kind or "relu")
+    sae = sae if method == "yapo" else None
+    pairs = tiny_pairs(7)
+    naive = NaiveTrainer(method, model, tok, pairs, LAYER, sae=sae)
+    v_naive, records = naive.train(epochs=10, steps=STEPS, record_grads=True, **SCHED)
+
+    # 1) per step: the lean loss and gradient at the naive trajectory's v equal the naive ones
+    runner = DecoderRunner(model)
+    cache = build_cache(runner, tokenize_pairs(tok, pairs), list(range(len(pairs))), LAYER, sae=sae,
+                        batch_size=4, progress=False)
+    lean = LeanObjective(runner, cache, TrainConfig(method=method, layer=LAYER), sae)
+    schedule = batch_schedule(len(pairs), 4, 10, 1)
+    nonzero_grads = 0
+    for (_, batch, d), rec in zip(schedule, records):
+        v = rec["v"].clone().requires_grad_(True)
+        loss = lean.loss_sum(batch, v, d) / len(batch)
+        (grad,) = torch.autograd.grad(loss, v)
+        assert rec["d"] == d
+        assert abs(float(loss.detach()) - rec["loss"]) <= 1e-5 * abs(rec["loss"])
+        if rec["grad"].norm() > 0:
+            nonzero_grads += 1
+            assert rel(grad, rec["grad"]) <= 1e-5, rel(grad, rec["grad"])
+        else:
+            assert float(grad.norm()) == 0.0
+    assert nonzero_grads >= STEPS // 2  # the comparison is not vacuous
+
+    # 2) the public trainer, end to end: same losses, same vector after 20 steps
+    res = yapo_fast.train(method, pairs, model=model, tokenizer=tok, sae=sae, layer=LAYER, epochs=10,
+                          progress=False, **SCHED)
+    assert res.steps == STEPS and len(res.losses) == STEPS
+    for got, rec in zip(res.losses, records):
+        assert abs(got["loss"] - rec["loss"]) <= 1e-5 * abs(rec["loss"]) and got["d"] == rec["d"]
+    v_lean = res.vector.latent() if method == "yapo" else res.vector.dense()
+    assert float(v_naive.abs().max()) > 1e-3  # the vector moved
+    torch.testing.assert_close(v_lean, v_naive, rtol=1e-4, atol=1e-5 * float(v_naive.abs().max()))
+    if method == "yapo":  # sparsity: exactly the same support as the naive trainer
+        assert torch.equal(v_lean != 0, v_naive != 0)
+
+
+@pytest.mark.parametrize("kind", ["relu", "topk"])
+def test_latents_that_never_fire_stay_exactly_zero(kind):
+    model, tok, sae = tiny_setup(kind)
+    pairs = tiny_pairs(6)
+    res = yapo_fast.train("yapo", pairs, model=model, tokenizer=tok, sae=sae, layer=LAYER, epochs=3, batch_size=2,
+                          lr=5e-2, warmup_steps=1, progress=False)
+    runner = DecoderRunner(model)
+    cache = build_cache(runner, tokenize_pairs(tok, pairs), list(range(6)), LAYER, sae=sae, progress=False)
+    fired = torch.zeros(sae.d_sae, dtype=torch.bool)
+    for i in range(6):
+        for key in ("p", "c", "r"):
+            fired[cache.get(i)[f"{key}_cols"].long()] = True
+    v = res.vector.latent()
+    assert 0 < int((v != 0).sum()) <= int(fired.sum()) < sae.d_sae
+    assert torch.equal(v[~fired], torch.zeros(int((~fired).sum())))  # exactly zero, not merely small
+
+
+def test_disk_spilled_cache_gives_the_same_vector(tmp_path):
+    model, tok, sae = tiny_setup("topk")
+    pairs = tiny_pairs(5)
+    kw = dict(model=model, tokenizer=tok, sae=sae, layer=LAYER, epochs=2, batch_size=2, lr=5e-2, warmup_steps=1,
+              progress=False)
+    a = yapo_fast.train("yapo", pairs, **kw)
+    b = yapo_fast.train("yapo", pairs, cache_memory_bytes=0, **kw)
+    assert torch.equal(a.vector.latent(), b.vector.latent())
+
+
+def test_lean_forward_equals_the_model_on_prompt_plus_response(llama):
+    """forward_from_layer at layer 0 (embeddings in) equals the HF model's full forward."""
+    from yapo_fast.train.cache import pad_ids
+    from yapo_fast.train.lean import forward_from_layer
+
+    runner = DecoderRunner(llama)
+    prompts, responses = [[5, 6, 7], [9]], [[1, 2], [3], [4, 4, 4, 4], [8, 2]]
+    ids_p, p_lens = pad_ids(prompts, "cpu")
+    ids_r, r_lens = pad_ids(responses, "cpu")
+    with torch.no_grad():
+        got = forward_from_layer(runner, 0, runner.embed(ids_p), p_lens, runner.embed(ids_r), r_lens, ids_r)
+        for j, r in enumerate(responses):
+            p = prompts[j % 2]
+            logp = torch.log_softmax(llama(torch.tensor([p + r])).logits[0].float(), -1)
+            want = sum(float(logp[len(p) - 1 + t, tok]) for t, tok in enumerate(r))
+            assert abs(float(got[j]) - want) <= 1e-5 * abs(want)
+
+
+def test_bad_input_is_refused_with_a_clear_error():
+    model, tok, sae = tiny_setup("relu")
+    pairs = tiny_pairs(2)
+    with pytest.raises(YapoFastError, match="unknown training method"):
+        yapo_fast.train("dpo", pairs, model=model, tokenizer=tok, sae=sae, layer=LAYER)
+    with pytest.raises(YapoFastError, match="reads layer"):
+        yapo_fast.train("yapo", pairs, model=model, tokenizer=tok, sae=sae, layer=2)
+    with pytest.raises(YapoFastError, match="tokenizer"):
+        yapo_fast.train("bipo", pairs, model=model, layer=LAYER)
+    with pytest.raises(YapoFastError, match="batch_size"):
+        yapo_fast.train("bipo", pairs, model=model, tokenizer=tok, layer=LAYER, batch_size=0)
+    with pytest.raises(YapoFastError, match="no preference pairs"):
+        yapo_fast.train("bipo", [], model=model, tokenizer=tok, layer=LAYER)
