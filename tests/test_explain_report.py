@@ -61,7 +61,7 @@ def test_explain_yapo_vector_end_to_end(setup, tmp_path):
     # the chosen responses contain Q (latent 5 fires), the rejected ones do not
     t = cards[0]["training"]
     assert t["chosen"]["frequency"] > 0.3 and t["rejected"]["frequency"] == 0.0 and t["chosen"]["mean"] > 0
-    assert r["training_data"]["path"] == str(data)
+    assert r["training_data"]["path"] == str(data) and r["training_data"]["pairs"] == 6
     files = r["files"]
     body = json.loads(open(files["json"], encoding="utf-8").read())
     assert body["ranking"] == json.loads(json.dumps(k)) and "files" not in body

@@ -146,14 +146,14 @@ def explain(vector, *, model=None, tokenizer=None, sae=None, multiplier: float |
         report["index"] = {"path": str(index_path), "n_tokens": index.n_tokens, "top_n": index_top_n,
                            "seq_len": index.seq_len, "sources": sorted(set(index.sources))}
         data_path, data_note = _resolve_data(vector, vector_path, data)
-        stats = None
+        stats, pairs = None, []
         if data_path is not None:
             from ..data import load_pairs
 
-            stats = chosen_rejected_stats(model, tokenizer, sae, layer, load_pairs(data_path, limit=data_pairs),
-                                          latents, progress=progress)
+            pairs = load_pairs(data_path, limit=data_pairs)
+            stats = chosen_rejected_stats(model, tokenizer, sae, layer, pairs, latents, progress=progress)
         report["training_data"] = {"path": str(data_path) if data_path else None, "note": data_note,
-                                   "pairs": data_pairs if data_path else 0,
+                                   "pairs": len(pairs),
                                    "tokens": {s: stats[s]["tokens"] for s in stats} if stats else None}
         for j, card in enumerate(picked):
             i = card["latent"]
