@@ -1,6 +1,7 @@
 """yapo-fast: fast, exact sparse activation steering (YaPO) of LLMs."""
 
 from .errors import VectorMismatchError, YapoFastError
+from .explain import explain  # yapo_fast.explain is this function; submodules: from yapo_fast.explain.X import
 from .integrations.hf_hooks import SteeringHandle, patch_model, steer
 from .model import DEFAULT_MODEL, decoder_layers, load_model, model_identity
 from .sae import SAE, load_sae
@@ -11,6 +12,6 @@ from .vector import SteeringVector, load_vector
 __all__ = [
     "DEFAULT_MODEL", "SAE", "SteeringHandle", "SteeringVector", "VectorMismatchError", "YapoFastError",
     "decoder_layers", "dense_steer", "load_model", "load_sae", "load_vector", "model_identity",
-    "patch_model", "sparse_steer", "steer", "train", "TrainResult",
+    "patch_model", "sparse_steer", "steer", "train", "TrainResult", "explain",
 ]
 __version__ = "0.1.0"
