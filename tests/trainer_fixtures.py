@@ -39,3 +39,27 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+KW = dict(layer=LAYER, epochs=3, batch_size=2, lr=5e-2, warmup_steps=2, progress=False)
+
+
+def ddp_worker(rank, world, init_file, methods, result_file):
+    """One process of a 2-process (gloo) run; lives here so that spawned children can import it."""
+    import torch.distributed as dist
+
+    import yapo_fast
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        model, tok, sae = tiny_setup("relu")
+        results = {}
+        for method in methods:
+            res = yapo_fast.train(method, tiny_pairs(7), model=model, tokenizer=tok,
+                                  sae=sae if method == "yapo" else None, **{**KW, "batch_size": 4})
+            results[method] = {"v": res.vector.values, "losses": [r["loss"] for r in res.losses]}
+        if rank == 0:
+            torch.save(results, result_file)
+    finally:
+        dist.destroy_process_group()

@@ -52,7 +52,8 @@ class TrainConfig:
 
     def fingerprint(self, **extra) -> str:
         """Identity of a run for its checkpoints: settings plus data/model/SAE identities."""
-        blob = json.dumps({**asdict(self), **extra}, sort_keys=True, default=str)
+        settings = {k: v for k, v in asdict(self).items() if k != "checkpoint_every"}  # does not change the result
+        blob = json.dumps({**settings, **extra}, sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
