@@ -1,0 +1,140 @@
+"""The Triton kernels against the references: on the CPU under TRITON_INTERPRET=1 (float32, small
+shapes: checks the logic, not speed), and on a CUDA GPU when one exists (tests marked gpu,
+skipped with a reason elsewhere).
+
+TRITON_INTERPRET must be set before the kernel modules are imported (triton.jit reads it when
+decorating), so it is set here, the kernels imported, and the previous value restored; an
+autouse fixture sets it again only while this module's tests run, leaving other tests alone."""
+
+import os
+
+_previous = os.environ.get("TRITON_INTERPRET")
+os.environ["TRITON_INTERPRET"] = "1"
+import yapo_fast.kernels.sparse_steer_triton  # noqa: E402,F401
+import yapo_fast.kernels.topk_threshold_triton  # noqa: E402,F401
+
+if _previous is None:
+    del os.environ["TRITON_INTERPRET"]
+else:
+    os.environ["TRITON_INTERPRET"] = _previous
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from helpers import SAE_KINDS, random_latent, random_sae  # noqa: E402
+from test_kernels_sparse_steer import assert_matches, hidden  # noqa: E402
+from test_kernels_topk_threshold import integer_topk_sae, steer_with_tie_rule  # noqa: E402
+from yapo_fast.kernels.sparse_steer import prepare_sparse_steer, sparse_steer, stack_prepared  # noqa: E402
+from yapo_fast.kernels.sparse_steer_reference import sparse_steer_reference  # noqa: E402
+from yapo_fast.kernels.topk_threshold import topk_threshold  # noqa: E402
+from yapo_fast.kernels.topk_threshold_reference import topk_threshold_reference  # noqa: E402
+
+HAS_CUDA = torch.cuda.is_available()
+gpu = pytest.mark.skipif(not HAS_CUDA, reason="no CUDA GPU on this machine: the compiled Triton path needs one "
+                         "(its logic is covered by the TRITON_INTERPRET tests in this file)")
+
+
+@pytest.fixture(autouse=True)
+def interpret_on_cpu(monkeypatch):
+    if not HAS_CUDA:
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+
+DEVICE = "cuda" if HAS_CUDA else "cpu"
+
+
+# TopK under the interpreter is slow (bitonic sorts run as numpy ops): one TopK case per test.
+CASES = [(kind, sign, m) for kind in ("relu", "jumprelu") for sign, m in
+         [("mixed", -2.0), ("neg", 1.0), ("pos", -0.5), ("mixed", 0.0)]] + [("topk", "mixed", -2.0)]
+
+
+@pytest.mark.parametrize("kind,sign,multiplier", CASES)
+def test_steer_matches_reference(kind, sign, multiplier):
+    sae = random_sae(kind, d_in=48, d_sae=96, seed=1)
+    h = hidden(37, 48, seed=2)
+    v = random_latent(96, 17, sign, seed=3)
+    got = sparse_steer(h.to(DEVICE), prepare_sparse_steer(sae.to(DEVICE), v.to(DEVICE), multiplier), backend="triton")
+    assert_matches(got.cpu(), sparse_steer_reference(h, sae, v, multiplier), torch.float32)
+    if multiplier != 0.0:
+        assert float((got.cpu() - h).abs().max()) > 1e-2
+
+
+@pytest.mark.parametrize("kind", SAE_KINDS)
+def test_steer_support_all_and_single(kind):
+    sae = random_sae(kind, d_in=40, d_sae=70, seed=4)
+    h = hidden(5, 40, seed=5)
+    for support in (1, 70):
+        v = random_latent(70, support, "mixed", seed=support)
+        got = sparse_steer(h.to(DEVICE), prepare_sparse_steer(sae.to(DEVICE), v.to(DEVICE), -1.0), backend="triton")
+        assert_matches(got.cpu(), sparse_steer_reference(h, sae, v, -1.0), torch.float32)
+
+
+def test_slots_inplace_and_grads():
+    sae = random_sae("jumprelu", d_in=48, d_sae=96, seed=7).to(DEVICE)
+    prepared = [prepare_sparse_steer(sae, random_latent(96, n, "mixed", seed=n).to(DEVICE), m)
+                for n, m in ((3, 1.0), (40, -2.0))]
+    h = hidden(23, 48, seed=3).to(DEVICE)
+    slot_index = torch.tensor([(t % 3) - 1 for t in range(23)], device=DEVICE)
+    got = sparse_steer(h, stack_prepared(prepared), slot_index=slot_index, backend="triton")
+    for t in range(23):
+        s = int(slot_index[t])
+        want = h[t] if s < 0 else sparse_steer(h[t:t + 1], prepared[s], backend="torch")[0]
+        torch.testing.assert_close(got[t], want, rtol=1e-6, atol=1e-5)
+    h2 = h.clone()
+    assert sparse_steer(h2, prepared[1], inplace=True, backend="triton") is h2
+    torch.testing.assert_close(h2, sparse_steer(h, prepared[1], backend="torch"), rtol=1e-6, atol=1e-5)
+    # Gradients: triton forward + torch backward equal the torch path's.
+    v = random_latent(96, 40, "mixed", seed=40).to(DEVICE).requires_grad_()
+    hg = h.clone().requires_grad_()
+    sparse_steer(hg, prepare_sparse_steer(sae, v, -2.0), backend="triton").pow(2).sum().backward()
+    v2, hg2 = v.detach().clone().requires_grad_(), h.clone().requires_grad_()
+    sparse_steer_reference(hg2, sae, v2, -2.0).pow(2).sum().backward()
+    torch.testing.assert_close(hg.grad, hg2.grad, rtol=1e-4, atol=1e-4)
+    support = torch.nonzero(v.detach()).flatten()
+    torch.testing.assert_close(v.grad[support], v2.grad[support], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("T,d_sae,k", [(9, 96, 12), (17, 300, 5), (4, 40, 40)])
+def test_topk_threshold_matches_reference(T, d_sae, k):
+    sae = random_sae("topk", d_in=48, d_sae=d_sae, k=k, seed=d_sae)
+    p = prepare_sparse_steer(sae, random_latent(d_sae, 1, "neg"), 1.0)
+    x = hidden(T, 48, seed=T)
+    kth, nxt = topk_threshold(x.to(DEVICE), p.topk_W_enc.to(DEVICE), p.topk_b_enc.to(DEVICE), k, backend="triton")
+    want_kth, want_next = topk_threshold_reference(x, p.topk_W_enc, p.topk_b_enc, k)
+    torch.testing.assert_close(kth.cpu(), want_kth, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(nxt.cpu(), want_next, rtol=1e-5, atol=1e-4)
+
+
+def test_topk_ties_follow_the_rule():
+    sae = integer_topk_sae()
+    x = torch.randint(-2, 3, (20, 16), generator=torch.Generator().manual_seed(1)).float()
+    v = torch.where(torch.arange(64) % 2 == 0, -1.5, 0.75)
+    got = sparse_steer(x.to(DEVICE), prepare_sparse_steer(sae.to(DEVICE), v.to(DEVICE), -2.0), backend="triton")
+    torch.testing.assert_close(got.cpu(), steer_with_tie_rule(x, sae, v, -2.0), rtol=1e-5, atol=1e-5)
+
+
+# ---- compiled on a real GPU: bigger shapes and bfloat16 ----------------------------------------
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", SAE_KINDS)
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16))
+@pytest.mark.parametrize("T,d_model,d_sae,support", [(1, 576, 9216, 64), (300, 576, 9216, 17), (257, 2304, 16384, 4096)])
+def test_gpu_steer_matches_reference(kind, dtype, T, d_model, d_sae, support):
+    sae = random_sae(kind, d_in=d_model, d_sae=d_sae, seed=T).to("cuda")
+    h = hidden(T, d_model, seed=1, dtype=dtype).cuda()
+    v = random_latent(d_sae, support, "mixed", seed=2).cuda()
+    got = sparse_steer(h, prepare_sparse_steer(sae, v, -1.5), backend="triton")
+    assert got.dtype == dtype
+    assert_matches(got, sparse_steer_reference(h, sae, v, -1.5), dtype)
+
+
+@gpu
+@pytest.mark.gpu
+def test_gpu_topk_threshold_matches_reference():
+    sae = random_sae("topk", d_in=2304, d_sae=16384, k=64, seed=3).to("cuda")
+    p = prepare_sparse_steer(sae, random_latent(16384, 1, "neg").cuda(), 1.0)
+    x = hidden(300, 2304, seed=4).cuda()
+    kth, nxt = topk_threshold(x, p.topk_W_enc, p.topk_b_enc, 64, backend="triton")
+    want_kth, want_next = topk_threshold_reference(x, p.topk_W_enc, p.topk_b_enc, 64)
+    torch.testing.assert_close(kth, want_kth, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(nxt, want_next, rtol=1e-5, atol=1e-4)
