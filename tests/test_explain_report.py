@@ -152,3 +152,21 @@ def test_cli_explain_writes_the_three_files(setup, tmp_path, capsys, monkeypatch
         assert (tmp_path / "v-explain" / name).is_file()
     rc = main(["explain", str(tmp_path / "missing.safetensors"), "--model", str(tmp_path / "m")])
     assert rc == 2 and "no steering vector file" in capsys.readouterr().err
+
+
+def test_batched_stats_equal_one_pair_at_a_time(setup):
+    model, tok, sae = setup
+    from yapo_fast.data import PreferencePair
+
+    pairs = [PreferencePair(f"question {'Q' * i}?", "Q yes " * (i + 1), "n" * (3 * i + 1)) for i in range(5)]
+    latents = [5, 0, 17, 60, 91]
+    batched = chosen_rejected_stats(model, tok, sae, 1, pairs, latents, batch_size=3, progress=False)
+    single = [chosen_rejected_stats(model, tok, sae, 1, [p], latents, batch_size=1, progress=False) for p in pairs]
+    for side in ("chosen", "rejected"):
+        n = sum(s[side]["tokens"] for s in single)
+        assert batched[side]["tokens"] == n
+        for j in range(len(latents)):
+            want_mean = sum(s[side]["mean"][j] * s[side]["tokens"] for s in single) / n
+            want_freq = sum(s[side]["frequency"][j] * s[side]["tokens"] for s in single) / n
+            assert batched[side]["mean"][j] == pytest.approx(want_mean, rel=1e-4, abs=1e-6)
+            assert batched[side]["frequency"][j] == pytest.approx(want_freq, abs=1e-9)

@@ -17,21 +17,34 @@ from .activation_index import layer_states
 
 
 @torch.no_grad()
-def chosen_rejected_stats(model, tokenizer, sae, layer: int, pairs, latents: list[int], *,
+def chosen_rejected_stats(model, tokenizer, sae, layer: int, pairs, latents: list[int], *, batch_size: int = 8,
                           progress: bool = True) -> dict:
-    """{"chosen"|"rejected": {"tokens": n, "frequency": [..], "mean": [..]}} for `latents` (in order)."""
+    """{"chosen"|"rejected": {"tokens": n, "frequency": [..], "mean": [..]}} for `latents` (in order).
+
+    Sequences go through the model in right-padded batches: with causal attention the padding
+    cannot change a real token's state, so the numbers equal those of one sequence at a time."""
     idx = torch.tensor(latents, dtype=torch.int64)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     out = {}
     for side in ("chosen", "rejected"):
         fired = torch.zeros(len(latents), dtype=torch.float64)
         sums = torch.zeros(len(latents), dtype=torch.float64)
         n = 0
-        for pair in tqdm(pairs, desc=f"feature stats ({side})", disable=not progress):
-            p, r = prompt_and_response_ids(tokenizer, format_prompt(tokenizer, pair.prompt), getattr(pair, side))
-            if not r:
-                continue
-            h = layer_states(model, layer, torch.tensor([p + r]))[0, len(p):]
-            z = sae.encode(h.to(sae.device))[:, idx].double().cpu()
+        seqs = [prompt_and_response_ids(tokenizer, format_prompt(tokenizer, pair.prompt), getattr(pair, side))
+                for pair in pairs]
+        seqs = [(p, r) for p, r in seqs if r]
+        for s in tqdm(range(0, len(seqs), batch_size), desc=f"feature stats ({side})", disable=not progress):
+            batch = seqs[s:s + batch_size]
+            width = max(len(p) + len(r) for p, r in batch)
+            ids = torch.full((len(batch), width), pad, dtype=torch.int64)
+            mask = torch.zeros((len(batch), width), dtype=torch.bool)
+            resp = torch.zeros((len(batch), width), dtype=torch.bool)
+            for row, (p, r) in enumerate(batch):
+                ids[row, :len(p) + len(r)] = torch.tensor(p + r)
+                mask[row, :len(p) + len(r)] = True
+                resp[row, len(p):len(p) + len(r)] = True
+            h = layer_states(model, layer, ids, mask)
+            z = sae.encode(h[resp.to(h.device)].to(sae.device))[:, idx.to(sae.device)].double().cpu()
             fired += (z > 0).sum(0)
             sums += z.sum(0)
             n += z.shape[0]
