@@ -116,11 +116,19 @@ def run_main(*, model=None, tokenizer=None, sae=None, behaviour: str = DEFAULTS[
     results["meta"]["main_job"] = {"behaviour": behaviour, "pairs": len(train_pairs), "epochs": epochs,
                                    "batch_size": batch_size, "lr": lr, "warmup_steps": warm, "layer": layer,
                                    "multiplier": multiplier, "seconds": time.perf_counter() - t_start}
+    if "yapo" in vectors:  # which SAE features the trained vector moves (yapo-fast explain), linked below
+        from .explain import explain
+
+        explained = explain(vectors["yapo"], model=model, tokenizer=tokenizer, sae=sae, data=data, data_pairs=16,
+                            index_tokens=16384, out=out / "explain-yapo", progress=progress)
+        results["explain"] = {"yapo": explained["files"]}
     paths = write_report(results, out)
     results["paths"] = {"json": str(paths["json"]), "markdown": str(paths["markdown"]),
                         "plots": [str(p) for p in paths["plots"]]}
     print_fn(summary_table(results, behaviour, multiplier))
     print_fn(f"report: {paths['markdown']}\nresults: {paths['json']}")
+    if "explain" in results:
+        print_fn(f"explain (yapo vector): {results['explain']['yapo']['html']}")
     for p in paths["plots"]:
         print_fn(f"plot: {p}")
     return results
