@@ -125,6 +125,8 @@ def test_token_sequences_and_detokenize():
     long_row, short_row = sources.index("chat:x"), sources.index("chat:short")
     assert bool(mask[long_row].all()) and tok.decode(tokens[long_row].tolist()) == DOCS[2][1][:16]
     assert mask[short_row].tolist() == [True] * 3 + [False] * 13 and tokens[short_row, 3:].eq(1).all()
+    text = "line one\nline two is longer\n\nthree\n" * 20
+    assert ai._tokenize_long(tok, text, piece_chars=30) == tok(text, add_special_tokens=False)["input_ids"]
     assert ai.detokenize("Hello , world ( big ) ; it 's 1 @-@ 2 and do n't .") == "Hello, world (big); it's 1-2 and don't."
     with pytest.raises(ai.YapoFastError):
         ai.token_sequences(tok, DOCS, seq_len=16, max_tokens=8)

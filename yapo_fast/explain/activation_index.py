@@ -73,9 +73,9 @@ def token_sequences(tokenizer, docs: list[tuple[str, str, bool]], *, seq_len: in
     plain_budget = max_tokens // seq_len - min(chat_budget, sum(1 for d in docs if d[2]))
     chunks_per_doc = []
     for name, text, is_chat in docs:
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         if is_chat:
             continue
+        ids = _tokenize_long(tokenizer, text)
         chunks_per_doc.append([(name, ids[s:s + seq_len]) for s in range(0, len(ids) - seq_len + 1, seq_len)])
     for step in range(max((len(c) for c in chunks_per_doc), default=0)):
         for chunks in chunks_per_doc:
@@ -91,6 +91,20 @@ def token_sequences(tokenizer, docs: list[tuple[str, str, bool]], *, seq_len: in
     if not rows:
         raise YapoFastError(f"the corpus gave no sequence of {seq_len} tokens: give longer documents")
     return torch.tensor(rows, dtype=torch.int64), torch.tensor(masks, dtype=torch.bool), sources
+
+
+def _tokenize_long(tokenizer, text: str, piece_chars: int = 4000) -> list[int]:
+    """Token ids of a long text, tokenised in line-aligned pieces (a tokenizer warns about, and
+    some refuse, inputs longer than the model's context)."""
+    ids, piece = [], ""
+    for line in text.splitlines(keepends=True):
+        if piece and len(piece) + len(line) > piece_chars:
+            ids += tokenizer(piece, add_special_tokens=False)["input_ids"]
+            piece = ""
+        piece += line
+    if piece:
+        ids += tokenizer(piece, add_special_tokens=False)["input_ids"]
+    return ids
 
 
 # ---- streaming top-N -------------------------------------------------------------------------
