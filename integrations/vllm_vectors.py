@@ -1,0 +1,125 @@
+"""Named steering vectors for vLLM: start-up loading (``YAPO_FAST_VECTORS``), the front end's
+list of known names (to reject unknown ones with a clear 400), and file payloads for RPC.
+
+``YAPO_FAST_VECTORS="name=path/v.safetensors[@sae_dir][*multiplier],name2=..."``: a yapo vector
+without ``@sae_dir`` uses the SAE shipped for the default model.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+from ..errors import YapoFastError
+from .vllm_state import GLOBAL_NAME, parse_request_args
+
+ENV = "YAPO_FAST_VECTORS"
+_front_names: set[str] = set()  # names registered from this (front-end) process
+
+
+def parse_spec(raw: str | None) -> dict[str, tuple[str, str | None, float | None]]:
+    """name -> (vector path, SAE dir or None, multiplier or None)."""
+    out: dict = {}
+    for item in (raw or "").split(","):
+        item = item.strip()
+        if not item:
+            continue
+        if "=" not in item:
+            raise YapoFastError(f"{ENV} entry {item!r} must look like name=vector.safetensors[@sae_dir][*multiplier]")
+        name, rest = (x.strip() for x in item.split("=", 1))
+        if not name or name.lower() == "none" or name == GLOBAL_NAME:
+            raise YapoFastError(f"{ENV}: {name!r} cannot name a vector")
+        m = None
+        if "*" in rest:
+            rest, ms = rest.rsplit("*", 1)
+            try:
+                m = float(ms)
+            except ValueError:
+                raise YapoFastError(f"{ENV}: multiplier {ms!r} of vector {name!r} is not a number") from None
+        path, sae = (rest.split("@", 1) + [None])[:2] if "@" in rest else (rest, None)
+        if name in out:
+            raise YapoFastError(f"{ENV}: vector name {name!r} is given twice")
+        out[name] = (path, sae, m)
+    return out
+
+
+def startup_names() -> set[str]:
+    return set(parse_spec(os.environ.get(ENV)))
+
+
+def load_one(path: str, sae_dir: str | None):
+    from ..sae import load_sae
+    from ..vector import load_vector
+
+    vector = load_vector(path)
+    sae = load_sae(sae_dir) if vector.is_sparse else None
+    if sae is not None:
+        vector.check_compatible(sae=sae)
+    return vector, sae
+
+
+def load_startup_vectors() -> dict:
+    """name -> (SteeringVector, SAE or None, multiplier or None), from YAPO_FAST_VECTORS."""
+    out = {}
+    for name, (path, sae_dir, m) in parse_spec(os.environ.get(ENV)).items():
+        try:
+            vector, sae = load_one(path, sae_dir)
+        except YapoFastError as exc:
+            raise YapoFastError(f"{ENV}: vector {name!r}: {exc}") from exc
+        out[name] = (vector, sae, m)
+    return out
+
+
+def known_names() -> set[str]:
+    return startup_names() | _front_names
+
+
+def add_front_name(name: str) -> None:
+    _front_names.add(name)
+
+
+def drop_front_name(name: str) -> None:
+    _front_names.discard(name)
+
+
+def check_request_args(extra_args) -> None:
+    """Front-end check of a request's steering arguments; raises YapoFastError (a ValueError,
+    which vLLM's server answers with HTTP 400) naming the problem and the fix."""
+    spec = parse_request_args(extra_args)
+    if not isinstance(spec, tuple):
+        return
+    names = known_names()
+    if spec[0] not in names:
+        have = ", ".join(sorted(names)) or "none"
+        raise YapoFastError(f"unknown steering vector {spec[0]!r}: this engine serves {have}. Register it "
+                            f"(yapo_fast.register_vector, or {ENV} / yapo-fast serve --vector name=path) or "
+                            "fix the name")
+
+
+# ---- payloads: a vector (and its SAE) as file bytes, so any worker can rebuild them --------------
+def to_payload(vector, sae=None) -> dict:
+    from .sae_lens_loading import save_sae
+
+    files: dict[str, bytes] = {}
+    with tempfile.TemporaryDirectory(prefix="yapo-vllm-") as tmp:
+        tmp = Path(tmp)
+        vector.save(tmp / "vector.safetensors")
+        if sae is not None:
+            save_sae(sae, tmp / "sae")
+        for p in sorted(tmp.rglob("*")):
+            if p.is_file():
+                files[str(p.relative_to(tmp))] = p.read_bytes()
+    return files
+
+
+def from_payload(files: dict):
+    with tempfile.TemporaryDirectory(prefix="yapo-vllm-") as tmp:
+        tmp = Path(tmp)
+        for rel, data in files.items():
+            target = (tmp / rel).resolve()
+            if tmp.resolve() not in target.parents:
+                raise YapoFastError(f"bad file name {rel!r} in a vector payload")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(data)
+        return load_one(str(tmp / "vector.safetensors"), str(tmp / "sae") if (tmp / "sae").is_dir() else None)
