@@ -17,13 +17,13 @@ from yapo_fast.evaluate import evaluate
 from yapo_fast.report import write_report
 
 
-def get_vector(method, pairs, model, tok, sae, out, training, key, data, args):
+def get_vector(method, pairs, model, tok, sae, out, training, key, data, args, layer):
     path = out / "vectors" / f"{key.replace('/', '-')}.safetensors"
     if path.exists() and (out / "vectors" / f"{key.replace('/', '-')}.json").exists():
         training[key] = json.loads((out / "vectors" / f"{key.replace('/', '-')}.json").read_text())
         return load_vector(path)
     steps = -(-len(pairs) // args.batch_size) * args.epochs
-    res = train(method, pairs, model=model, tokenizer=tok, sae=sae if method == "yapo" else None, layer=sae.layer,
+    res = train(method, pairs, model=model, tokenizer=tok, sae=sae if method == "yapo" else None, layer=layer,
                 epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, warmup_steps=max(1, steps // 10),
                 out=path, resume=True)
     training[key] = {"seconds": res.seconds, "steps": res.steps, "pairs": len(pairs), "data": data,
@@ -47,23 +47,29 @@ def main():
     ap.add_argument("--mmlu-per-subject", type=int, default=4)
     ap.add_argument("--mmlu-shots", type=int, default=1)
     ap.add_argument("--culture-multiplier", type=float, default=1.0)
+    ap.add_argument("--methods", default="yapo,bipo,caa", help="methods trained per behaviour")
+    ap.add_argument("--country-methods", default="yapo,caa", help="methods trained per country")
+    ap.add_argument("--sae", default=None, help="SAE directory (default: the shipped one)")
+    ap.add_argument("--layer", type=int, default=15, help="layer when no SAE is used (else the SAE's)")
     args = ap.parse_args()
     out = Path(args.out)
     t0 = time.time()
     model, tok = load_model()
-    sae = load_sae()
+    methods, cmethods = args.methods.split(","), args.country_methods.split(",")
+    sae = load_sae(args.sae) if "yapo" in methods + cmethods else None
+    layer = sae.layer if sae is not None else args.layer
     training, bv, cv = {}, {}, {}
     for b in args.behaviours.split(","):
         pairs = load_pairs(bipo_csv_path(b), limit=args.pairs)
-        bv[b] = {m: get_vector(m, pairs, model, tok, sae, out, training, f"{b}/{m}", str(bipo_csv_path(b)), args)
-                 for m in ("yapo", "bipo", "caa")}
+        bv[b] = {m: get_vector(m, pairs, model, tok, sae, out, training, f"{b}/{m}", str(bipo_csv_path(b)), args, layer)
+                 for m in methods}
     digest = blend.load_digest()
     for c in args.countries.split(","):
         half = args.culture_pairs // 2  # localized and non-localized prompts, half each
         pairs = (blend.preference_pairs(c, "localized", limit=half, digest=digest)
                  + blend.preference_pairs(c, "non_localized", limit=half, digest=digest))
-        cv[c] = {m: get_vector(m, pairs, model, tok, sae, out, training, f"{c}/{m}", f"BLEnD {c} train split", args)
-                 for m in ("yapo", "caa")}
+        cv[c] = {m: get_vector(m, pairs, model, tok, sae, out, training, f"{c}/{m}", f"BLEnD {c} train split", args, layer)
+                 for m in cmethods}
     prompts = {b: [p.prompt for p in load_pairs(bipo_csv_path(b, "test"), limit=3)] for b in bv}
     res = evaluate(model, tok, sae=sae, behaviour_vectors=bv, country_vectors=cv, ab_limit=args.ab_items,
                    mcq_limit=args.mcq_items, culture_multiplier=args.culture_multiplier,
