@@ -46,7 +46,7 @@ def cmd_caa(args) -> None:
 
 # Feature modules that add their own subcommands: each has register(subparsers), which adds
 # parsers whose `func` takes the parsed args. Add a module here to add its commands.
-COMMAND_MODULES: list[str] = ["cli_explain", "cli_train", "cli_eval"]
+COMMAND_MODULES: list[str] = ["cli_explain", "cli_train", "cli_eval", "cli_sae", "cli_vllm"]
 
 
 def build_parser() -> argparse.ArgumentParser:
