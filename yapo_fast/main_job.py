@@ -117,15 +117,22 @@ def run_main(*, model=None, tokenizer=None, sae=None, behaviour: str = DEFAULTS[
         path = model_path if model_path is not None else getattr(model.config, "_name_or_path", None)
         generate_fn, vllm_error = vllm_generate_fn(resolve_model_path(path), tokenizer, sae, print_fn)
     rows = [{"prompt": q} for q in questions]
-    throughput = {}
+    throughput, hf_throughput, same_text = {}, {}, {}
     for name, vec in tqdm((("unsteered", None), *vectors.items()), desc="generate", disable=not progress):
         texts, stats = _timed_generate(model, tokenizer, questions, vec, multiplier, sae, max_new_tokens, generate_fn)
         throughput[name] = stats
         for row, text in zip(rows, texts):
             row[name] = text
+        if generate_fn is not None:  # the same batch through transformers: a cross-check and the speed baseline
+            hf_texts, hf_throughput[name] = _timed_generate(model, tokenizer, questions, vec, multiplier, sae,
+                                                            max_new_tokens, None)
+            same_text[name] = sum(a == b for a, b in zip(texts, hf_texts)) / max(1, len(texts))
     results["generations"][behaviour] = {"multiplier": multiplier, "rows": rows}
     results["throughput"] = {"engine": "vllm" if generate_fn else "transformers", "vllm_error": vllm_error,
                              **throughput}
+    if generate_fn is not None:
+        results["throughput"]["transformers"] = hf_throughput
+        results["throughput"]["same_text_as_transformers"] = same_text
     results["meta"]["main_job"] = {"behaviour": behaviour, "pairs": len(train_pairs), "epochs": epochs,
                                    "batch_size": batch_size, "lr": lr, "warmup_steps": warm, "layer": layer,
                                    "multiplier": multiplier, "seconds": time.perf_counter() - t_start}
@@ -155,18 +162,23 @@ def summary_table(results: dict, behaviour: str, multiplier: float) -> str:
     ab = results["ab"][behaviour]
     mm = results.get("mmlu") or {"change": {}, "accuracy": {"unsteered": {"accuracy": float("nan")}}}
     tp = results.get("throughput", {})
+    hf = tp.get("transformers")
     lines = [f"{behaviour}: P(matching) unsteered {ab['baseline']:.3f} on {ab['n']} A/B items; "
              f"MMLU unsteered {mm['accuracy']['unsteered']['accuracy']:.3f}; "
              f"generation via {tp.get('engine', '?')}, unsteered {tp.get('unsteered', {}).get('tokens_per_s', 0):.1f} tok/s",
              f"{'method':<8} {'effect m=+' + format(multiplier, 'g'):>12} {'effect m=-' + format(multiplier, 'g'):>12} "
-             f"{'MMLU change':>12} {'train s':>9} {'tok/s':>8}"]
+             f"{'MMLU change':>12} {'train s':>9} {'tok/s':>8}" + (f" {'HF tok/s':>9} {'same as HF':>10}" if hf else "")]
     for name, curve in ab["curves"].items():
         plus = _point(curve, multiplier) - ab["baseline"]
         minus = _point(curve, -multiplier) - ab["baseline"]
         change = mm["change"].get(f"{behaviour}/{name}", float("nan"))
         secs = results.get("training", {}).get(name, {}).get("seconds", float("nan"))
         tps = tp.get(name, {}).get("tokens_per_s", float("nan"))
-        lines.append(f"{name:<8} {plus:>+12.3f} {minus:>+12.3f} {change:>+12.3f} {secs:>9.1f} {tps:>8.1f}")
+        line = f"{name:<8} {plus:>+12.3f} {minus:>+12.3f} {change:>+12.3f} {secs:>9.1f} {tps:>8.1f}"
+        if hf:
+            line += f" {hf.get(name, {}).get('tokens_per_s', float('nan')):>9.1f} " \
+                    f"{tp['same_text_as_transformers'].get(name, float('nan')):>10.2f}"
+        lines.append(line)
     return "\n".join(lines)
 
 
