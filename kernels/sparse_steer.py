@@ -28,7 +28,7 @@ from ..errors import YapoFastError
 from .sparse_steer_backend import pick_backend
 from .sparse_steer_prepare import PreparedSlots, PreparedSteer, prepare_sparse_steer, stack_prepared  # noqa: F401
 from .sparse_steer_reference import sparse_steer_reference  # noqa: F401 (the one reference)
-from .sparse_steer_torch import steer_torch
+from .sparse_steer_torch import steer_one, steer_torch
 from .topk_threshold import topk_threshold
 from .topk_threshold_reference import topk_cut
 
@@ -50,6 +50,10 @@ def _topk_cut(x2d, prepared, backend):
 
 
 def _run(backend, x2d, out2d, slot, prepared, cut):
+    if backend == "torch" and slot is None:  # the CPU default: skip the slot views (per-call overhead)
+        p = prepared
+        return steer_one(x2d.to(p.const.dtype), out2d, p.const, p.enc_cols, p.enc_bias, p.thresholds, p.coef,
+                         p.dec_rows, cut)
     tensors = _per_slot(prepared)
     if backend == "triton":
         from .sparse_steer_triton import steer_triton

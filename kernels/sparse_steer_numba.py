@@ -1,6 +1,6 @@
 """The fused sparse steer as a numba CPU kernel, parallel over tokens (prange).
 
-Per token, in one pass and without any (T, n) or (T, d_sae) temporary:
+Per token, in one pass and without any (T, d_model) or (T, d_sae) temporary:
   pre_j = enc_bias_j + x . enc_cols[:, j]      (the dependent entries only)
   c_j   = max(a_j, -pre_j) if active_j else 0  (active: see sparse_steer_prepare.py)
   out   = x + const + sum_{c_j != 0} c_j * dec_rows[j]
@@ -20,17 +20,59 @@ from numba import prange
 _FASTMATH = {"contract"}
 
 
-@numba.njit(parallel=True, cache=True, fastmath=_FASTMATH)
-def _steer_kernel(x, out, slot, has_slot, const, enc_cols, enc_bias, thresholds, coef, dec_rows, cut, has_cut):
+TOKEN_BLOCK = 8  # tokens sharing one pass over a chunk of encoder columns (kept in cache)
+COL_CHUNK = 256  # encoder columns per chunk: d_model x 256 floats ~ 0.6 MB for d_model 576
+
+
+def _steer_blocks(x, out, const, enc_cols, enc_bias, thresholds, coef, dec_rows, cut, has_cut):
+    """One vector (slot 0). prange over blocks of TOKEN_BLOCK tokens: each chunk of encoder
+    columns is read once per block instead of once per token (it matters once n is large)."""
+    T, d = x.shape
+    n = coef.shape[1]
+    n_blocks = (T + TOKEN_BLOCK - 1) // TOKEN_BLOCK
+    for blk in prange(n_blocks):
+        t0 = blk * TOKEN_BLOCK
+        nt = min(T, t0 + TOKEN_BLOCK) - t0
+        # Encode the whole block first: out may alias x (in place), x is read before out is written.
+        c = np.zeros((nt, n), dtype=np.float32)
+        pre = np.empty((nt, COL_CHUNK), dtype=np.float32)
+        for j0 in range(0, n, COL_CHUNK):
+            nc = min(COL_CHUNK, n - j0)
+            for tt in range(nt):
+                for j in range(nc):
+                    pre[tt, j] = enc_bias[0, j0 + j]
+            for dd in range(d):
+                for tt in range(nt):
+                    xv = x[t0 + tt, dd]
+                    for j in range(nc):
+                        pre[tt, j] += xv * enc_cols[0, dd, j0 + j]
+            for tt in range(nt):
+                lo = cut[t0 + tt] if has_cut else -np.inf
+                for j in range(nc):
+                    p = pre[tt, j]
+                    if p > thresholds[0, j0 + j] and p >= lo:
+                        c[tt, j0 + j] = max(coef[0, j0 + j], -p)
+        for tt in range(nt):
+            t = t0 + tt
+            for dd in range(d):
+                out[t, dd] = x[t, dd] + const[0, dd]
+            for j in range(n):  # inactive latents (c == 0) skip their decoder row entirely
+                cj = c[tt, j]
+                if cj != 0.0:
+                    for dd in range(d):
+                        out[t, dd] += cj * dec_rows[0, j, dd]
+
+
+def _steer_slots(x, out, slot, const, enc_cols, enc_bias, thresholds, coef, dec_rows, cut, has_cut):
+    """Several vectors: token t uses slot[t] (-1: copied unchanged). Per token (the slot varies)."""
     T, d = x.shape
     n = coef.shape[1]
     for t in prange(T):
-        s = slot[t] if has_slot else 0
+        s = slot[t]
         if s < 0:
             for j in range(d):
                 out[t, j] = x[t, j]
             continue
-        # Encode first: out may alias x (in place), so x[t] is read fully before out[t] is written.
         pre = enc_bias[s].copy()
         for dd in range(d):
             xv = x[t, dd]
@@ -42,13 +84,21 @@ def _steer_kernel(x, out, slot, has_slot, const, enc_cols, enc_bias, thresholds,
         for j in range(n):
             p = pre[j]
             if p > thresholds[s, j] and p >= lo:
-                c = max(coef[s, j], -p)
-                if c != 0.0:
+                cj = max(coef[s, j], -p)
+                if cj != 0.0:
                     for dd in range(d):
-                        out[t, dd] += c * dec_rows[s, j, dd]
+                        out[t, dd] += cj * dec_rows[s, j, dd]
 
 
-_NO_INTS = np.zeros(1, dtype=np.int64)
+_steer_blocks_kernel = numba.njit(parallel=True, cache=True, fastmath=_FASTMATH)(_steer_blocks)
+_steer_slots_kernel = numba.njit(parallel=True, cache=True, fastmath=_FASTMATH)(_steer_slots)
+# Threads only pay off with enough work: waking the pool costs tens of microseconds (much more on
+# a busy machine). Below this many multiply-adds (T * d_model * n) the kernel runs on one thread.
+# (One build with set_num_threads(1), not a second serial build: numba's cache key ignores the
+# parallel flag, so two builds of one function would overwrite each other's cache entries.)
+PARALLEL_MIN_WORK = 2_000_000
+
+
 _NO_FLOATS = np.zeros(1, dtype=np.float32)
 
 
@@ -62,11 +112,21 @@ def steer_numba(x, out, slot, const, enc_cols, enc_bias, thresholds, coef, dec_r
     direct = out.dtype == torch.float32 and out.is_contiguous()
     x32 = x.contiguous() if x.dtype == torch.float32 else x.to(torch.float32)
     out32 = out if direct else torch.empty(out.shape, dtype=torch.float32)
-    slot_np = _NO_INTS if slot is None else slot.to(torch.int64).contiguous().numpy()
+    slot_np = None if slot is None else slot.to(torch.int64).contiguous().numpy()
     cut_np = _NO_FLOATS if cut is None else _np32(cut)
-    _steer_kernel(x32.detach().numpy(), out32.detach().numpy(), slot_np, slot is not None, _np32(const),
-                  _np32(enc_cols), _np32(enc_bias), _np32(thresholds), _np32(coef), _np32(dec_rows),
-                  cut_np, cut is not None)
+    args = (_np32(const), _np32(enc_cols), _np32(enc_bias), _np32(thresholds), _np32(coef), _np32(dec_rows),
+            cut_np, cut is not None)
+    parallel = x.shape[0] * x.shape[1] * max(coef.shape[1], 1) >= PARALLEL_MIN_WORK and x.shape[0] > TOKEN_BLOCK
+    threads = numba.get_num_threads()
+    if not parallel:
+        numba.set_num_threads(1)
+    try:
+        if slot is None:
+            _steer_blocks_kernel(x32.detach().numpy(), out32.detach().numpy(), *args)
+        else:
+            _steer_slots_kernel(x32.detach().numpy(), out32.detach().numpy(), slot_np, *args)
+    finally:
+        numba.set_num_threads(threads)
     if not direct:
         out.copy_(out32)
     return out

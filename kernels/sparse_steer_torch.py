@@ -14,27 +14,36 @@ dec_rows (S, n, d); cut: (T,) per-token TopK cut or None. Math: see sparse_steer
 import torch
 
 
-def steer_delta(x, enc_cols, enc_bias, thresholds, coef, dec_rows, cut):
-    """sum over dependent entries of max(a_i, -z_i) * W_dec[i], for tokens x (T, d) of one slot."""
-    pre = x @ enc_cols + enc_bias
+def steer_coef(x, enc_cols, enc_bias, thresholds, coef, cut):
+    """(T, n) coefficients max(a_i, -z_i) of the dependent entries, for tokens x of one slot."""
+    pre = torch.addmm(enc_bias, x, enc_cols)
     active = pre > thresholds
     if cut is not None:
         active &= pre >= cut[:, None]
-    z = torch.where(active, pre, torch.zeros((), dtype=pre.dtype, device=pre.device))
-    return torch.maximum(coef, -z) @ dec_rows
+    # z = pre where active, else 0; max(a, -0) = 0 because a <= 0, so inactive -> 0.
+    return torch.where(active, torch.maximum(coef, -pre), 0.0)
+
+
+def steer_one(x, out, const, enc_cols, enc_bias, thresholds, coef, dec_rows, cut):
+    """out = x + const + coef @ dec_rows for one vector: one elementwise pass, then a gemm that
+    accumulates in place (BLAS beta=1) when out is float32 and contiguous. c is computed before
+    out is touched, so out may alias x (in place)."""
+    c = steer_coef(x, enc_cols, enc_bias, thresholds, coef, cut)
+    if out.dtype == x.dtype and out.is_contiguous():
+        torch.add(x, const, out=out)
+        return out.addmm_(c, dec_rows)
+    out.copy_(torch.addmm(x + const, c, dec_rows))
+    return out
 
 
 def steer_torch(x, out, slot, const, enc_cols, enc_bias, thresholds, coef, dec_rows, cut):
-    cdt = const.dtype
-    x32 = x.to(cdt)
+    x32 = x.to(const.dtype)
     if slot is None:
-        result = x32 + const[0] + steer_delta(x32, enc_cols[0], enc_bias[0], thresholds[0], coef[0], dec_rows[0], cut)
-    else:
-        result = x32.clone()
-        for s in torch.unique(slot[slot >= 0]).tolist():
-            rows = torch.nonzero(slot == s).flatten()
-            xs = x32[rows]
-            result[rows] = xs + const[s] + steer_delta(xs, enc_cols[s], enc_bias[s], thresholds[s], coef[s],
-                                                       dec_rows[s], None if cut is None else cut[rows])
+        return steer_one(x32, out, const[0], enc_cols[0], enc_bias[0], thresholds[0], coef[0], dec_rows[0], cut)
+    result = x32.clone()
+    for s in torch.unique(slot[slot >= 0]).tolist():
+        rows = torch.nonzero(slot == s).flatten()
+        result[rows] = steer_one(x32[rows], torch.empty_like(x32[rows]), const[s], enc_cols[s], enc_bias[s],
+                                 thresholds[s], coef[s], dec_rows[s], None if cut is None else cut[rows])
     out.copy_(result)
     return out

@@ -135,14 +135,18 @@ def test_bad_input_is_named():
 
 
 def test_env_var_forces_backend(monkeypatch):
+    import yapo_fast.kernels.sparse_steer_numba as numba_path
     import yapo_fast.kernels.sparse_steer_torch as torch_path
     calls = []
-    real = torch_path.steer_torch
-    monkeypatch.setattr("yapo_fast.kernels.sparse_steer.steer_torch", lambda *a: calls.append(1) or real(*a))
-    monkeypatch.setenv("YAPO_FAST_KERNEL", "torch")
+    real_torch, real_numba = torch_path.steer_one, numba_path.steer_numba
+    monkeypatch.setattr("yapo_fast.kernels.sparse_steer.steer_one", lambda *a: calls.append("torch") or real_torch(*a))
+    monkeypatch.setattr(numba_path, "steer_numba", lambda *a: calls.append("numba") or real_numba(*a))
     sae = random_sae("relu", d_in=64, d_sae=96)
-    sparse_steer(torch.randn(3, 64), prepare_sparse_steer(sae, random_latent(96, 5, "neg"), 1.0))
-    assert calls == [1]
+    prepared = prepare_sparse_steer(sae, random_latent(96, 5, "neg"), 1.0)
+    for forced in ("numba", "torch"):
+        monkeypatch.setenv("YAPO_FAST_KERNEL", forced)
+        sparse_steer(torch.randn(3, 64), prepared)
+    assert calls == ["numba", "torch"]
     monkeypatch.setenv("YAPO_FAST_KERNEL", "nope")
     with pytest.raises(YapoFastError, match="nope"):
         sparse_steer(torch.randn(3, 64), prepare_sparse_steer(sae, random_latent(96, 5, "neg"), 1.0))

@@ -1,0 +1,62 @@
+"""Shared setup for the benchmarks (pytest-benchmark).
+
+- Threads: YAPO_BENCH_THREADS (default 1) for both torch and numba. On a shared 2-core box a
+  second thread mostly measures the neighbours (OpenMP barriers wait on descheduled threads);
+  one thread gives stable ratios. Every ratio compares paths measured in the same run.
+- numba kernels are compiled (cache=True) and warmed up before any timing.
+- At the end, a ratio table (median times) is printed and written to bench/results/<file>.md.
+"""
+
+import os
+from collections import defaultdict
+from pathlib import Path
+
+import numba
+import pytest
+import torch
+
+THREADS = int(os.environ.get("YAPO_BENCH_THREADS", "1"))
+torch.set_num_threads(THREADS)
+numba.set_num_threads(min(THREADS, numba.config.NUMBA_NUM_THREADS))
+
+RESULTS: "dict[str, dict[str, dict[str, float]]]" = defaultdict(lambda: defaultdict(dict))
+
+
+@pytest.fixture(scope="session")
+def record():
+    """record(module, group, name, benchmark): keep the median of a finished benchmark."""
+
+    def _record(module, group, name, benchmark):
+        RESULTS[module][group][name] = benchmark.stats.stats.median
+
+    return _record
+
+
+def _fmt_ms(s):
+    return f"{s * 1e3:.3f}"
+
+
+def pytest_terminal_summary(terminalreporter):
+    if not RESULTS:
+        return
+    out_dir = Path(__file__).parent / "results"
+    out_dir.mkdir(exist_ok=True)
+    for module, groups in RESULTS.items():
+        lines = [f"# {module} (median ms; threads={THREADS}; ratios within one group, same run)", ""]
+        for group, times in groups.items():
+            lines.append(f"## {group}")
+            base = times.get("reference")
+            floor = times.get("unavoidable_matmuls") or times.get("torch_matmul_topk")
+            for name, t in times.items():
+                extra = []
+                if base and name != "reference":
+                    extra.append(f"{base / t:.1f}x faster than reference")
+                if floor and t is not floor and name not in ("reference",):
+                    extra.append(f"{t / floor:.2f}x the floor")
+                lines.append(f"- {name}: {_fmt_ms(t)} ms" + (f" ({'; '.join(extra)})" if extra else ""))
+            lines.append("")
+        text = "\n".join(lines)
+        terminalreporter.write_line(text)
+        tmp = out_dir / f".{module}.md.tmp"
+        tmp.write_text(text)
+        tmp.replace(out_dir / f"{module}.md")
