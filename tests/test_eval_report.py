@@ -41,3 +41,14 @@ def test_tiny_evaluation_writes_report_and_plots(tmp_path):
     md = paths["markdown"].read_text()
     assert "## Steering curve: power-seeking" in md and "| Spain | bipo |" in md and "random-sae" in md
     assert json.loads(paths["json"].read_text())["culture"]["Spain"]["gap"]["bipo"] == gap
+
+
+def test_open_ended_behaviour_is_generated_not_scored(tmp_path):
+    model, tok = tiny_llama(), word_tokenizer()
+    bipo = SteeringVector.from_dense(torch.randn(64), method="bipo", layer=1, model=model_identity(model))
+    res = evaluate(model, tok, behaviour_vectors={"jailbreak": {"bipo": bipo}}, mmlu=False,
+                   generation_prompts={"jailbreak": ["w1 w2"]}, max_new_tokens=2, progress=False)
+    assert res["ab"] == {} and "no A/B columns" in res["ab_skipped"]["jailbreak"]
+    assert set(res["generations"]["jailbreak"]["rows"][0]) == {"prompt", "unsteered", "bipo"}
+    paths = write_report(res, tmp_path)
+    assert "## Generations: jailbreak" in paths["markdown"].read_text() and paths["plots"] == []

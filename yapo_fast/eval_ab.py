@@ -26,6 +26,12 @@ class ABItem:
     matching: str  # "A" or "B": the option showing the behaviour
 
 
+def is_ab_file(path: str | Path) -> bool:
+    """Whether a CSV has the A/B columns (BiPO's jailbreak test_infer.csv has open-ended prompts instead)."""
+    with Path(path).open(encoding="utf-8", newline="") as f:
+        return {"question", "A", "B", "matching"} <= set(csv.DictReader(f).fieldnames or [])
+
+
 def load_ab_items(path: str | Path, limit: int | None = None) -> list[ABItem]:
     path = Path(path)
     if not path.is_file():

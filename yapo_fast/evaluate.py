@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from .data import bipo_csv_path
 from .errors import YapoFastError
-from .eval_ab import ab_scores, load_ab_items, mean_ci95
+from .eval_ab import ab_scores, is_ab_file, load_ab_items, mean_ci95
 from .eval_mcq import mcq_correct
 from .eval_mmlu import load_mmlu, mmlu_correct
 from .integrations.hf_hooks import steer
@@ -101,6 +101,9 @@ def evaluate(model, tokenizer, *, sae=None, behaviour_vectors: dict | None = Non
     # ---- behaviour steering curves --------------------------------------------------------------
     for behaviour, vectors in behaviour_vectors.items():
         path = (ab_files or {}).get(behaviour) or bipo_csv_path(behaviour, "test_infer")
+        if not is_ab_file(path):  # e.g. jailbreak: open-ended prompts, evaluated by generation only
+            results["ab_skipped"] = {**results.get("ab_skipped", {}), behaviour: f"{path} has no A/B columns"}
+            continue
         items = load_ab_items(path, limit=ab_limit)
         base = ab_scores(model, tokenizer, items, batch_size=batch_size, progress=progress, desc=f"{behaviour} unsteered")
         entry = {"data": str(path), "n": len(items), "baseline": mean_ci95(base)[0], "curves": {}}
