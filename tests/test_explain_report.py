@@ -150,7 +150,20 @@ def test_cli_explain_writes_the_three_files(setup, tmp_path, capsys, monkeypatch
     assert rc == 0 and "3 entries (2 add, 1 cap)" in out and "latent 5" in out
     for name in ("report.html", "report.md", "report.json"):
         assert (tmp_path / "v-explain" / name).is_file()
-    rc = main(["explain", str(tmp_path / "missing.safetensors"), "--model", str(tmp_path / "m")])
+    # two vectors: a report each and the side-by-side comparison
+    dense = SteeringVector.from_dense(2.0 * sae.W_dec[5] + sae.W_dec[8], method="caa", layer=1,
+                                      model=model_identity(model))
+    dense.save(tmp_path / "caa.safetensors")
+    rc = main(["explain", str(tmp_path / "v.safetensors"), str(tmp_path / "caa.safetensors"), "--model",
+               str(tmp_path / "m"), "--sae", str(tmp_path / "sae"), "--top", "2", "--index-tokens", "1024",
+               "--cache", str(tmp_path / "c"), "--out", str(tmp_path / "both")])
+    assert rc == 0 and "wrote" in capsys.readouterr().out
+    comp = json.loads((tmp_path / "both" / "compare.json").read_text())
+    assert [r["name"] for r in comp["rows"]] == ["v", "caa"] and comp["rows"][0]["top"] == [5, 20, 33]
+    assert comp["rows"][1]["top"][0] == 5 and comp["overlap"]["v"]["caa"] >= 1 and comp["overlap"]["v"]["v"] == 3
+    assert (tmp_path / "both" / "caa" / "report.html").is_file() and (tmp_path / "both" / "compare.html").is_file()
+    rc = main(["explain", str(tmp_path / "missing.safetensors"), "--model", str(tmp_path / "m"),
+               "--sae", str(tmp_path / "sae")])
     assert rc == 2 and "no steering vector file" in capsys.readouterr().err
 
 
