@@ -14,6 +14,7 @@ from yapo_fast.train.lean import DecoderRunner
 from yapo_fast.train.trainer import LeanObjective
 
 CASES = [("yapo", "relu"), ("yapo", "jumprelu"), ("yapo", "topk"), ("bipo", None)]
+PACK = {"topk": 40}  # small rows: a batch spreads over several packed rows (default: one row)
 STEPS = 20  # 7 pairs in batches of 4 (the last batch of an epoch has 3): 2 steps per epoch, 10 epochs
 SCHED = dict(batch_size=4, lr=2e-2, warmup_steps=3, seed=1)
 
@@ -33,8 +34,9 @@ def test_lean_equals_naive_per_step_and_after_20_steps(method, kind):
     # 1) per step: the lean loss and gradient at the naive trajectory's v equal the naive ones
     runner = DecoderRunner(model)
     cache = build_cache(runner, tokenize_pairs(tok, pairs), list(range(len(pairs))), LAYER, sae=sae,
-                        batch_size=4, progress=False)
-    lean = LeanObjective(runner, cache, TrainConfig(method=method, layer=LAYER), sae)
+                        batch_size=4, progress=False, pack_tokens=PACK.get(kind, 1024))
+    pack = PACK.get(kind, 1024)
+    lean = LeanObjective(runner, cache, TrainConfig(method=method, layer=LAYER), sae, pack_tokens=pack)
     schedule = batch_schedule(len(pairs), 4, 10, 1)
     nonzero_grads = 0
     for (_, batch, d), rec in zip(schedule, records):
@@ -52,7 +54,7 @@ def test_lean_equals_naive_per_step_and_after_20_steps(method, kind):
 
     # 2) the public trainer, end to end: same losses, same vector after 20 steps
     res = yapo_fast.train(method, pairs, model=model, tokenizer=tok, sae=sae, layer=LAYER, epochs=10,
-                          progress=False, **SCHED)
+                          progress=False, pack_tokens=pack, **SCHED)
     assert res.steps == STEPS and len(res.losses) == STEPS
     for got, rec in zip(res.losses, records):
         assert abs(got["loss"] - rec["loss"]) <= 1e-5 * abs(rec["loss"]) and got["d"] == rec["d"]
@@ -90,17 +92,23 @@ def test_disk_spilled_cache_gives_the_same_vector(tmp_path):
     assert torch.equal(a.vector.latent(), b.vector.latent())
 
 
-def test_lean_forward_equals_the_model_on_prompt_plus_response(llama):
-    """forward_from_layer at layer 0 (embeddings in) equals the HF model's full forward."""
-    from yapo_fast.train.cache import pad_ids
-    from yapo_fast.train.lean import forward_from_layer
+@pytest.mark.parametrize("pack_tokens", [1024, 6])
+def test_lean_forward_equals_the_model_on_prompt_plus_response(llama, pack_tokens):
+    """forward_from_layer at layer 0 (embeddings in) on packed rows (all pairs in one row, or one
+    pair per row) equals the HF model's full forward of each prompt+response alone."""
+    from yapo_fast.train.cache import response_targets
+    from yapo_fast.train.lean import forward_from_layer, make_layout, scatter_rows
 
     runner = DecoderRunner(llama)
     prompts, responses = [[5, 6, 7], [9]], [[1, 2], [3], [4, 4, 4, 4], [8, 2]]
-    ids_p, p_lens = pad_ids(prompts, "cpu")
-    ids_r, r_lens = pad_ids(responses, "cpu")
+    lay = make_layout([3, 1], [2, 1, 4, 2], "cpu", pack_tokens)
+    assert lay.n_rows == (1 if pack_tokens > 100 else 2)
+    emb = lambda seqs: [runner.embed(torch.tensor(s)) for s in seqs]  # noqa: E731
+    G, lp, lr = lay.n_rows, lay.pos_p.shape[1], lay.pos_r.shape[1]
     with torch.no_grad():
-        got = forward_from_layer(runner, 0, runner.embed(ids_p), p_lens, runner.embed(ids_r), r_lens, ids_r)
+        tf, tp = response_targets([torch.tensor(r) for r in responses], "cpu")
+        got = forward_from_layer(runner, 0, scatter_rows(emb(prompts), lay.p_slots, G, lp),
+                                 scatter_rows(emb(responses), lay.r_slots, G, lr), lay, tf, tp)
         for j, r in enumerate(responses):
             p = prompts[j % 2]
             logp = torch.log_softmax(llama(torch.tensor([p + r])).logits[0].float(), -1)

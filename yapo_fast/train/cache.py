@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from ..chat import format_prompt, prompt_and_response_ids
 from ..errors import YapoFastError
-from .lean import DecoderRunner, forward_from_layer
+from .lean import DecoderRunner, Layout, forward_from_layer, gather_rows, make_layout, scatter_rows
 
 
 @dataclass
@@ -37,22 +37,6 @@ def tokenize_pairs(tokenizer, pairs, system: str | None = None) -> list[Tokens]:
         if not p or not c or not r:
             raise YapoFastError(f"pair {i}: the prompt or a response tokenizes to no tokens: drop or fix the pair")
         out.append(Tokens(p, c, r))
-    return out
-
-
-def pad_ids(seqs: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor]:
-    n = max(len(s) for s in seqs)
-    ids = torch.zeros(len(seqs), n, dtype=torch.long, device=device)
-    for i, s in enumerate(seqs):
-        ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
-    return ids, torch.tensor([len(s) for s in seqs], dtype=torch.long, device=device)
-
-
-def pad_states(states: list[torch.Tensor]) -> torch.Tensor:
-    n = max(s.shape[0] for s in states)
-    out = states[0].new_zeros(len(states), n, states[0].shape[1])
-    for i, s in enumerate(states):
-        out[i, : s.shape[0]] = s
     return out
 
 
@@ -105,48 +89,57 @@ class ExampleCache:
 
 @dataclass
 class Batch:
-    """A batch laid out for forward_from_layer: B prompts, then 2B responses (chosen, rejected)."""
+    """A batch laid out for forward_from_layer: prompts packed into rows, responses likewise."""
 
-    hp: torch.Tensor  # (B, Pmax, d) layer-L output on the prompts
-    p_lens: torch.Tensor  # (B,)
-    hr: torch.Tensor  # (2B, Rmax, d)
-    r_lens: torch.Tensor  # (2B,)
-    targets: torch.Tensor  # (2B, Rmax)
+    hp: torch.Tensor  # (G, Lp, d) layer-L output on the packed prompts
+    hr: torch.Tensor  # (G, Lr, d) ... on the packed responses (B chosen, B rejected)
+    layout: Layout
+    targets_first: torch.Tensor  # (2B,)
+    targets_pred: torch.Tensor  # (M,)
     ref: torch.Tensor  # (2B,) reference log-probs
-    codes_p: dict | None  # sparse codes with rows in the flattened (B*Pmax) layout
-    codes_r: dict | None  # rows in the flattened (2B*Rmax) layout
+    codes_p: dict | None  # sparse codes with rows in the flattened (G*Lp) layout
+    codes_r: dict | None  # rows in the flattened (G*Lr) layout
 
 
-def _shift_codes(parts: list[tuple[dict, int]]) -> dict[str, torch.Tensor]:
+def response_targets(responses: list[torch.Tensor], device):
+    """First token of each response, and the tokens its later positions predict (layout order)."""
+    first = torch.stack([r[0] for r in responses]).to(device)
+    pred = torch.cat([r[1:] for r in responses]).to(device)
+    return first, pred
+
+
+def _shift_codes(parts: list[tuple[dict, int]], device) -> dict[str, torch.Tensor]:
     rows = torch.cat([c["rows"].long() + off for c, off in parts])
-    return {"rows": rows, "cols": torch.cat([c["cols"].long() for c, _ in parts]),
-            "vals": torch.cat([c["vals"] for c, _ in parts])}
+    return {"rows": rows.to(device), "cols": torch.cat([c["cols"].long() for c, _ in parts]).to(device),
+            "vals": torch.cat([c["vals"] for c, _ in parts]).to(device)}
 
 
-def assemble(cache: ExampleCache, indices: list[int], device) -> Batch:
+def assemble(cache: ExampleCache, indices: list[int], device, pack_tokens: int = 1024) -> Batch:
     ex = [cache.get(i) for i in indices]
     B = len(ex)
-    hp = pad_states([e["hp"] for e in ex]).to(device)
+    prompts = [e["hp"] for e in ex]
     responses = [e["hc"] for e in ex] + [e["hr"] for e in ex]
-    hr = pad_states(responses).to(device)
-    p_lens = torch.tensor([e["hp"].shape[0] for e in ex], device=device)
-    r_lens = torch.tensor([r.shape[0] for r in responses], device=device)
-    targets, _ = pad_ids([e["tc"].tolist() for e in ex] + [e["tr"].tolist() for e in ex], device)
+    layout = make_layout([x.shape[0] for x in prompts], [x.shape[0] for x in responses], device, pack_tokens)
+    G, lp = layout.pos_p.shape
+    lr = layout.pos_r.shape[1]
+    hp = scatter_rows(prompts, layout.p_slots, G, lp).to(device)
+    hr = scatter_rows(responses, layout.r_slots, G, lr).to(device)
+    tf, tp = response_targets([e["tc"] for e in ex] + [e["tr"] for e in ex], device)
     ref = torch.cat([torch.stack([e["ref"][0] for e in ex]), torch.stack([e["ref"][1] for e in ex])]).to(device)
     codes_p = codes_r = None
     if "p_rows" in ex[0]:
-        p_max, r_max = hp.shape[1], hr.shape[1]
         get = lambda e, k: {"rows": e[f"{k}_rows"], "cols": e[f"{k}_cols"], "vals": e[f"{k}_vals"]}  # noqa: E731
-        codes_p = {k: t.to(device) for k, t in _shift_codes([(get(e, "p"), i * p_max) for i, e in enumerate(ex)]).items()}
-        parts = [(get(e, "c"), i * r_max) for i, e in enumerate(ex)] + [(get(e, "r"), (B + i) * r_max) for i, e in enumerate(ex)]
-        codes_r = {k: t.to(device) for k, t in _shift_codes(parts).items()}
-    return Batch(hp, p_lens, hr, r_lens, targets, ref, codes_p, codes_r)
+        codes_p = _shift_codes([(get(e, "p"), g * lp + off) for e, (g, off, _) in zip(ex, layout.p_slots)], device)
+        keys = [(e, "c") for e in ex] + [(e, "r") for e in ex]
+        codes_r = _shift_codes([(get(e, k), g * lr + off) for (e, k), (g, off, _) in zip(keys, layout.r_slots)],
+                               device)
+    return Batch(hp, hr, layout, tf, tp, ref, codes_p, codes_r)
 
 
 @torch.no_grad()
 def build_cache(runner: DecoderRunner, tokens: list[Tokens], indices: list[int], layer: int, *, sae=None,
                 batch_size: int = 8, max_memory_bytes: int | None = None, spill_dir=None,
-                progress: bool = True) -> ExampleCache:
+                progress: bool = True, pack_tokens: int = 1024) -> ExampleCache:
     """Run layers 0..L once per pair (the prompt once for both responses), then layers L+1..N
     unsteered for the reference log-probs; keep what every later step needs."""
     cache = ExampleCache(max_memory_bytes, spill_dir)
@@ -156,16 +149,24 @@ def build_cache(runner: DecoderRunner, tokens: list[Tokens], indices: list[int],
         chunk = indices[start:start + batch_size]
         toks = [tokens[i] for i in chunk]
         B = len(chunk)
-        ids_p, p_lens = pad_ids([t.prompt for t in toks], device)
-        ids_r, r_lens = pad_ids([t.chosen for t in toks] + [t.rejected for t in toks], device)
-        # layers 0..L: embeddings in, layer L's output out (a full forward's state at layer L).
-        hp, hr = _layers_0_to_l(runner, layer, ids_p, p_lens, ids_r, r_lens)
-        ref = forward_from_layer(runner, layer + 1, hp, p_lens, hr, r_lens, ids_r).float()
+        ids_p = [torch.tensor(t.prompt, dtype=torch.long) for t in toks]
+        ids_r = [torch.tensor(t.chosen, dtype=torch.long) for t in toks] + \
+            [torch.tensor(t.rejected, dtype=torch.long) for t in toks]
+        layout = make_layout([len(x) for x in ids_p], [len(x) for x in ids_r], device, pack_tokens)
+        G, lp = layout.pos_p.shape
+        lr = layout.pos_r.shape[1]
+        emb = lambda ids: runner.embed(ids.to(device))  # noqa: E731
+        hp = scatter_rows([emb(x) for x in ids_p], layout.p_slots, G, lp)
+        hr = scatter_rows([emb(x) for x in ids_r], layout.r_slots, G, lr)
+        # layers 0..L: embeddings in, layer L's output out (a full forward's state at layer L)
+        hp, kv = runner.run(hp, layout.pos_p, layout.allowed_p, 0, layer + 1, record=True)
+        hr, _ = runner.run(hr, layout.pos_r, layout.allowed_r, 0, layer + 1, prefix=kv.layers)
+        tf, tp = response_targets(ids_r, device)
+        ref = forward_from_layer(runner, layer + 1, hp, hr, layout, tf, tp).float()
+        states_p, states_r = gather_rows(hp, layout.p_slots), gather_rows(hr, layout.r_slots)
         for j, i in enumerate(chunk):
-            P, Rc, Rr = int(p_lens[j]), int(r_lens[j]), int(r_lens[B + j])
-            entry = {"hp": hp[j, :P].float().cpu().clone(), "hc": hr[j, :Rc].float().cpu().clone(),
-                     "hr": hr[B + j, :Rr].float().cpu().clone(),
-                     "tc": ids_r[j, :Rc].cpu().clone(), "tr": ids_r[B + j, :Rr].cpu().clone(),
+            entry = {"hp": states_p[j].float().cpu().clone(), "hc": states_r[j].float().cpu().clone(),
+                     "hr": states_r[B + j].float().cpu().clone(), "tc": ids_r[j].clone(), "tr": ids_r[B + j].clone(),
                      "ref": torch.stack([ref[j], ref[B + j]]).cpu()}
             if sae is not None:
                 for key, h in (("p", entry["hp"]), ("c", entry["hc"]), ("r", entry["hr"])):
@@ -175,19 +176,3 @@ def build_cache(runner: DecoderRunner, tokens: list[Tokens], indices: list[int],
         bar.update(B)
     bar.close()
     return cache
-
-
-def _layers_0_to_l(runner: DecoderRunner, layer: int, ids_p, p_lens, ids_r, r_lens):
-    from .lean import prompt_allowed, response_allowed
-
-    B, p_max = ids_p.shape
-    r_max = ids_r.shape[1]
-    hp = runner.embed(ids_p)
-    pos_p = torch.arange(p_max, device=hp.device)[None].expand(B, -1)
-    hp, kv = runner.run(hp, pos_p, prompt_allowed(p_lens, p_max), 0, layer + 1, record=True)
-    p_lens2 = torch.cat([p_lens, p_lens])
-    prefix = {i: (torch.cat([k, k]), torch.cat([v, v])) for i, (k, v) in kv.layers.items()}
-    pos_r = p_lens2[:, None] + torch.arange(r_max, device=hp.device)[None]
-    hr, _ = runner.run(runner.embed(ids_r), pos_r, response_allowed(p_lens2, r_lens, p_max, r_max), 0, layer + 1,
-                       prefix=prefix)
-    return hp, hr

@@ -11,6 +11,8 @@ trainer, which does exactly that).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
@@ -99,42 +101,107 @@ class DecoderRunner:
         return -F.cross_entropy(logits, targets, reduction="none")
 
 
-def prompt_allowed(p_lens: torch.Tensor, p_max: int) -> torch.Tensor:
-    ar = torch.arange(p_max, device=p_lens.device)
-    causal = ar[None, :] <= ar[:, None]  # (q, kv)
-    return causal[None] & (ar[None, None, :] < p_lens[:, None, None])
+@dataclass
+class Layout:
+    """Pairs packed into rows without padding between them: each row of `hp` holds several prompts
+    back to back, the matching row of `hr` their chosen and rejected responses. Masks keep every
+    token to its own prompt and its own response's causal past, and rotary positions restart per
+    sequence, so each response sees exactly what it sees in a forward of prompt+response alone."""
+
+    p_slots: list  # per pair: (row, offset, length) in the prompt rows
+    r_slots: list  # per response (B chosen, then B rejected): (row, offset, length)
+    pos_p: torch.Tensor  # (G, Lp) rotary positions
+    pos_r: torch.Tensor  # (G, Lr)
+    allowed_p: torch.Tensor  # (G, Lp, Lp)
+    allowed_r: torch.Tensor  # (G, Lr, Lp + Lr)
+    first_rows: torch.Tensor  # (2B,) flat prompt-row index of each response's pair's last prompt token
+    pred_rows: torch.Tensor  # (M,) flat response-row index of positions that predict a next response token
+    pred_resp: torch.Tensor  # (M,) which response each of them belongs to
+
+    @property
+    def n_rows(self):
+        return self.pos_p.shape[0]
 
 
-def response_allowed(p_lens: torch.Tensor, r_lens: torch.Tensor, p_max: int, r_max: int) -> torch.Tensor:
-    """Response queries see their prompt's real tokens and the causal past of their response."""
-    ap = torch.arange(p_max, device=p_lens.device)
-    ar = torch.arange(r_max, device=p_lens.device)
-    to_prompt = (ap[None, :] < p_lens[:, None])[:, None, :].expand(-1, r_max, -1)
-    to_resp = (ar[None, :] <= ar[:, None])[None] & (ar[None, None, :] < r_lens[:, None, None])
-    return torch.cat([to_prompt, to_resp], dim=2)
+def make_layout(p_lens: list[int], r_lens: list[int], device, pack_tokens: int = 1024) -> Layout:
+    """p_lens: B prompt lengths; r_lens: 2B response lengths (chosen then rejected). Pairs are packed
+    greedily in order into rows of at most `pack_tokens` prompt+response tokens (one pair at least)."""
+    B = len(p_lens)
+    rows, cur, cur_tokens = [], [], 0
+    for i in range(B):
+        n = p_lens[i] + r_lens[i] + r_lens[B + i]
+        if cur and cur_tokens + n > pack_tokens:
+            rows.append(cur)
+            cur, cur_tokens = [], 0
+        cur.append(i)
+        cur_tokens += n
+    rows.append(cur)
+    G = len(rows)
+    p_slots, r_slots = [None] * B, [None] * (2 * B)
+    lp = lr = 0
+    for g, members in enumerate(rows):
+        off = 0
+        for i in members:
+            p_slots[i] = (g, off, p_lens[i])
+            off += p_lens[i]
+        lp = max(lp, off)
+        off = 0
+        for j in [*members, *[B + i for i in members]]:
+            r_slots[j] = (g, off, r_lens[j])
+            off += r_lens[j]
+        lr = max(lr, off)
+    pos_p = torch.zeros(G, lp, dtype=torch.long)
+    seg_p = torch.full((G, lp), -1, dtype=torch.long)
+    pos_r = torch.zeros(G, lr, dtype=torch.long)
+    pair_r = torch.full((G, lr), -2, dtype=torch.long)
+    seg_r = torch.full((G, lr), -1, dtype=torch.long)
+    first_rows, pred_rows, pred_resp = [], [], []
+    for i, (g, off, n) in enumerate(p_slots):
+        pos_p[g, off:off + n] = torch.arange(n)
+        seg_p[g, off:off + n] = i
+    for j, (g, off, n) in enumerate(r_slots):
+        pair = j % B
+        pos_r[g, off:off + n] = p_lens[pair] + torch.arange(n)
+        pair_r[g, off:off + n] = pair
+        seg_r[g, off:off + n] = j
+        pg, poff, pn = p_slots[pair]
+        first_rows.append(pg * lp + poff + pn - 1)
+        pred_rows.extend(range(g * lr + off, g * lr + off + n - 1))
+        pred_resp.extend([j] * (n - 1))
+    causal_p = pos_p[:, None, :] <= pos_p[:, :, None]
+    allowed_p = (seg_p[:, :, None] == seg_p[:, None, :]) & (seg_p[:, None, :] >= 0) & causal_p
+    to_prompt = pair_r[:, :, None] == seg_p[:, None, :]
+    to_resp = (seg_r[:, :, None] == seg_r[:, None, :]) & (seg_r[:, None, :] >= 0) & \
+        (pos_r[:, None, :] <= pos_r[:, :, None])
+    t = lambda x: torch.as_tensor(x, dtype=torch.long).to(device)  # noqa: E731
+    return Layout(p_slots, r_slots, pos_p.to(device), pos_r.to(device), allowed_p.to(device),
+                  torch.cat([to_prompt, to_resp], dim=2).to(device), t(first_rows), t(pred_rows), t(pred_resp))
 
 
-def forward_from_layer(runner: DecoderRunner, start: int, hp, p_lens, hr, r_lens, targets):
-    """Summed response log-probs of 2B sequences (B chosen then B rejected) given the inputs of
-    layer `start` for the B prompts (hp: B x Pmax x d) and the 2B responses (hr: 2B x Rmax x d).
+def scatter_rows(parts: list[torch.Tensor], slots, n_rows: int, length: int) -> torch.Tensor:
+    """Per-sequence states (n_i, d) placed at their (row, offset) slots of a (G, length, d) tensor."""
+    out = parts[0].new_zeros(n_rows, length, parts[0].shape[-1])
+    for x, (g, off, n) in zip(parts, slots):
+        out[g, off:off + n] = x
+    return out
 
-    targets: (2B, Rmax) response token ids (padding arbitrary). Returns (2B,) sums over response
-    tokens of log p(token | prompt, previous response tokens)."""
-    B, p_max = hp.shape[:2]
-    r_max = hr.shape[1]
+
+def gather_rows(x: torch.Tensor, slots) -> list[torch.Tensor]:
+    return [x[g, off:off + n] for g, off, n in slots]
+
+
+def forward_from_layer(runner: DecoderRunner, start: int, hp, hr, layout: Layout, targets_first, targets_pred):
+    """Summed response log-probs of the 2B responses (B chosen then B rejected) given the inputs of
+    layer `start` on the packed prompts (hp: G x Lp x d) and responses (hr: G x Lr x d).
+
+    targets_first: (2B,) each response's first token; targets_pred: (M,) the token each
+    layout.pred_rows position predicts. The prompt rows run once; the responses attend to their
+    keys and values; the LM head runs only at the 2B + M predicting positions."""
     end = runner.n_layers
-    pos_p = torch.arange(p_max, device=hp.device)[None].expand(B, -1)
-    out_p, kv = runner.run(hp, pos_p, prompt_allowed(p_lens, p_max), start, end, record=True)
-    # The first response token is predicted from the prompt's last position (shared by both).
-    last = out_p[torch.arange(B, device=hp.device), p_lens - 1]
-    first = runner.token_logprobs(torch.cat([last, last]), targets[:, 0])
-    if r_max == 1 and bool((r_lens == 1).all()):
+    out_p, kv = runner.run(hp, layout.pos_p, layout.allowed_p, start, end, record=True)
+    first = runner.token_logprobs(out_p.reshape(-1, out_p.shape[-1])[layout.first_rows], targets_first)
+    if layout.pred_rows.numel() == 0:
         return first
-    p_lens2 = torch.cat([p_lens, p_lens])
-    prefix = {i: (torch.cat([k, k]), torch.cat([v, v])) for i, (k, v) in kv.layers.items()}
-    pos_r = p_lens2[:, None] + torch.arange(r_max, device=hp.device)[None]
-    out_r, _ = runner.run(hr, pos_r, response_allowed(p_lens2, r_lens, p_max, r_max), start, end, prefix=prefix)
-    valid = torch.arange(r_max - 1, device=hp.device)[None] < (r_lens - 1)[:, None]  # (2B, Rmax-1)
-    rows = torch.nonzero(valid)[:, 0]
-    lp = runner.token_logprobs(out_r[:, :-1][valid], targets[:, 1:][valid])
-    return first + torch.zeros_like(first).index_add(0, rows, lp)
+    out_r, _ = runner.run(hr, layout.pos_r, layout.allowed_r, start, end, prefix=kv.layers)
+    lp = runner.token_logprobs(out_r.reshape(-1, out_r.shape[-1])[layout.pred_rows], targets_pred)
+    return first + torch.zeros_like(first).index_add(0, layout.pred_resp, lp)

@@ -43,21 +43,23 @@ class TrainResult:
 class LeanObjective:
     """The loss of a batch as a function of v, from the cached layer-L states (this process's pairs)."""
 
-    def __init__(self, runner: DecoderRunner, cache: ExampleCache, cfg: TrainConfig, sae=None):
-        self.runner, self.cache, self.cfg = runner, cache, cfg
+    def __init__(self, runner: DecoderRunner, cache: ExampleCache, cfg: TrainConfig, sae=None,
+                 pack_tokens: int = 1024):
+        self.runner, self.cache, self.cfg, self.pack_tokens = runner, cache, cfg, pack_tokens
         self.W_dec = None if sae is None else sae.W_dec.to(runner.device, runner.dtype)
 
     def loss_sum(self, indices: list[int], v: torch.Tensor, d: int) -> torch.Tensor:
         """Sum over `indices` of the per-pair DPO losses (differentiable in v)."""
-        b = assemble(self.cache, indices, self.runner.device)
-        B, p_max, dm = b.hp.shape
-        r_max = b.hr.shape[1]
+        b = assemble(self.cache, indices, self.runner.device, self.pack_tokens)
+        G, lp, dm = b.hp.shape
+        lr = b.hr.shape[1]
         if self.cfg.method == "yapo":
-            hp = b.hp + yapo_delta(b.codes_p, B * p_max, v, d, self.W_dec).reshape(B, p_max, dm)
-            hr = b.hr + yapo_delta(b.codes_r, 2 * B * r_max, v, d, self.W_dec).reshape(2 * B, r_max, dm)
+            hp = b.hp + yapo_delta(b.codes_p, G * lp, v, d, self.W_dec).reshape(G, lp, dm)
+            hr = b.hr + yapo_delta(b.codes_r, G * lr, v, d, self.W_dec).reshape(G, lr, dm)
         else:  # bipo: h + m v at every position
             hp, hr = b.hp + d * v, b.hr + d * v
-        policy = forward_from_layer(self.runner, self.cfg.layer + 1, hp, b.p_lens, hr, b.r_lens, b.targets)
+        policy = forward_from_layer(self.runner, self.cfg.layer + 1, hp, hr, b.layout, b.targets_first,
+                                    b.targets_pred)
         return dpo_losses(policy.float(), b.ref, d, self.cfg.beta).sum()
 
 
@@ -119,7 +121,8 @@ def train(method: str, pairs, *, model=None, tokenizer=None, sae=None, layer: in
           batch_size: int = 4, lr: float = 5e-4, beta: float = 0.1, warmup_steps: int = 100, grad_clip: float = 1.0,
           seed: int = 0, system: str | None = None, out=None, resume: bool = True, checkpoint_every: int = 50,
           caa_reduce: str = "mean", multiplier: float = 1.0, cache_batch_size: int = 8,
-          cache_memory_bytes: int | None = None, progress: bool = True, callback=None) -> TrainResult:
+          cache_memory_bytes: int | None = None, pack_tokens: int = 1024, progress: bool = True,
+          callback=None) -> TrainResult:
     """Train a steering vector.
 
     method: 'yapo' (sparse, in the SAE's latent space), 'bipo' (dense) or 'caa' (mean difference).
@@ -131,6 +134,8 @@ def train(method: str, pairs, *, model=None, tokenizer=None, sae=None, layer: in
       <stem>.epoch<k>.safetensors (after every epoch) and <stem>.ckpt.safetensors (resume state).
     resume: continue from the checkpoint beside `out` when it belongs to the same run.
     cache_memory_bytes: bound on the in-memory layer-L cache; beyond it pairs are spilled to disk.
+    pack_tokens: sequences of a batch are packed into rows of about this many tokens (no padding
+      between them; attention cost grows with the square of a row's length).
     callback: called with each step's record after the step (an exception stops the run).
     Under torchrun the pairs are split across processes and the gradient all-reduced.
     """
@@ -184,9 +189,10 @@ def train(method: str, pairs, *, model=None, tokenizer=None, sae=None, layer: in
         tc = time.perf_counter()
         mine = ddp.local_share(list(range(len(pairs))), rank, world)
         cache = build_cache(runner, tokens, mine, layer, sae=sae, batch_size=cache_batch_size,
-                            max_memory_bytes=cache_memory_bytes, progress=progress and main)
+                            max_memory_bytes=cache_memory_bytes, progress=progress and main,
+                            pack_tokens=pack_tokens)
         cache_seconds = time.perf_counter() - tc
-        objective = LeanObjective(runner, cache, cfg, sae)
+        objective = LeanObjective(runner, cache, cfg, sae, pack_tokens)
         if main and log_path is not None:
             log_path.parent.mkdir(parents=True, exist_ok=True)
             from ..atomic import write_text_atomic
