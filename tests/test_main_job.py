@@ -58,15 +58,19 @@ def test_main_job_end_to_end(tmp_path, capsys, monkeypatch):
         assert (out / name).stat().st_size > 0
 
 
-def test_main_job_falls_back_to_transformers_when_vllm_fails(tmp_path, capsys, monkeypatch):
+def test_main_job_falls_back_when_vllm_or_the_sae_is_missing(tmp_path, capsys, monkeypatch):
+    """Also: with no SAE shipped, YaPO is skipped (said so) and the dense methods steer --layer."""
+    import yapo_fast.sae
+
+    monkeypatch.setattr(yapo_fast.sae, "DEFAULT_SAE_DIR", tmp_path / "no-saes-here")
     fake_vllm(monkeypatch, fail=True)
     save_tiny_with_tokenizer(tmp_path / "m")
-    save_sae(random_sae("relu", layer=1), tmp_path / "sae")
     out = tmp_path / "run"
-    rc = main(["main", "--model", str(tmp_path / "m"), "--sae", str(tmp_path / "sae"), "--out", str(out),
-               "--methods", "caa", *TINY])
+    rc = main(["main", "--model", str(tmp_path / "m"), "--layer", "1", "--out", str(out), "--methods", "yapo,caa", *TINY])
     printed = capsys.readouterr().out
     assert rc == 0 and "vLLM engine did not start (RuntimeError: no engine today)" in printed
+    assert "YaPO is skipped, BiPO and CAA steer layer 1" in printed
+    assert (out / "vectors" / "caa-hallucination-L1.safetensors").exists()
     res = json.loads((out / "results.json").read_text())
     assert res["throughput"]["engine"] == "transformers" and "no engine today" in res["throughput"]["vllm_error"]
     assert list(res["ab"]["hallucination"]["curves"]) == ["caa"]

@@ -65,7 +65,7 @@ def run_main(*, model=None, tokenizer=None, sae=None, behaviour: str = DEFAULTS[
              mmlu_per_subject: int | None = DEFAULTS["mmlu_per_subject"], mmlu_shots: int = DEFAULTS["mmlu_shots"],
              prompts: int = DEFAULTS["prompts"], max_new_tokens: int = DEFAULTS["max_new_tokens"],
              multiplier: float = DEFAULTS["multiplier"], multipliers=None, methods=DEFAULTS["methods"],
-             out: str | Path = DEFAULTS["out"], seed: int = 0, use_vllm: bool = True, progress: bool = True,
+             out: str | Path = DEFAULTS["out"], seed: int = 0, layer: int = 15, use_vllm: bool = True, progress: bool = True,
              print_fn=print) -> dict:
     """Run the main job; returns the results dict (also written to <out>/results.json)."""
     from .data import bipo_csv_path, load_pairs
@@ -82,10 +82,22 @@ def run_main(*, model=None, tokenizer=None, sae=None, behaviour: str = DEFAULTS[
         model, tokenizer = load_model(model)
     elif tokenizer is None:
         raise YapoFastError("pass the tokenizer with the model")
-    sae = _resolve_sae(sae, model)
-    if sae.layer is None:
-        raise YapoFastError(f"SAE {sae.name!r} does not record its layer; pass an SAE whose cfg names its hook")
-    layer = sae.layer
+    if sae is None:
+        try:
+            sae = _resolve_sae(None, model)
+        except YapoFastError as exc:  # no SAE shipped in this install: the dense methods still run
+            if "no default SAE is shipped" not in str(exc):
+                raise
+            print_fn(f"no shipped SAE ({exc}); YaPO is skipped, BiPO and CAA steer layer {layer}")
+            methods = tuple(m for m in methods if m != "yapo")
+    else:
+        sae = _resolve_sae(sae, model)
+    if sae is not None:
+        if sae.layer is None:
+            raise YapoFastError(f"SAE {sae.name!r} does not record its layer; pass an SAE whose cfg names its hook")
+        layer = sae.layer
+    if not methods:
+        raise YapoFastError("no method left to train: give --methods (yapo needs an SAE)")
     data = bipo_csv_path(behaviour)
     train_pairs = load_pairs(data, limit=pairs)
     steps = -(-len(train_pairs) // batch_size) * epochs
@@ -136,7 +148,7 @@ def run_main(*, model=None, tokenizer=None, sae=None, behaviour: str = DEFAULTS[
     results["meta"]["main_job"] = {"behaviour": behaviour, "pairs": len(train_pairs), "epochs": epochs,
                                    "batch_size": batch_size, "lr": lr, "warmup_steps": warm, "layer": layer,
                                    "multiplier": multiplier, "seconds": time.perf_counter() - t_start}
-    if "yapo" in vectors:  # which SAE features the trained vector moves (yapo-fast explain), linked below
+    if "yapo" in vectors and sae is not None:  # which SAE features the trained vector moves (yapo-fast explain), linked below
         from .explain import explain
 
         explained = explain(vectors["yapo"], model=model, tokenizer=tokenizer, sae=sae, data=data, data_pairs=16,
@@ -188,6 +200,7 @@ def register_main(sub) -> None:
     p.add_argument("--model", default=None, help="transformers model path (default: embedded SmolLM2-135M-Instruct)")
     p.add_argument("--sae", default=None, help="SAE directory in sae-lens format (default: the shipped SAE)")
     p.add_argument("--behaviour", default=DEFAULTS["behaviour"])
+    p.add_argument("--layer", type=int, default=15, help="layer steered when no SAE is there (else the SAE's)")
     p.add_argument("--pairs", type=int, default=DEFAULTS["pairs"], help="training pairs (the first N of train.csv)")
     p.add_argument("--epochs", type=int, default=DEFAULTS["epochs"])
     p.add_argument("--batch-size", type=int, default=DEFAULTS["batch_size"])
@@ -206,7 +219,7 @@ def register_main(sub) -> None:
 
 
 def cmd_main(args) -> None:
-    run_main(model=args.model, sae=args.sae, behaviour=args.behaviour, pairs=args.pairs, epochs=args.epochs,
+    run_main(model=args.model, sae=args.sae, behaviour=args.behaviour, layer=args.layer, pairs=args.pairs, epochs=args.epochs,
              batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup_steps, ab_items=args.ab_items or None,
              mmlu_per_subject=args.mmlu_per_subject or None, mmlu_shots=args.mmlu_shots, prompts=args.prompts,
              max_new_tokens=args.max_new_tokens, multiplier=args.multiplier,
