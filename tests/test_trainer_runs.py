@@ -115,3 +115,17 @@ def test_cli_train_writes_a_vector_and_a_log(tmp_path, capsys):
     assert "wrote" in capsys.readouterr().out
     assert main(["train", "--method", "bipo", "--data", str(tmp_path / "missing.csv"), "--layer", "28",
                  "--out", str(out)]) == 2
+
+
+def test_caa_lean_path_equals_the_hook_path(llama):
+    """CAA's layer-runner path (layers 0..L only, shared prompt, packed) equals forward hooks."""
+    from naive_trainer import ByteTokenizer
+    from yapo_fast.caa import response_activation
+    from yapo_fast.chat import format_prompt
+
+    tok, pairs = ByteTokenizer(), tiny_pairs(5)
+    fast = yapo_fast.train("caa", pairs, model=llama, tokenizer=tok, layer=1, progress=False).vector.dense()
+    slow = torch.stack([response_activation(llama, tok, format_prompt(tok, p.prompt), p.chosen, 1, "mean")
+                        - response_activation(llama, tok, format_prompt(tok, p.prompt), p.rejected, 1, "mean")
+                        for p in pairs]).mean(0)
+    torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-6)
