@@ -34,6 +34,9 @@ DEFINITIONS = {
 }
 
 
+_STATS_MEMO: dict = {}
+
+
 def _resolve_data(vector, vector_path: Path | None, data) -> tuple[Path | None, str]:
     if data is not None:
         path = Path(data)
@@ -151,7 +154,17 @@ def explain(vector, *, model=None, tokenizer=None, sae=None, multiplier: float |
             from ..data import load_pairs
 
             pairs = load_pairs(data_path, limit=data_pairs)
-            stats = chosen_rejected_stats(model, tokenizer, sae, layer, pairs, latents, progress=progress)
+            # every latent at once, kept for this process: explaining several vectors on the same data
+            # (the CLI's side-by-side mode) runs the model over the data only once
+            key = (id(model), ident.get("fingerprint"), sae.weights_hash(), layer, str(data_path.resolve()),
+                   data_path.stat().st_mtime, len(pairs))
+            if key not in _STATS_MEMO:
+                _STATS_MEMO.clear()
+                _STATS_MEMO[key] = chosen_rejected_stats(model, tokenizer, sae, layer, pairs, None, progress=progress)
+            full = _STATS_MEMO[key]
+            stats = {side: {"tokens": full[side]["tokens"],
+                            "frequency": [full[side]["frequency"][i] for i in latents],
+                            "mean": [full[side]["mean"][i] for i in latents]} for side in full}
         report["training_data"] = {"path": str(data_path) if data_path else None, "note": data_note,
                                    "pairs": len(pairs),
                                    "tokens": {s: stats[s]["tokens"] for s in stats} if stats else None}

@@ -17,18 +17,19 @@ from .activation_index import layer_states
 
 
 @torch.no_grad()
-def chosen_rejected_stats(model, tokenizer, sae, layer: int, pairs, latents: list[int], *, batch_size: int = 8,
+def chosen_rejected_stats(model, tokenizer, sae, layer: int, pairs, latents: list[int] | None, *, batch_size: int = 8,
                           progress: bool = True) -> dict:
-    """{"chosen"|"rejected": {"tokens": n, "frequency": [..], "mean": [..]}} for `latents` (in order).
+    """{"chosen"|"rejected": {"tokens": n, "frequency": [..], "mean": [..]}} for `latents` (in order;
+    None: every latent).
 
     Sequences go through the model in right-padded batches: with causal attention the padding
     cannot change a real token's state, so the numbers equal those of one sequence at a time."""
-    idx = torch.tensor(latents, dtype=torch.int64)
+    idx = torch.arange(sae.d_sae) if latents is None else torch.tensor(latents, dtype=torch.int64)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     out = {}
     for side in ("chosen", "rejected"):
-        fired = torch.zeros(len(latents), dtype=torch.float64)
-        sums = torch.zeros(len(latents), dtype=torch.float64)
+        fired = torch.zeros(len(idx), dtype=torch.float64)
+        sums = torch.zeros(len(idx), dtype=torch.float64)
         n = 0
         seqs = [prompt_and_response_ids(tokenizer, format_prompt(tokenizer, pair.prompt), getattr(pair, side))
                 for pair in pairs]
