@@ -52,3 +52,26 @@ def test_open_ended_behaviour_is_generated_not_scored(tmp_path):
     assert set(res["generations"]["jailbreak"]["rows"][0]) == {"prompt", "unsteered", "bipo"}
     paths = write_report(res, tmp_path)
     assert "## Generations: jailbreak" in paths["markdown"].read_text() and paths["plots"] == []
+
+
+def test_eval_cli(tmp_path, capsys):
+    from eval_helpers import save_tiny_with_tokenizer
+    from yapo_fast.cli import main
+
+    model, _ = save_tiny_with_tokenizer(tmp_path / "m")
+    vec = SteeringVector.from_dense(torch.randn(64), method="bipo", layer=1, model=model_identity(model))
+    vec.save(tmp_path / "v.safetensors")
+    out = tmp_path / "ev"
+    rc = main(["eval", "--model", str(tmp_path / "m"), "--vector", f"wealth-seeking={tmp_path / 'v.safetensors'}",
+               "--country-vector", f"China={tmp_path / 'v.safetensors'}", "--ab-items", "2", "--mcq-items", "2",
+               "--multipliers=-1,0,1", "--no-mmlu", "--generate", "1", "--max-new-tokens", "2", "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert rc == 0 and "report:" in printed
+    res = json.loads((out / "results.json").read_text())
+    assert [p["multiplier"] for p in res["ab"]["wealth-seeking"]["curves"]["bipo"]] == [-1, 0, 1]
+    assert res["culture"]["China"]["non_localized"]["n"] == 2 and res["mmlu"] is None
+    assert (out / "culture_accuracy.png").stat().st_size > 0
+    assert main(["eval", "--model", str(tmp_path / "m"), "--out", str(out)]) == 2
+    assert "nothing to evaluate" in capsys.readouterr().err
+    assert main(["eval", "--model", str(tmp_path / "m"), "--vector", "no-equals-sign", "--out", str(out)]) == 2
+    assert "KEY=PATH" in capsys.readouterr().err

@@ -85,7 +85,7 @@ def register(sub) -> None:
     p.add_argument("--sae", default=None, help="SAE directory (sae-lens format) for yapo vectors (default: shipped)")
     p.add_argument("--vector", action="append", help="BEHAVIOUR=PATH: A/B steering curve on bipo/<BEHAVIOUR> (repeat)")
     p.add_argument("--country-vector", action="append", help="COUNTRY=PATH: BLEnD MCQ for the country (repeat)")
-    p.add_argument("--multipliers", default=None, help="comma-separated (default -2,-1,-0.5,0,0.5,1,2)")
+    p.add_argument("--multipliers", default=None, help="comma-separated, e.g. --multipliers=-1,0,1 (default -2,-1,-0.5,0,0.5,1,2)")
     p.add_argument("--ab-items", type=int, default=0, help="first N A/B items (0: all)")
     p.add_argument("--mcq-items", type=int, default=0, help="first N BLEnD items per setting (0: all)")
     p.add_argument("--culture-multiplier", type=float, default=1.0)
