@@ -19,6 +19,7 @@ from yapo_fast.kernels.sparse_steer import prepare_sparse_steer, sparse_steer
 from yapo_fast.kernels.sparse_steer_reference import sparse_steer_reference
 
 D_MODEL, D_SAE = 576, 9216
+pytestmark = pytest.mark.usefixtures("bench_threads")
 MODULE = "bench_sparse_steer"
 
 

@@ -13,6 +13,7 @@ from yapo_fast.kernels.sparse_steer import prepare_sparse_steer
 from yapo_fast.kernels.topk_threshold import topk_threshold
 
 D_MODEL, D_SAE, K = 576, 9216, 64
+pytestmark = pytest.mark.usefixtures("bench_threads")
 MODULE = "bench_topk_threshold"
 _P = {}
 

@@ -1,8 +1,9 @@
 """Shared setup for the benchmarks (pytest-benchmark).
 
-- Threads: YAPO_BENCH_THREADS (default 1) for both torch and numba. On a shared 2-core box a
-  second thread mostly measures the neighbours (OpenMP barriers wait on descheduled threads);
-  one thread gives stable ratios. Every ratio compares paths measured in the same run.
+- Threads (fixture bench_threads, used by the kernel benchmarks only): YAPO_BENCH_THREADS
+  (default 1) for both torch and numba, restored afterwards. On a shared 2-core box a second
+  thread mostly measures the neighbours (OpenMP barriers wait on descheduled threads); one
+  thread gives stable ratios. Every ratio compares paths measured in the same run.
 - numba kernels are compiled (cache=True) and warmed up before any timing.
 - At the end, a ratio table (median times) is printed and written to bench/results/<file>.md.
 """
@@ -16,10 +17,17 @@ import pytest
 import torch
 
 THREADS = int(os.environ.get("YAPO_BENCH_THREADS", "1"))
-torch.set_num_threads(THREADS)
-numba.set_num_threads(min(THREADS, numba.config.NUMBA_NUM_THREADS))
-
 RESULTS: "dict[str, dict[str, dict[str, float]]]" = defaultdict(lambda: defaultdict(dict))
+
+
+@pytest.fixture(scope="module")
+def bench_threads():
+    before = torch.get_num_threads(), numba.get_num_threads()
+    torch.set_num_threads(THREADS)
+    numba.set_num_threads(min(THREADS, numba.config.NUMBA_NUM_THREADS))
+    yield THREADS
+    torch.set_num_threads(before[0])
+    numba.set_num_threads(before[1])
 
 
 @pytest.fixture(scope="session")
