@@ -129,3 +129,24 @@ def test_caa_lean_path_equals_the_hook_path(llama):
                         - response_activation(llama, tok, format_prompt(tok, p.prompt), p.rejected, 1, "mean")
                         for p in pairs]).mean(0)
     torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-6)
+
+
+def test_holdout_split_and_early_stopping(tmp_path):
+    model, tok, sae = tiny_setup("relu")
+    pairs = tiny_pairs(8)  # 2 held out, 6 trained on: 3 steps per epoch
+    kw = dict(model=model, tokenizer=tok, sae=sae, **{**KW, "epochs": 6, "lr": 0.2})
+    full = yapo_fast.train("yapo", pairs, holdout=0.25, **kw)
+    assert full.steps == 18 and len(full.losses) == 18 and not full.stopped_early
+    assert [e["epoch"] for e in full.evals] == list(range(6)) and all(e["heldout_pairs"] == 2 for e in full.evals)
+    out = tmp_path / "v.safetensors"
+    early = yapo_fast.train("yapo", pairs, holdout=0.25, patience=1, out=out, **kw)
+    accs = [e["heldout_accuracy"] for e in full.evals]
+    # the rule: stop after the first epoch that does not beat the best so far
+    stop = next((k for k in range(1, 6) if accs[k] <= max(accs[:k])), None)
+    assert early.stopped_early == (stop is not None)
+    assert len(early.evals) == (6 if stop is None else stop + 1)
+    assert len(early.losses) == 3 * len(early.evals)
+    again = yapo_fast.train("yapo", pairs, holdout=0.25, patience=1, out=out, **kw)  # a stopped run stays stopped
+    assert torch.equal(again.vector.latent(), early.vector.latent()) and len(again.losses) == len(early.losses)
+    with pytest.raises(YapoFastError, match="holdout"):
+        yapo_fast.train("yapo", pairs, patience=2, **kw)

@@ -13,7 +13,7 @@ from ..atomic import atomic_path
 from ..errors import YapoFastError
 
 
-def save_checkpoint(path: Path, *, v, optimizer, scheduler, step: int, fingerprint: str) -> None:
+def save_checkpoint(path: Path, *, v, optimizer, scheduler, step: int, fingerprint: str, stopped: bool = False) -> None:
     from safetensors.torch import save_file
 
     opt = optimizer.state_dict()
@@ -21,14 +21,14 @@ def save_checkpoint(path: Path, *, v, optimizer, scheduler, step: int, fingerpri
     for key, value in opt["state"].get(0, {}).items():
         tensors[f"opt.{key}"] = value.detach().cpu().contiguous().reshape(-1) if value.dim() == 0 else value.detach().cpu().contiguous()
     sched = {k: val for k, val in scheduler.state_dict().items() if k != "lr_lambdas"}
-    meta = {"step": step, "fingerprint": fingerprint, "param_groups": opt["param_groups"], "scheduler": sched,
+    meta = {"step": step, "stopped": stopped, "fingerprint": fingerprint, "param_groups": opt["param_groups"], "scheduler": sched,
             "scalar_opt_keys": [k for k, val in opt["state"].get(0, {}).items() if val.dim() == 0]}
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata={"yapo_fast_checkpoint": json.dumps(meta)})
 
 
-def load_checkpoint(path: Path, *, v, optimizer, scheduler, fingerprint: str) -> int:
-    """Restore v, optimizer, scheduler and RNG in place; return the step to continue from."""
+def load_checkpoint(path: Path, *, v, optimizer, scheduler, fingerprint: str) -> tuple[int, bool]:
+    """Restore v, optimizer, scheduler and RNG in place; return (step to continue from, stopped early)."""
     from safetensors import safe_open
 
     try:
@@ -51,4 +51,4 @@ def load_checkpoint(path: Path, *, v, optimizer, scheduler, fingerprint: str) ->
     optimizer.load_state_dict({"state": {0: state} if state else {}, "param_groups": meta["param_groups"]})
     scheduler.load_state_dict({**meta["scheduler"], "lr_lambdas": [None] * len(scheduler.lr_lambdas)})
     torch.set_rng_state(tensors["rng"])
-    return int(meta["step"])
+    return int(meta["step"]), bool(meta.get("stopped", False))

@@ -9,6 +9,7 @@ schedule. Checkpoints, the JSONL loss log and the per-epoch vector files live be
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -36,6 +37,8 @@ class TrainResult:
     cache_seconds: float = 0.0
     steps: int = 0  # optimizer steps of the whole schedule
     resumed_from: int = 0  # the step this call started at (0: fresh)
+    evals: list[dict] = field(default_factory=list)  # held-out evaluation after each epoch (holdout > 0)
+    stopped_early: bool = False
     out: Path | None = None
     log_path: Path | None = None
 
@@ -50,6 +53,9 @@ class LeanObjective:
 
     def loss_sum(self, indices: list[int], v: torch.Tensor, d: int) -> torch.Tensor:
         """Sum over `indices` of the per-pair DPO losses (differentiable in v)."""
+        return self.loss_sum_per_pair(indices, v, d).sum()
+
+    def loss_sum_per_pair(self, indices: list[int], v: torch.Tensor, d: int) -> torch.Tensor:
         b = assemble(self.cache, indices, self.runner.device, self.pack_tokens)
         G, lp, dm = b.hp.shape
         lr = b.hr.shape[1]
@@ -60,7 +66,18 @@ class LeanObjective:
             hp, hr = b.hp + d * v, b.hr + d * v
         policy = forward_from_layer(self.runner, self.cfg.layer + 1, hp, hr, b.layout, b.targets_first,
                                     b.targets_pred)
-        return dpo_losses(policy.float(), b.ref, d, self.cfg.beta).sum()
+        return dpo_losses(policy.float(), b.ref, d, self.cfg.beta)
+
+    @torch.no_grad()
+    def heldout(self, indices: list[int], v: torch.Tensor, batch_size: int) -> torch.Tensor:
+        """[pairs, correct, loss sum] at m=+1: a pair is correct when the steered model raises the
+        chosen response's log-ratio above the rejected one's (DPO's implicit reward accuracy)."""
+        out = torch.zeros(3, dtype=torch.float64)
+        for start in range(0, len(indices), batch_size):
+            batch = indices[start:start + batch_size]
+            losses = self.loss_sum_per_pair(batch, v, 1)
+            out += torch.tensor([len(batch), float((losses < math.log(2)).sum()), float(losses.sum())])
+        return out
 
 
 def _resolve(method, pairs, model, tokenizer, sae, layer):
@@ -121,8 +138,8 @@ def train(method: str, pairs, *, model=None, tokenizer=None, sae=None, layer: in
           batch_size: int = 4, lr: float = 5e-4, beta: float = 0.1, warmup_steps: int = 100, grad_clip: float = 1.0,
           seed: int = 0, system: str | None = None, out=None, resume: bool = True, checkpoint_every: int = 50,
           caa_reduce: str = "mean", multiplier: float = 1.0, cache_batch_size: int = 8,
-          cache_memory_bytes: int | None = None, pack_tokens: int = 1024, progress: bool = True,
-          callback=None) -> TrainResult:
+          cache_memory_bytes: int | None = None, pack_tokens: int = 1024, holdout: float = 0.0,
+          patience: int | None = None, progress: bool = True, callback=None) -> TrainResult:
     """Train a steering vector.
 
     method: 'yapo' (sparse, in the SAE's latent space), 'bipo' (dense) or 'caa' (mean difference).
@@ -136,6 +153,10 @@ def train(method: str, pairs, *, model=None, tokenizer=None, sae=None, layer: in
     cache_memory_bytes: bound on the in-memory layer-L cache; beyond it pairs are spilled to disk.
     pack_tokens: sequences of a batch are packed into rows of about this many tokens (no padding
       between them; attention cost grows with the square of a row's length).
+    holdout: fraction of the pairs (seeded split) held out; after every epoch the held-out preference
+      accuracy at m=+1 is measured (TrainResult.evals, and the loss log).
+    patience: with holdout, stop early after this many epochs without a better held-out accuracy
+      (off by default: the full schedule runs).
     callback: called with each step's record after the step (an exception stops the run).
     Under torchrun the pairs are split across processes and the gradient all-reduced.
     """
@@ -163,18 +184,27 @@ def train(method: str, pairs, *, model=None, tokenizer=None, sae=None, layer: in
     runner = DecoderRunner(model)
     tokens = tokenize_pairs(tokenizer, pairs, system)
     data_hash = __import__("hashlib").sha256(json.dumps([[t.prompt, t.chosen, t.rejected] for t in tokens]).encode()).hexdigest()[:16]
-    fingerprint = cfg.fingerprint(data=data_hash, model=ident.get("fingerprint"), world=None,
-                                  sae=None if sae is None else sae.weights_hash())
-    schedule = batch_schedule(len(pairs), batch_size, epochs, seed)
+    if not (isinstance(holdout, (int, float)) and 0 <= holdout < 1):
+        raise YapoFastError(f"holdout must be a fraction in [0, 1), got {holdout!r}")
+    if patience is not None and (not holdout or not isinstance(patience, int) or patience < 1):
+        raise YapoFastError("patience (early stopping) needs holdout > 0 and a positive integer patience")
+    order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(seed + 7919)).tolist()
+    n_hold = min(len(pairs) - 1, max(1, round(holdout * len(pairs)))) if holdout else 0
+    held, train_ids = sorted(order[:n_hold]), sorted(order[n_hold:])
+    schedule = [(e, [train_ids[i] for i in b], d) for e, b, d in batch_schedule(len(train_ids), batch_size, epochs, seed)]
     total = len(schedule)
+    fingerprint = cfg.fingerprint(data=data_hash, model=ident.get("fingerprint"), holdout=[held, patience],
+                                  sae=None if sae is None else sae.weights_hash())
 
     size = sae.d_sae if method == "yapo" else model.config.hidden_size
     v = torch.zeros(size, dtype=runner.dtype, device=runner.device, requires_grad=True)
     opt, sched = make_optimizer(v, cfg, total)
-    start = 0
+    start, stopped = 0, False
     if resume and ckpt_path is not None and ckpt_path.exists():
-        start = load_checkpoint(ckpt_path, v=v, optimizer=opt, scheduler=sched, fingerprint=fingerprint)
-    losses = _read_log(log_path, start) if main else []
+        start, stopped = load_checkpoint(ckpt_path, v=v, optimizer=opt, scheduler=sched, fingerprint=fingerprint)
+    records = _read_log(log_path, start)
+    losses = [r for r in records if not r.get("eval")]
+    evals = [r for r in records if r.get("eval")]
 
     def vector_now() -> SteeringVector:
         run_info = {**info, "steps": total}
@@ -185,9 +215,9 @@ def train(method: str, pairs, *, model=None, tokenizer=None, sae=None, layer: in
                                          info=run_info)
 
     cache_seconds = 0.0
-    if start < total:
+    if start < total and not stopped:
         tc = time.perf_counter()
-        mine = ddp.local_share(list(range(len(pairs))), rank, world)
+        mine = ddp.local_share(sorted(train_ids + held), rank, world)
         cache = build_cache(runner, tokens, mine, layer, sae=sae, batch_size=cache_batch_size,
                             max_memory_bytes=cache_memory_bytes, progress=progress and main,
                             pack_tokens=pack_tokens)
@@ -197,7 +227,7 @@ def train(method: str, pairs, *, model=None, tokenizer=None, sae=None, layer: in
             log_path.parent.mkdir(parents=True, exist_ok=True)
             from ..atomic import write_text_atomic
 
-            write_text_atomic(log_path, "".join(json.dumps(r) + "\n" for r in losses))
+            write_text_atomic(log_path, "".join(json.dumps(r) + "\n" for r in records))
         log_file = log_path.open("a") if (main and log_path is not None) else None
         bar = tqdm(total=total, initial=start, desc=f"{method} layer {layer}", disable=not (progress and main))
         try:
@@ -226,6 +256,17 @@ def train(method: str, pairs, *, model=None, tokenizer=None, sae=None, layer: in
                 bar.update(1)
                 bar.set_postfix(loss=f"{rec['loss']:.4f}", d=d, nnz=rec["nnz"])
                 epoch_end = step + 1 == total or schedule[step + 1][0] != epoch
+                if epoch_end and held:
+                    ev = objective.heldout(ddp.local_share(held, rank, world), v.detach(), batch_size)
+                    ev = ddp.all_reduce_sum(ev.to(v.device), world).cpu()
+                    evals.append({"eval": True, "step": step + 1, "epoch": epoch, "heldout_pairs": int(ev[0]),
+                                  "heldout_accuracy": float(ev[1] / ev[0]), "heldout_loss": float(ev[2] / ev[0])})
+                    if main and log_file is not None:
+                        log_file.write(json.dumps(evals[-1]) + "\n")
+                        log_file.flush()
+                    accs = [e["heldout_accuracy"] for e in evals]
+                    if patience is not None and len(accs) - 1 - accs.index(max(accs)) >= patience:
+                        stopped = True
                 if main and out_path is not None:
                     if epoch_end:
                         vec = vector_now()
@@ -234,9 +275,11 @@ def train(method: str, pairs, *, model=None, tokenizer=None, sae=None, layer: in
                         vec.save(out_path)
                     if epoch_end or (step + 1) % checkpoint_every == 0:
                         save_checkpoint(ckpt_path, v=v, optimizer=opt, scheduler=sched, step=step + 1,
-                                        fingerprint=fingerprint)
+                                        fingerprint=fingerprint, stopped=stopped)
                 if callback is not None:
                     callback(rec)
+                if stopped:
+                    break
         finally:
             bar.close()
             if log_file is not None:
@@ -246,4 +289,5 @@ def train(method: str, pairs, *, model=None, tokenizer=None, sae=None, layer: in
     if main and out_path is not None and not out_path.exists():
         vec.save(out_path)
     return TrainResult(vector=vec, losses=losses, seconds=time.perf_counter() - t0, cache_seconds=cache_seconds,
-                       steps=total, resumed_from=start, out=out_path, log_path=log_path)
+                       steps=total, resumed_from=start, out=out_path, log_path=log_path, evals=evals,
+                       stopped_early=stopped)
