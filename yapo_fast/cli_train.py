@@ -20,7 +20,7 @@ def cmd_train(args) -> None:
                    batch_size=args.batch_size, lr=args.lr, beta=args.beta, warmup_steps=args.warmup_steps,
                    grad_clip=args.grad_clip, seed=args.seed, system=args.system, out=args.out,
                    resume=not args.no_resume, checkpoint_every=args.checkpoint_every, caa_reduce=args.reduce,
-                   multiplier=args.multiplier,
+                   multiplier=args.multiplier, holdout=args.holdout, patience=args.patience,
                    cache_memory_bytes=None if args.cache_memory_gb is None else int(args.cache_memory_gb * 2**30))
     vec = result.vector
     last = result.losses[-1]["loss"] if result.losses else float("nan")
@@ -54,6 +54,8 @@ def register(subparsers) -> None:
     p.add_argument("--reduce", choices=("mean", "last"), default="mean", help="caa: mean or last response token")
     p.add_argument("--checkpoint-every", type=int, default=50, help="steps between checkpoints")
     p.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint and start over")
+    p.add_argument("--holdout", type=float, default=0.0, help="fraction of pairs held out (evaluated per epoch)")
+    p.add_argument("--patience", type=int, default=None, help="with --holdout: stop after N epochs without improvement")
     p.add_argument("--cache-memory-gb", type=float, default=None,
                    help="bound on the in-memory layer-L cache; the rest is spilled to disk")
     p.add_argument("--out", required=True, help="vector file (.safetensors); the loss log and checkpoint go beside it")
