@@ -101,17 +101,50 @@ def _done_count(partial: Path) -> int:
     return len(good)
 
 
-def cmd_generate(args) -> None:
-    _vllm()
+def generate_to_file(llm, prompts: list[str], out, *, max_tokens: int = 128, temperature: float = 0.0,
+                     seed: int = 0, chat: bool = True, chunk: int = 512, record: dict | None = None) -> dict:
+    """Generate for every prompt through `llm` (already patched or not) into JSONL `out`.
+
+    Progress goes to ``out.partial`` one chunk at a time (fsync'd); a killed run resumes after
+    the last complete line and loses nothing; the finished file replaces ``out`` atomically.
+    A tqdm bar shows prompts done and output tokens/s. Returns {prompts, new_tokens, seconds}."""
     from tqdm import tqdm
+    from vllm import SamplingParams
 
     from .chat import format_prompt
+
+    out = Path(out)
+    partial = out.with_name(out.name + ".partial")
+    done = _done_count(partial)
+    tok = llm.get_tokenizer()
+    sp = SamplingParams(max_tokens=max_tokens, temperature=temperature, seed=seed)
+    texts = [format_prompt(tok, p) if chat else p for p in prompts]
+    n_out, t0 = 0, time.perf_counter()
+    bar = tqdm(total=len(prompts), initial=done, desc="yapo-fast generate", unit="prompt")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with partial.open("a") as f:
+        for start in range(done, len(prompts), chunk):
+            idx = list(range(start, min(start + chunk, len(prompts))))
+            results = llm.generate([texts[i] for i in idx], sp, use_tqdm=False)
+            for i, r in zip(idx, results):
+                o = r.outputs[0]
+                n_out += len(o.token_ids)
+                f.write(json.dumps({"index": i, "prompt": prompts[i], "output": o.text,
+                                    "n_tokens": len(o.token_ids), **(record or {})}) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+            bar.update(len(idx))
+            bar.set_postfix(tok_s=f"{n_out / max(time.perf_counter() - t0, 1e-9):.1f}")
+    bar.close()
+    os.replace(partial, out)
+    return {"prompts": len(prompts) - done, "new_tokens": n_out, "seconds": time.perf_counter() - t0}
+
+
+def cmd_generate(args) -> None:
+    _vllm()
     from .model import resolve_model_path
 
     prompts = read_prompts(args.prompts)
-    out = Path(args.out)
-    partial = out.with_name(out.name + ".partial")
-    done = _done_count(partial)
     vector = sae = None
     if args.vector:
         from .sae import load_sae
@@ -119,40 +152,22 @@ def cmd_generate(args) -> None:
 
         vector = load_vector(args.vector)
         sae = load_sae(args.sae) if vector.is_sparse else None
-    from vllm import LLM, SamplingParams
+    from vllm import LLM
 
     from .integrations.vllm_patch import patch
 
     llm = LLM(model=resolve_model_path(args.model), dtype=args.dtype, max_model_len=args.max_model_len,
               max_num_seqs=args.max_num_seqs, gpu_memory_utilization=args.gpu_memory_utilization, seed=args.seed)
-    tok = llm.get_tokenizer()
     m = None
     if vector is not None:
         m = vector.multiplier if args.multiplier is None else args.multiplier
         patch(llm, vector, m, sae=sae)
-    sp = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed)
-    texts = [format_prompt(tok, p) if args.chat else p for p in prompts]
-    n_out, t0 = 0, time.perf_counter()
-    bar = tqdm(total=len(prompts), initial=done, desc="yapo-fast generate", unit="prompt")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with partial.open("a") as f:
-        for start in range(done, len(prompts), args.chunk):
-            chunk = list(range(start, min(start + args.chunk, len(prompts))))
-            results = llm.generate([texts[i] for i in chunk], sp, use_tqdm=False)
-            for i, r in zip(chunk, results):
-                o = r.outputs[0]
-                n_out += len(o.token_ids)
-                f.write(json.dumps({"index": i, "prompt": prompts[i], "output": o.text, "n_tokens": len(o.token_ids),
-                                    "vector": args.vector, "multiplier": m}) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-            bar.update(len(chunk))
-            bar.set_postfix(tok_s=f"{n_out / max(time.perf_counter() - t0, 1e-9):.1f}")
-    bar.close()
-    os.replace(partial, out)
-    dt = time.perf_counter() - t0
-    print(f"wrote {out}: {len(prompts)} prompts, {n_out} new tokens in {dt:.1f}s = {n_out / max(dt, 1e-9):.1f} "
-          "output tokens/s", flush=True)
+    stats = generate_to_file(llm, prompts, args.out, max_tokens=args.max_tokens, temperature=args.temperature,
+                             seed=args.seed, chat=args.chat, chunk=args.chunk,
+                             record={"vector": args.vector, "multiplier": m})
+    dt = stats["seconds"]
+    print(f"wrote {args.out}: {stats['prompts']} prompts, {stats['new_tokens']} new tokens in {dt:.1f}s = "
+          f"{stats['new_tokens'] / max(dt, 1e-9):.1f} output tokens/s", flush=True)
 
 
 def _engine_args(p) -> None:
