@@ -32,10 +32,10 @@ def bench_threads():
 
 @pytest.fixture(scope="session")
 def record():
-    """record(module, group, name, benchmark): keep the median of a finished benchmark."""
+    """record(module, group, name, benchmark): keep (median, min) of a finished benchmark."""
 
     def _record(module, group, name, benchmark):
-        RESULTS[module][group][name] = benchmark.stats.stats.median
+        RESULTS[module][group][name] = (benchmark.stats.stats.median, benchmark.stats.stats.min)
 
     return _record
 
@@ -50,18 +50,20 @@ def pytest_terminal_summary(terminalreporter):
     out_dir = Path(__file__).parent / "results"
     out_dir.mkdir(exist_ok=True)
     for module, groups in RESULTS.items():
-        lines = [f"# {module} (median ms; threads={THREADS}; ratios within one group, same run)", ""]
+        lines = [f"# {module} (ms, median [min]; threads={THREADS}; ratios within one group, same run;",
+                 "# the min is the steadier estimate on a shared machine: contention only adds time)", ""]
         for group, times in groups.items():
             lines.append(f"## {group}")
             base = times.get("reference")
-            floor = times.get("unavoidable_matmuls") or times.get("torch_matmul_topk")
-            for name, t in times.items():
+            floor_name = "unavoidable_matmuls" if "unavoidable_matmuls" in times else "torch_matmul_topk"
+            floor = times.get(floor_name)
+            for name, (med, low) in times.items():
                 extra = []
                 if base and name != "reference":
-                    extra.append(f"{base / t:.1f}x faster than reference")
-                if floor and t is not floor and name not in ("reference",):
-                    extra.append(f"{t / floor:.2f}x the floor")
-                lines.append(f"- {name}: {_fmt_ms(t)} ms" + (f" ({'; '.join(extra)})" if extra else ""))
+                    extra.append(f"{base[0] / med:.1f}x [{base[1] / low:.1f}x] faster than reference")
+                if floor and name not in ("reference", floor_name):
+                    extra.append(f"{med / floor[0]:.2f}x [{low / floor[1]:.2f}x] the floor")
+                lines.append(f"- {name}: {_fmt_ms(med)} [{_fmt_ms(low)}] ms" + (f" ({'; '.join(extra)})" if extra else ""))
             lines.append("")
         text = "\n".join(lines)
         terminalreporter.write_line(text)
