@@ -71,12 +71,19 @@ def _card(c: dict) -> str:
     return "\n".join(out)
 
 
-def _entries_table(title: str, rows: list[dict]) -> str:
+TABLE_ROWS = 20  # rows shown per table on the page (report.json and report.md hold them all)
+
+
+def _latent_cell(latent: int, carded: set[int]) -> str:
+    return f'<a href="#latent-{latent}">{latent}</a>' if latent in carded else str(latent)
+
+
+def _entries_table(title: str, rows: list[dict], carded: set[int]) -> str:
     if not rows:
         return f"<div><h2>{escape(title)}</h2><p>(none)</p></div>"
-    body = "".join(f'<tr><td>{e["rank"]}</td><td><a href="#latent-{e["latent"]}">{e["latent"]}</a></td>'
+    body = "".join(f'<tr><td>{e["rank"]}</td><td>{_latent_cell(e["latent"], carded)}</td>'
                    f'<td>{e["value"]:.4g}</td><td>{e["scaled"]:.4g}</td><td>{e["decoder_norm"]:.4g}</td>'
-                   f'<td>{e["effect"]:.4g}</td></tr>' for e in rows)
+                   f'<td>{e["effect"]:.4g}</td></tr>' for e in rows[:TABLE_ROWS])
     return (f"<div><h2>{escape(title)}</h2><table><tr><th>rank</th><th>latent</th><th>v</th><th>m·v</th>"
             f"<th>‖W_dec‖</th><th>effect</th></tr>{body}</table></div>")
 
@@ -89,20 +96,21 @@ def _md_inline(s: str) -> str:
 
 def render_html(r: dict) -> str:
     lines = summary_lines(r)
+    carded = {c["latent"] for c in r["features"]}
     title = escape(lines[0].lstrip("# "))
     out = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
            '<meta name="viewport" content="width=device-width,initial-scale=1">',
            f"<title>{title}</title><style>{CSS}</style></head><body>", f"<h1>{title}</h1>",
            '<ul class="summary">' + "".join(f"<li>{_md_inline(x)}</li>" for x in lines[2:]) + "</ul>"]
     if "ranking" in r:
-        out.append('<div class="tables">' + _entries_table("Entries that add a feature (m·v > 0)", r["ranking"]["add"])
-                   + _entries_table("Entries that cap a feature (m·v < 0)", r["ranking"]["cap"]) + "</div>")
+        out.append('<div class="tables">' + _entries_table("Entries that add a feature (m·v > 0)", r["ranking"]["add"], carded)
+                   + _entries_table("Entries that cap a feature (m·v < 0)", r["ranking"]["cap"], carded) + "</div>")
     if "projection" in r:
         p = r["projection"]
-        rows = "".join(f'<tr><td>{a["rank"]}</td><td><a href="#latent-{a["latent"]}">{a["latent"]}</a></td>'
-                       f'<td>{a["cos"]:+.4f}</td></tr>' for a in p["top_aligned"])
+        rows = "".join(f'<tr><td>{a["rank"]}</td><td>{_latent_cell(a["latent"], carded)}</td>'
+                       f'<td>{a["cos"]:+.4f}</td></tr>' for a in p["top_aligned"][:TABLE_ROWS])
         omp = "".join(f'<tr><td>{t}</td><td>{o["latent"]}</td><td>{o["explained"]:.1%}</td></tr>'
-                      for t, o in enumerate(p["omp"], 1))
+                      for t, o in enumerate(p["omp"][:TABLE_ROWS], 1))
         out.append('<div class="tables"><div><h2>Top aligned SAE features</h2><table><tr><th>rank</th><th>latent</th>'
                    f'<th>cos</th></tr>{rows}</table></div><div><h2>Matching pursuit</h2><table><tr><th>picks</th>'
                    f'<th>latent</th><th>explained ‖v‖²</th></tr>{omp}</table></div></div>')
