@@ -14,7 +14,7 @@ from yapo_fast.train.lean import DecoderRunner
 from yapo_fast.train.trainer import LeanObjective
 
 CASES = [("yapo", "relu"), ("yapo", "jumprelu"), ("yapo", "topk"), ("bipo", None)]
-PACK = {"topk": 40}  # small rows: a batch spreads over several packed rows (default: one row)
+PACK = {"topk": 40}  # small rows: a batch spreads over several packed rows
 STEPS = 20  # 7 pairs in batches of 4 (the last batch of an epoch has 3): 2 steps per epoch, 10 epochs
 SCHED = dict(batch_size=4, lr=2e-2, warmup_steps=3, seed=1)
 
@@ -34,8 +34,8 @@ def test_lean_equals_naive_per_step_and_after_20_steps(method, kind):
     # 1) per step: the lean loss and gradient at the naive trajectory's v equal the naive ones
     runner = DecoderRunner(model)
     cache = build_cache(runner, tokenize_pairs(tok, pairs), list(range(len(pairs))), LAYER, sae=sae,
-                        batch_size=4, progress=False, pack_tokens=PACK.get(kind, 1024))
-    pack = PACK.get(kind, 1024)
+                        batch_size=4, progress=False, pack_tokens=PACK.get(kind, 256))
+    pack = PACK.get(kind, 256)
     lean = LeanObjective(runner, cache, TrainConfig(method=method, layer=LAYER), sae, pack_tokens=pack)
     schedule = batch_schedule(len(pairs), 4, 10, 1)
     nonzero_grads = 0
@@ -129,3 +129,26 @@ def test_bad_input_is_refused_with_a_clear_error():
         yapo_fast.train("bipo", pairs, model=model, tokenizer=tok, layer=LAYER, batch_size=0)
     with pytest.raises(YapoFastError, match="no preference pairs"):
         yapo_fast.train("bipo", [], model=model, tokenizer=tok, layer=LAYER)
+
+
+@pytest.mark.parametrize("kind", ["relu", "jumprelu", "topk"])
+@pytest.mark.parametrize("dense_limit", [1 << 24, 0])  # the GEMM branch and the gather branch
+def test_yapo_delta_equals_the_reference_op_with_gradient(kind, dense_limit, monkeypatch):
+    from helpers import random_latent, random_sae
+    from yapo_fast.kernels.sparse_steer_reference import sparse_steer_reference
+    from yapo_fast.train import objective
+    from yapo_fast.train.cache import sparse_codes
+
+    monkeypatch.setattr(objective, "DENSE_CODE_LIMIT", dense_limit)
+    sae = random_sae(kind, d_in=24, d_sae=40, seed=3)
+    h = 2 * torch.randn(7, 24, generator=torch.Generator().manual_seed(1))
+    codes = {k: t.long() if k != "vals" else t for k, t in sparse_codes(sae, h).items()}
+    for m in (1, -1):
+        v = random_latent(40, 12, "mixed", seed=2).requires_grad_(True)
+        got = h + objective.yapo_delta(codes, 7, v, m, sae.W_dec)
+        (g_got,) = torch.autograd.grad((got * h).sum(), v)
+        want = sparse_steer_reference(h, sae, v, m)
+        (g_want,) = torch.autograd.grad((want * h).sum(), v)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(g_got, g_want, rtol=1e-5, atol=1e-5)
+        assert g_want.abs().sum() > 0

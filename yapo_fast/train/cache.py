@@ -114,7 +114,7 @@ def _shift_codes(parts: list[tuple[dict, int]], device) -> dict[str, torch.Tenso
             "vals": torch.cat([c["vals"] for c, _ in parts]).to(device)}
 
 
-def assemble(cache: ExampleCache, indices: list[int], device, pack_tokens: int = 1024) -> Batch:
+def assemble(cache: ExampleCache, indices: list[int], device, pack_tokens: int = 256) -> Batch:
     ex = [cache.get(i) for i in indices]
     B = len(ex)
     prompts = [e["hp"] for e in ex]
@@ -139,7 +139,7 @@ def assemble(cache: ExampleCache, indices: list[int], device, pack_tokens: int =
 @torch.no_grad()
 def build_cache(runner: DecoderRunner, tokens: list[Tokens], indices: list[int], layer: int, *, sae=None,
                 batch_size: int = 8, max_memory_bytes: int | None = None, spill_dir=None,
-                progress: bool = True, pack_tokens: int = 1024) -> ExampleCache:
+                progress: bool = True, pack_tokens: int = 256) -> ExampleCache:
     """Run layers 0..L once per pair (the prompt once for both responses), then layers L+1..N
     unsteered for the reference log-probs; keep what every later step needs."""
     cache = ExampleCache(max_memory_bytes, spill_dir)

@@ -123,7 +123,7 @@ class Layout:
         return self.pos_p.shape[0]
 
 
-def make_layout(p_lens: list[int], r_lens: list[int], device, pack_tokens: int = 1024) -> Layout:
+def make_layout(p_lens: list[int], r_lens: list[int], device, pack_tokens: int = 256) -> Layout:
     """p_lens: B prompt lengths; r_lens: 2B response lengths (chosen then rejected). Pairs are packed
     greedily in order into rows of at most `pack_tokens` prompt+response tokens (one pair at least)."""
     B = len(p_lens)

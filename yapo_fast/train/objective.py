@@ -17,6 +17,9 @@ import torch
 import torch.nn.functional as F
 
 
+DENSE_CODE_LIMIT = 1 << 24  # rows x d_sae entries up to which the correction runs as a dense GEMM
+
+
 def yapo_delta(codes: dict, n_rows: int, v: torch.Tensor, d: int, W_dec: torch.Tensor) -> torch.Tensor:
     """(n_rows, d_in) YaPO delta for the rows described by sparse codes (rows, cols, vals)."""
     mv = d * v
@@ -25,8 +28,14 @@ def yapo_delta(codes: dict, n_rows: int, v: torch.Tensor, d: int, W_dec: torch.T
     va = mv[cols]
     z = codes["vals"]
     coef = torch.relu(z + va) - z - torch.relu(va)
-    corr = torch.zeros(n_rows, W_dec.shape[1], dtype=W_dec.dtype, device=W_dec.device)
-    corr = corr.index_add(0, codes["rows"], coef[:, None] * W_dec[cols])
+    if n_rows * W_dec.shape[0] <= DENSE_CODE_LIMIT:
+        # Scatter the coefficients into a (rows x d_sae) matrix and multiply: one GEMM forward and
+        # one backward, far cheaper on a CPU than gathering a W_dec row per active entry.
+        c = torch.zeros(n_rows, W_dec.shape[0], dtype=W_dec.dtype, device=W_dec.device)
+        corr = c.index_put((codes["rows"], cols), coef) @ W_dec
+    else:  # huge d_sae: work proportional to the active entries only
+        corr = torch.zeros(n_rows, W_dec.shape[1], dtype=W_dec.dtype, device=W_dec.device)
+        corr = corr.index_add(0, codes["rows"], coef[:, None] * W_dec[cols])
     return corr + base
 
 

@@ -47,7 +47,7 @@ class LeanObjective:
     """The loss of a batch as a function of v, from the cached layer-L states (this process's pairs)."""
 
     def __init__(self, runner: DecoderRunner, cache: ExampleCache, cfg: TrainConfig, sae=None,
-                 pack_tokens: int = 1024):
+                 pack_tokens: int = 256):
         self.runner, self.cache, self.cfg, self.pack_tokens = runner, cache, cfg, pack_tokens
         self.W_dec = None if sae is None else sae.W_dec.to(runner.device, runner.dtype)
 
@@ -138,7 +138,7 @@ def train(method: str, pairs, *, model=None, tokenizer=None, sae=None, layer: in
           batch_size: int = 4, lr: float = 5e-4, beta: float = 0.1, warmup_steps: int = 100, grad_clip: float = 1.0,
           seed: int = 0, system: str | None = None, out=None, resume: bool = True, checkpoint_every: int = 50,
           caa_reduce: str = "mean", multiplier: float = 1.0, cache_batch_size: int = 8,
-          cache_memory_bytes: int | None = None, pack_tokens: int = 1024, holdout: float = 0.0,
+          cache_memory_bytes: int | None = None, pack_tokens: int = 256, holdout: float = 0.0,
           patience: int | None = None, progress: bool = True, callback=None) -> TrainResult:
     """Train a steering vector.
 
