@@ -18,6 +18,8 @@ Autograd (single vector only): when h or prepared.values requires grad, the call
 SparseSteerFunction, giving d/dh and d/d values (the vector's entries at prepared.support; the
 gradient reaches the dense latent through prepare's ``latent[support]``). The backward is plain
 torch on the gathered tensors: it is the same unavoidable work as the forward (two small matmuls).
+A PreparedSteer is a snapshot of v: after an optimizer step, prepare again (it only gathers
+columns/rows of the support; pass support=... so a coordinate crossing zero stays in it).
 """
 
 from __future__ import annotations

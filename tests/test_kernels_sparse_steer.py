@@ -4,6 +4,8 @@ Triton runs in tests/test_kernels_triton.py (TRITON_INTERPRET=1 must be set befo
 TopK inputs here are random floats: no ties among pre-activations (the tie rule itself is tested
 in tests/test_kernels_topk_threshold.py)."""
 
+import functools
+
 import pytest
 import torch
 
@@ -54,12 +56,18 @@ SHAPES = [  # (T, d_model, d_sae, support): odd sizes, support 1 / 17 / all; few
 ]
 
 
+@functools.lru_cache(maxsize=None)
+def cached_sae(kind, d_model, d_sae):
+    """Big random SAEs are built once per module (building a 576 x 9216 SAE costs more than the op)."""
+    return random_sae(kind, d_in=d_model, d_sae=d_sae, seed=d_sae)
+
+
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("kind", SAE_KINDS)
 @pytest.mark.parametrize("T,d_model,d_sae,support", SHAPES)
 @pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16))
 def test_matches_reference_shapes_and_dtypes(backend, kind, T, d_model, d_sae, support, dtype):
-    sae = random_sae(kind, d_in=d_model, d_sae=d_sae, seed=T + d_sae)
+    sae = cached_sae(kind, d_model, d_sae)
     h = hidden(T, d_model, seed=support, dtype=dtype)
     v = random_latent(d_sae, support, "mixed", seed=5)
     got = sparse_steer(h, prepare_sparse_steer(sae, v, -1.5), backend=backend)
