@@ -59,10 +59,28 @@ def main():
     sae = load_sae(args.sae) if "yapo" in methods + cmethods else None
     layer = sae.layer if sae is not None else args.layer
     training, bv, cv = {}, {}, {}
+    common = dict(sae=sae, ab_limit=args.ab_items, mcq_limit=args.mcq_items, culture_multiplier=args.culture_multiplier,
+                  mmlu_per_subject=args.mmlu_per_subject, mmlu_shots=args.mmlu_shots, max_new_tokens=40)
+    res = None
+
+    def merge(part):  # stage by stage, the report rewritten after each: a long run yields what it has
+        nonlocal res
+        if res is None:
+            res = part
+        else:
+            for key in ("ab", "culture", "generations"):
+                res[key].update(part[key])
+            res["mmlu"] = part["mmlu"] or res["mmlu"]
+            res["meta"]["vectors"].update(part["meta"]["vectors"])
+        res["training"] = training
+        res["meta"]["suite"] = {**vars(args), "seconds": time.time() - t0}
+        print(f"report: {write_report(res, out)['markdown']}", flush=True)
+
     for b in args.behaviours.split(","):
         pairs = load_pairs(bipo_csv_path(b), limit=args.pairs)
         bv[b] = {m: get_vector(m, pairs, model, tok, sae, out, training, f"{b}/{m}", str(bipo_csv_path(b)), args, layer)
                  for m in methods}
+        merge(evaluate(model, tok, behaviour_vectors={b: bv[b]}, parts=("ab",), **common))
     digest = blend.load_digest()
     for c in args.countries.split(","):
         half = args.culture_pairs // 2  # localized and non-localized prompts, half each
@@ -70,15 +88,10 @@ def main():
                  + blend.preference_pairs(c, "non_localized", limit=half, digest=digest))
         cv[c] = {m: get_vector(m, pairs, model, tok, sae, out, training, f"{c}/{m}", f"BLEnD {c} train split", args, layer)
                  for m in cmethods}
+        merge(evaluate(model, tok, country_vectors={c: cv[c]}, parts=("culture",), **common))
+    merge(evaluate(model, tok, behaviour_vectors=bv, country_vectors=cv, parts=("mmlu",), **common))
     prompts = {b: [p.prompt for p in load_pairs(bipo_csv_path(b, "test"), limit=3)] for b in bv}
-    res = evaluate(model, tok, sae=sae, behaviour_vectors=bv, country_vectors=cv, ab_limit=args.ab_items,
-                   mcq_limit=args.mcq_items, culture_multiplier=args.culture_multiplier,
-                   mmlu_per_subject=args.mmlu_per_subject, mmlu_shots=args.mmlu_shots, generation_prompts=prompts,
-                   max_new_tokens=40)
-    res["training"] = training
-    res["meta"]["suite"] = {**vars(args), "seconds": time.time() - t0}
-    paths = write_report(res, out)
-    print(f"report: {paths['markdown']}")
+    merge(evaluate(model, tok, behaviour_vectors=bv, generation_prompts=prompts, parts=("generations",), **common))
 
 
 if __name__ == "__main__":

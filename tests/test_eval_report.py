@@ -52,6 +52,9 @@ def test_open_ended_behaviour_is_generated_not_scored(tmp_path):
     assert set(res["generations"]["jailbreak"]["rows"][0]) == {"prompt", "unsteered", "bipo"}
     paths = write_report(res, tmp_path)
     assert "## Generations: jailbreak" in paths["markdown"].read_text() and paths["plots"] == []
+    only = evaluate(model, tok, behaviour_vectors={"jailbreak": {"bipo": bipo}}, generation_prompts={"jailbreak": ["w1"]},
+                    max_new_tokens=1, progress=False, parts=("ab",))  # parts: run one stage of a long evaluation
+    assert only["generations"] == {} and "jailbreak" in only["ab_skipped"]
 
 
 def test_eval_cli(tmp_path, capsys):

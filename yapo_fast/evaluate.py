@@ -70,13 +70,16 @@ def evaluate(model, tokenizer, *, sae=None, behaviour_vectors: dict | None = Non
              mcq_limit: int | None = None, culture_multiplier: float = 1.0,
              mmlu_per_subject: int | None = None, mmlu_shots: int = 2, mmlu_multiplier: float = 1.0,
              mmlu: bool = True, generation_prompts: dict | None = None, generation_multiplier: float = 1.0,
-             max_new_tokens: int = 48, generate_fn=None, batch_size: int = 8, progress: bool = True) -> dict:
+             max_new_tokens: int = 48, generate_fn=None, batch_size: int = 8, progress: bool = True,
+             parts=("ab", "culture", "mmlu", "generations")) -> dict:
     """Evaluate vectors; returns a JSON-ready dict (see yapo_fast.report for the files made from it).
 
     behaviour_vectors: {behaviour: {name: SteeringVector}} scored on that behaviour's A/B test set
     (ab_files[behaviour] or the shipped bipo/<behaviour>/test_infer.csv).
     country_vectors: {country: {name: SteeringVector}} scored on the country's BLEnD items.
     generation_prompts: {behaviour: [prompt, ...]} generated unsteered and with each of its vectors.
+    parts: which of "ab", "culture", "mmlu", "generations" to run (a long evaluation can run them
+    one at a time and merge the dicts).
     """
     from . import blend
 
@@ -99,7 +102,7 @@ def evaluate(model, tokenizer, *, sae=None, behaviour_vectors: dict | None = Non
     t0 = time.perf_counter()
 
     # ---- behaviour steering curves --------------------------------------------------------------
-    for behaviour, vectors in behaviour_vectors.items():
+    for behaviour, vectors in (behaviour_vectors if "ab" in parts else {}).items():
         path = (ab_files or {}).get(behaviour) or bipo_csv_path(behaviour, "test_infer")
         if not is_ab_file(path):  # e.g. jailbreak: open-ended prompts, evaluated by generation only
             results["ab_skipped"] = {**results.get("ab_skipped", {}), behaviour: f"{path} has no A/B columns"}
@@ -114,7 +117,7 @@ def evaluate(model, tokenizer, *, sae=None, behaviour_vectors: dict | None = Non
         results["ab"][behaviour] = entry
 
     # ---- cultural multiple choice -----------------------------------------------------------------
-    if country_vectors:
+    if country_vectors and "culture" in parts:
         digest = blend.load_digest()
         for country, vectors in country_vectors.items():
             entry = {"multiplier": culture_multiplier}
@@ -137,7 +140,7 @@ def evaluate(model, tokenizer, *, sae=None, behaviour_vectors: dict | None = Non
 
     # ---- MMLU before/after --------------------------------------------------------------------------
     all_vectors = {f"{k}/{n}": v for k, g in {**behaviour_vectors, **country_vectors}.items() for n, v in g.items()}
-    if mmlu and all_vectors:
+    if mmlu and all_vectors and "mmlu" in parts:
         items = load_mmlu("test", per_subject=mmlu_per_subject)
         accs = {}
         for name, vec in (("unsteered", None), *all_vectors.items()):
@@ -152,7 +155,7 @@ def evaluate(model, tokenizer, *, sae=None, behaviour_vectors: dict | None = Non
                                       if k != "unsteered"}}
 
     # ---- open-ended generations side by side -----------------------------------------------------------
-    for behaviour, prompts in (generation_prompts or {}).items():
+    for behaviour, prompts in ((generation_prompts or {}) if "generations" in parts else {}).items():
         vectors = behaviour_vectors.get(behaviour, {})
         rows = [{"prompt": p} for p in prompts]
         for name, vec in tqdm((("unsteered", None), *vectors.items()), desc=f"generate {behaviour}",
