@@ -69,6 +69,13 @@ def _resolve(llm, vector, sae) -> SteeringVector:
     return vector
 
 
+def _register(llm, args: dict, vector, sae) -> None:
+    """Send the vector; its SAE only when some worker does not hold it yet (by weights hash)."""
+    results = _rpc(llm, "register", {**args, "files": vllm_vectors.to_payload(vector, sae, send_sae=False)})
+    if any(r.get("need_sae") for r in results):
+        _rpc(llm, "register", {**args, "files": vllm_vectors.to_payload(vector, sae, send_sae=True)})
+
+
 def _reset_prefix_cache(llm) -> None:
     reset = getattr(llm, "reset_prefix_cache", None)
     if reset is not None:
@@ -86,7 +93,7 @@ def register_vector(llm, name: str, vector, multiplier: float | None = None, *, 
         raise YapoFastError(f"{name!r} cannot name a steering vector: use a non-empty string other than 'none'")
     vector = _resolve(llm, vector, sae)
     m = None if multiplier is None else check_multiplier(multiplier)
-    _rpc(llm, "register", {"name": name, "files": vllm_vectors.to_payload(vector, sae), "multiplier": m})
+    _register(llm, {"name": name, "multiplier": m}, vector, sae)
     vllm_vectors.add_front_name(name)
     _reset_prefix_cache(llm)
 
@@ -130,8 +137,7 @@ def patch(llm, vector, multiplier: float | None = None, *, sae=None) -> VllmStee
     `vector` at `multiplier` (default: the vector's own), until handle.remove()."""
     vector = _resolve(llm, vector, sae)
     m = vector.multiplier if multiplier is None else check_multiplier(multiplier)
-    _rpc(llm, "register", {"name": GLOBAL_NAME, "files": vllm_vectors.to_payload(vector, sae),
-                           "multiplier": float(m), "global": True})
+    _register(llm, {"name": GLOBAL_NAME, "multiplier": float(m), "global": True}, vector, sae)
     _reset_prefix_cache(llm)
     return VllmSteeringHandle(llm=llm, vector=vector, multiplier=float(m), layer=vector.layer)
 

@@ -18,6 +18,8 @@ def yapo_fast_rpc(worker, action: str, args: dict | None = None) -> dict:
         from .vllm_vectors import from_payload
 
         vector, sae = from_payload(args["files"])
+        if vector.is_sparse and sae is None:
+            return {"need_sae": True, "installed_layers": sorted(STATE.installed_layers)}
         if vector.layer not in STATE.installed_layers:
             return {"error": f"the steering op is not installed at layer {vector.layer} in this engine "
                              f"(installed: {sorted(STATE.installed_layers)}); start the engine with "

@@ -98,28 +98,59 @@ def check_request_args(extra_args) -> None:
 
 
 # ---- payloads: a vector (and its SAE) as file bytes, so any worker can rebuild them --------------
-def to_payload(vector, sae=None) -> dict:
-    from .sae_lens_loading import save_sae
+# An SAE is sent once per engine: later vectors for the same SAE name it by its weights hash.
+_worker_saes: dict[str, object] = {}  # worker side: weights hash -> SAE
 
+
+def _files(write) -> dict[str, bytes]:
     files: dict[str, bytes] = {}
     with tempfile.TemporaryDirectory(prefix="yapo-vllm-") as tmp:
         tmp = Path(tmp)
-        vector.save(tmp / "vector.safetensors")
-        if sae is not None:
-            save_sae(sae, tmp / "sae")
+        write(tmp)
         for p in sorted(tmp.rglob("*")):
             if p.is_file():
                 files[str(p.relative_to(tmp))] = p.read_bytes()
     return files
 
 
-def from_payload(files: dict):
+def to_payload(vector, sae=None, *, send_sae: bool = True) -> dict:
+    from .sae_lens_loading import save_sae
+
+    payload = {"vector": _files(lambda d: vector.save(d / "vector.safetensors"))}
+    if sae is not None:
+        payload["sae_hash"] = sae.weights_hash()
+        if send_sae:
+            payload["sae"] = _files(lambda d: save_sae(sae, d / "sae"))
+    return payload
+
+
+def _unpack(files: dict, tmp: Path) -> None:
+    for rel, data in files.items():
+        target = (tmp / rel).resolve()
+        if tmp.resolve() not in target.parents:
+            raise YapoFastError(f"bad file name {rel!r} in a vector payload")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(data)
+
+
+def from_payload(payload: dict):
+    from ..sae import load_sae
+    from ..vector import load_vector
+
     with tempfile.TemporaryDirectory(prefix="yapo-vllm-") as tmp:
         tmp = Path(tmp)
-        for rel, data in files.items():
-            target = (tmp / rel).resolve()
-            if tmp.resolve() not in target.parents:
-                raise YapoFastError(f"bad file name {rel!r} in a vector payload")
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_bytes(data)
-        return load_one(str(tmp / "vector.safetensors"), str(tmp / "sae") if (tmp / "sae").is_dir() else None)
+        _unpack(payload["vector"], tmp)
+        vector = load_vector(tmp / "vector.safetensors")
+        sae = None
+        if payload.get("sae_hash"):
+            sae = _worker_saes.get(payload["sae_hash"])
+            if sae is None:
+                if "sae" not in payload:
+                    return vector, None  # the caller asks the front end to send the SAE
+                _unpack(payload["sae"], tmp)
+                sae = _worker_saes[payload["sae_hash"]] = load_sae(tmp / "sae")
+    if vector.is_sparse:
+        if sae is None:
+            raise YapoFastError("a yapo vector arrived without its SAE")
+        vector.check_compatible(sae=sae)
+    return vector, sae

@@ -81,7 +81,7 @@ def _run(tmp: Path, hf):
     (tmp / "job.json").write_text(json.dumps(job))
     env = dict(os.environ, VLLM_LOGGING_LEVEL="WARNING")
     proc = subprocess.run([sys.executable, str(Path(__file__).parent / "vllm_scenarios.py"), str(tmp / "job.json"),
-                           str(tmp / "out.json")], cwd=tmp, env=env, capture_output=True, text=True, timeout=1500)
+                           str(tmp / "out.json")], cwd=tmp, env=env, capture_output=True, text=True, timeout=3000)
     assert proc.returncode == 0, f"vLLM scenarios failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
     out = json.loads((tmp / "out.json").read_text())
     return {"out": out, "job": job, "sae": sae, "yapo": yapo, "bipo": bipo}

@@ -96,3 +96,20 @@ def test_unknown_name_in_worker_is_clear():
     st.register("c", yapo_fast.SteeringVector.from_dense(torch.randn(8), method="bipo", layer=0))
     with pytest.raises(YapoFastError, match="unknown steering vector 'x'"):
         st.build_plan([("x", None)], [1])
+
+
+def test_vector_payload_sends_an_sae_once():
+    from yapo_fast.integrations import vllm_vectors
+
+    sae = random_sae("jumprelu", d_in=64, d_sae=96, layer=2, seed=11)
+    vec = yapo_fast.SteeringVector.from_latent(random_latent(96, 8, "mixed", seed=4), layer=2, sae=sae)
+    vllm_vectors._worker_saes.pop(sae.weights_hash(), None)
+    v, s = vllm_vectors.from_payload(vllm_vectors.to_payload(vec, sae, send_sae=False))
+    assert s is None  # the worker asks for the SAE
+    v, s = vllm_vectors.from_payload(vllm_vectors.to_payload(vec, sae))
+    assert torch.equal(v.latent(), vec.latent()) and s.weights_hash() == sae.weights_hash()
+    v, s2 = vllm_vectors.from_payload(vllm_vectors.to_payload(vec, sae, send_sae=False))
+    assert s2 is s  # later vectors for the same SAE travel without it
+    dense = yapo_fast.SteeringVector.from_dense(torch.randn(64), method="bipo", layer=1)
+    v, s = vllm_vectors.from_payload(vllm_vectors.to_payload(dense))
+    assert s is None and torch.equal(v.dense(), dense.dense())
