@@ -130,3 +130,13 @@ def test_token_sequences_and_detokenize():
     assert ai.detokenize("Hello , world ( big ) ; it 's 1 @-@ 2 and do n't .") == "Hello, world (big); it's 1-2 and don't."
     with pytest.raises(ai.YapoFastError):
         ai.token_sequences(tok, DOCS, seq_len=16, max_tokens=8)
+
+
+def test_default_documents_cover_every_source():
+    from yapo_fast.data import BEHAVIOURS
+
+    docs = ai.default_documents(char_tokenizer(), chat_per_behaviour=2)
+    plain = [name for name, _, is_chat in docs if not is_chat]
+    assert plain == ["carroll-alice", "tinyshakespeare-head", "wikitext-2-valid-head"]
+    assert [name for name, _, is_chat in docs if is_chat] == [f"chat:{b}" for b in BEHAVIOURS] * 2
+    assert " ," not in docs[2][1][:5000] and " ," in (ai.CORPUS_DIR / "wikitext-2-valid-head.txt").read_text()[:5000]

@@ -50,10 +50,12 @@ def default_documents(tokenizer, chat_per_behaviour: int = 40) -> list[tuple[str
 
     docs = [(p.stem, detokenize(p.read_text(encoding="utf-8")), False)
             for p in sorted(CORPUS_DIR.glob("*.txt"))]
-    for behaviour in BEHAVIOURS:
-        for i, pair in enumerate(load_pairs(bipo_csv_path(behaviour, "test"), limit=chat_per_behaviour)):
-            answer = pair.chosen if i % 2 == 0 else pair.rejected
-            docs.append((f"chat:{behaviour}", format_prompt(tokenizer, pair.prompt) + answer, True))
+    per_behaviour = {b: load_pairs(bipo_csv_path(b, "test"), limit=chat_per_behaviour) for b in BEHAVIOURS}
+    for i in range(chat_per_behaviour):  # interleaved, so a small token budget still sees every behaviour
+        for behaviour, pairs in per_behaviour.items():
+            if i < len(pairs):
+                answer = pairs[i].chosen if i % 2 == 0 else pairs[i].rejected
+                docs.append((f"chat:{behaviour}", format_prompt(tokenizer, pairs[i].prompt) + answer, True))
     return docs
 
 
