@@ -24,6 +24,11 @@ def _version_with_fallback(orig):
 
 def main(argv=None) -> None:
     importlib.metadata.version = _version_with_fallback(importlib.metadata.version)
+    # Load our plugin in this (API server) process too, before any request: its front-end check
+    # answers an unknown vector name with HTTP 400 instead of letting it reach the workers.
+    from yapo_fast.integrations.vllm_plugin import register
+
+    register()
     from vllm.entrypoints.cli.main import main as vllm_main
 
     sys.argv = ["vllm", *(sys.argv[1:] if argv is None else argv)]

@@ -101,6 +101,7 @@ def test_unknown_vector_name_is_a_clear_400(server):
     assert 400 <= r.status_code < 500, r.text
     msg = r.json()["error"]["message"] if "error" in r.json() else r.text
     assert "unknown steering vector 'does-not-exist'" in msg and "yapo" in msg and "bipo" in msg
+    assert _chat(server).status_code == 200  # the engine is unharmed
 
 
 def test_bad_multiplier_is_a_clear_400(server):
