@@ -244,9 +244,20 @@ def _patch_front_end_validation() -> None:
         return
     orig = InputProcessor._validate_params
 
+    from vllm.exceptions import VLLMValidationError
+
+    from ..errors import YapoFastError
+
+    class YapoFastRequestError(VLLMValidationError, YapoFastError):
+        """A bad steering request: vLLM's server answers its VLLMClientError side with HTTP 400
+        (a plain ValueError would become an empty 500 in AsyncLLM.generate)."""
+
     @functools.wraps(orig)
     def _validate_params(self, params, *args, **kwargs):
-        check_request_args(getattr(params, "extra_args", None))
+        try:
+            check_request_args(getattr(params, "extra_args", None))
+        except YapoFastError as exc:
+            raise YapoFastRequestError(str(exc), parameter="vllm_xargs") from None
         return orig(self, params, *args, **kwargs)
 
     InputProcessor._validate_params, InputProcessor._yapo_fast_patched = _validate_params, True
