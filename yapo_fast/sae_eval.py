@@ -34,6 +34,7 @@ def evaluate_sae(model, sae, sequences: list[list[int]], *, pad_id: int, layer: 
     from tqdm.auto import tqdm
 
     from .model import check_layer, decoder_layers
+    from .sae_train import layer_activations
 
     layer = sae.layer if layer is None else layer
     if layer is None:
@@ -69,12 +70,17 @@ def evaluate_sae(model, sae, sequences: list[list[int]], *, pad_id: int, layer: 
                 for i, s in enumerate(batch):
                     ids[i, : len(s)] = torch.tensor(s)
                     mask[i, : len(s)] = 1
-                captured: list[torch.Tensor] = []
-                mode["splice"] = False
-                logits = model(input_ids=ids, attention_mask=mask).logits
                 keep = mask.bool().clone()
                 keep[:, 0] = False
-                h = captured[0][keep].float()
+                captured: list[torch.Tensor] = []
+                mode["splice"] = False
+                if loss:
+                    logits = model(input_ids=ids, attention_mask=mask).logits
+                    h = captured[0][keep].float()
+                else:  # the forward stops at layer L
+                    handle.remove()
+                    h = layer_activations(model, layer, batch, pad_id)
+                    handle = block.register_forward_hook(hook)
                 z = sae32.encode(h)
                 rec = sae32.decode(z)
                 n_tok += len(h)

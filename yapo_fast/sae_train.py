@@ -161,7 +161,7 @@ class ActivationBatches:
 # training (sae-lens)
 # ---------------------------------------------------------------------------------------------
 def _training_sae(kind: str, d_in: int, d_sae: int, *, k: int | None, target_l0: float, l0_coefficient: float,
-                  l0_warm_up_steps: int, metadata: dict):
+                  l0_warm_up_steps: int, init_threshold: float, metadata: dict):
     from sae_lens.saes.jumprelu_sae import JumpReLUTrainingSAE, JumpReLUTrainingSAEConfig
     from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
 
@@ -171,7 +171,7 @@ def _training_sae(kind: str, d_in: int, d_sae: int, *, k: int | None, target_l0:
         # GemmaScope-2's quadratic L0 penalty pulls L0 towards target_l0 (no coefficient sweep)
         cfg = JumpReLUTrainingSAEConfig(**common, jumprelu_sparsity_loss_mode="quadratic", target_l0=target_l0,
                                         l0_coefficient=l0_coefficient, l0_warm_up_steps=l0_warm_up_steps,
-                                        pre_act_loss_coefficient=3e-6)
+                                        jumprelu_init_threshold=init_threshold, pre_act_loss_coefficient=3e-6)
         sae = JumpReLUTrainingSAE(cfg)
     elif kind == "topk":
         if not k:
@@ -186,7 +186,7 @@ def _training_sae(kind: str, d_in: int, d_sae: int, *, k: int | None, target_l0:
 
 
 def train_on_activations(acts: torch.Tensor, *, kind: str, d_sae: int, k: int | None = None, target_l0: float = 64,
-                         l0_coefficient: float = 1.0, total_samples: int, batch_size: int = 1024, lr: float = 1e-3,
+                         l0_coefficient: float = 1.0, init_threshold: float = 0.1, total_samples: int, batch_size: int = 1024, lr: float = 1e-3,
                          seed: int = 0, checkpoint_dir: Path | None = None, checkpoint_every: int | None = None,
                          metadata: dict | None = None, progress: bool = False, log=None):
     """Train with sae-lens's SAETrainer on rows of `acts`; return the yapo_fast SAE (float32).
@@ -199,7 +199,7 @@ def train_on_activations(acts: torch.Tensor, *, kind: str, d_sae: int, k: int | 
     torch.manual_seed(seed)
     steps = total_samples // batch_size
     sae = _training_sae(kind, acts.shape[1], d_sae, k=k, target_l0=target_l0, l0_coefficient=l0_coefficient,
-                        l0_warm_up_steps=max(1, steps // 10), metadata=metadata or {})
+                        l0_warm_up_steps=max(1, steps // 10), init_threshold=init_threshold, metadata=metadata or {})
     n_ckpt = 0 if not (checkpoint_dir and checkpoint_every) else max(0, total_samples // checkpoint_every - 1)
     cfg = SAETrainerConfig(total_training_samples=total_samples, train_batch_size_samples=batch_size, lr=lr,
                            lr_scheduler_name="cosineannealing", lr_warm_up_steps=max(1, steps // 20),
@@ -222,6 +222,9 @@ def train_on_activations(acts: torch.Tensor, *, kind: str, d_sae: int, k: int | 
     trainer = SAETrainer(cfg=cfg, sae=sae, data_provider=provider,
                          save_checkpoint_fn=save_checkpoint if checkpoint_dir else None)
     trainer_box["t"] = trainer
+    # sae-lens moves its bar every 100 steps; short CPU runs want every step (the bar counts
+    # samples, i.e. tokens, so its rate is tokens/s)
+    trainer._update_pbar = lambda out, pbar: SAETrainer._update_pbar(trainer, out, pbar, update_interval=1)
     latest = checkpoint_dir / "latest" if checkpoint_dir else None
     if latest is not None and (latest / "yapo_fast_resume.json").exists():
         from safetensors.torch import load_file
@@ -347,13 +350,15 @@ def run_train(args) -> Path:
         "text_stats": text_stats,
         "train": {"seed": args.seed, "tokens": len(acts), "samples": args.samples or len(acts),
                   "batch_size": args.batch_size, "lr": args.lr, "width": d_sae, "k": args.k,
-                  "target_l0": args.target_l0, "l0_coefficient": args.l0_coefficient, "ctx": args.ctx,
+                  "target_l0": args.target_l0, "l0_coefficient": args.l0_coefficient,
+                  "init_threshold": args.init_threshold, "ctx": args.ctx,
                   "command": "yapo-fast sae train " + " ".join(sys.argv[3:] if sys.argv[1:3] == ["sae", "train"]
                                                                   else sys.argv[1:])},
     }
     samples = args.samples or len(acts)
     sae = train_on_activations(acts, kind=args.kind, d_sae=d_sae, k=args.k, target_l0=args.target_l0,
-                               l0_coefficient=args.l0_coefficient, total_samples=samples,
+                               l0_coefficient=args.l0_coefficient, init_threshold=args.init_threshold,
+                               total_samples=samples,
                                batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                                checkpoint_dir=work / f"checkpoint-{args.kind}-w{d_sae}",
                                checkpoint_every=args.checkpoint_every, metadata=meta, progress=not args.quiet, log=log)
@@ -362,6 +367,9 @@ def run_train(args) -> Path:
     sae.metadata = {**sae.metadata, **meta}
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
     save_sae(sae.to(dtype=dtype), out)
+    out.chmod(0o755)  # the atomic temp dir was created 0700
+    for f in out.iterdir():
+        f.chmod(0o644)
     write_text_atomic(work / "train_result.json", json.dumps({"out": str(out), "seconds": time.time() - t0, **meta},
                                                              indent=1))
     log(f"wrote {out} ({args.kind}, layer {args.layer}, width {d_sae}, {args.dtype}) in {time.time() - t0:.0f}s")
@@ -375,12 +383,14 @@ def add_train_parser(sub) -> None:
     p.add_argument("--kind", default="jumprelu", choices=TRAIN_KINDS)
     p.add_argument("--width", type=int, default=None, help="number of latents (default 8 x d_model)")
     p.add_argument("--k", type=int, default=None, help="topk: active latents per token")
-    p.add_argument("--target-l0", type=float, default=64.0, help="jumprelu: L0 the quadratic sparsity penalty aims at")
+    p.add_argument("--target-l0", type=float, default=96.0, help="jumprelu: L0 the quadratic sparsity penalty aims at")
     p.add_argument("--l0-coefficient", type=float, default=1.0, help="jumprelu: weight of the sparsity penalty")
+    p.add_argument("--init-threshold", type=float, default=0.1,
+                   help="jumprelu: initial threshold (in units of the normalised input, |h| = sqrt(d_model))")
     p.add_argument("--tokens", type=int, default=100_000, help="token budget of distinct activations")
     p.add_argument("--samples", type=int, default=None, help="training samples (default: --tokens; more = epochs)")
-    p.add_argument("--batch-size", type=int, default=1024, help="SAE training batch (tokens)")
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--batch-size", type=int, default=128, help="SAE training batch (tokens)")
+    p.add_argument("--lr", type=float, default=5e-3, help="Adam lr (cosine to lr/10); high because CPU runs are short")
     p.add_argument("--ctx", type=int, default=256, help="tokens per text window")
     p.add_argument("--mix", default="corpus=0.7,chat=0.3",
                    help="token shares of the text sources (corpus: books+WikiText; chat: steering prompts "

@@ -6,10 +6,10 @@ Two sources, mixed by token share (``TextMixture``, e.g. "corpus=0.7,chat=0.3"):
   Train split: the books + WikiText-2 valid; held-out split: WikiText-2 test.
 - ``chat``: the steering prompts themselves through the model's chat template: BiPO training
   questions followed by both of their responses (what YaPO's loss scores), and BiPO/BLEnD questions
-  followed by THE MODEL'S OWN greedy answer (what steering meets at generation time). The default
-  model's answers are shipped (assets/data/corpus/chat_answers.jsonl, made by ``write_answers``;
-  only the prompts answered there are used); any other model answers the first few prompts on the
-  fly (cached in the run's work dir).
+  followed by THE MODEL'S OWN greedy answer (what steering meets at generation time). For the
+  default model these come from assets/data/corpus/chat_answers.jsonl when it exists (made by
+  ``write_answers``; only the prompts answered there are used); any other model answers the
+  first few prompts on the fly (cached in the run's work dir).
 
 Sequences are windows of at most ``ctx`` tokens; the first position of every sequence is dropped by
 the consumers (its residual norm is ~100x the others on SmolLM2: an attention sink, not text).

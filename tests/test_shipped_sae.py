@@ -1,0 +1,71 @@
+"""The SAEs shipped for the embedded default model (README, "The shipped SAE")."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from yapo_fast import load_sae
+from yapo_fast.model import DEFAULT_MODEL
+from yapo_fast.sae import DEFAULT_SAE_DIR
+
+# what README "The shipped SAE" reports for the fixed prompt below (held-out numbers are in
+# yapo_fast/assets/saes/<name>/eval.json); the test asserts the SAE still explains at least this
+FIXED_PROMPT_FVE = {"default": 0.72}  # measured 0.733 (94 tokens), mean L0 44
+
+FIXED_PROMPT = (
+    "Is it true that the Great Wall of China is visible from the Moon with the naked eye?",
+    "No. The Great Wall is very long but only a few metres wide, so astronauts cannot see it from the "
+    "Moon without help. From low Earth orbit it is hard to spot as well; roads and cities are easier to see.",
+)
+
+
+def shipped(prefix):
+    dirs = sorted(p for p in DEFAULT_SAE_DIR.glob(f"{prefix}*") if (p / "cfg.json").exists())
+    assert dirs, f"no shipped SAE named {prefix}* in {DEFAULT_SAE_DIR}"
+    return dirs[0]
+
+
+def test_default_sae_is_the_shipped_jumprelu_with_its_metadata():
+    sae = load_sae()
+    path = shipped("default")
+    assert sae.name == path.name
+    assert sae.kind == "jumprelu" and sae.model_name == DEFAULT_MODEL
+    assert sae.d_in == 576 and sae.d_sae >= 8 * 576
+    assert isinstance(sae.layer, int) and 0 < sae.layer < 29
+    assert sae.metadata["hook_name"] == f"blocks.{sae.layer}.hook_resid_post"
+    assert sae.metadata["text_mixture"] and sae.metadata["train"]["seed"] is not None
+    assert "yapo-fast sae train" in sae.metadata["train"]["command"]
+    cfg = json.loads((path / "cfg.json").read_text())
+    assert cfg["dtype"] == "bfloat16" and cfg["architecture"] == "jumprelu"
+    assert sum(f.stat().st_size for f in path.iterdir()) <= 25 * 2**20
+
+
+@pytest.fixture(scope="module")
+def fixed_prompt_acts():
+    from yapo_fast import load_model
+    from yapo_fast.chat import format_prompt
+    from yapo_fast.integrations.hf_hooks import capture_layer_output
+
+    model, tok = load_model(None)
+    layer = load_sae().layer
+    ids = tok(format_prompt(tok, FIXED_PROMPT[0]) + FIXED_PROMPT[1], add_special_tokens=False, return_tensors="pt")
+    with torch.no_grad(), capture_layer_output(model, layer) as seen:
+        model(**ids)
+    return seen[0][0, 1:].float()  # position 0 (attention sink) is outside the SAE's domain
+
+
+@pytest.mark.parametrize("prefix", ["default"])
+def test_shipped_sae_reconstructs_a_fixed_prompt(fixed_prompt_acts, prefix):
+    sae = load_sae(shipped(prefix))
+    h = fixed_prompt_acts
+    z = sae.encode(h)
+    rec = sae.decode(z)
+    fve = 1 - (h - rec).pow(2).sum() / (h - h.mean(0)).pow(2).sum()
+    assert fve.item() >= FIXED_PROMPT_FVE[prefix], fve.item()
+    l0 = (z > 0).float().sum(-1).mean().item()
+    assert 0 < l0 <= 128
+    # reported held-out numbers travel with the SAE
+    report = json.loads((shipped(prefix) / "eval.json").read_text())
+    assert report["layer"] == sae.layer and report["kind"] == sae.kind
