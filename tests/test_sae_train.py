@@ -122,6 +122,9 @@ def test_resume_continues_from_checkpoint_and_matches_uninterrupted(tmp_path, mo
         torch.testing.assert_close(getattr(resumed, name), getattr(straight, name), rtol=1e-5, atol=1e-6)
     if kind == "jumprelu":
         torch.testing.assert_close(resumed.threshold, straight.threshold, rtol=1e-5, atol=1e-6)
+    # a checkpoint of another run is refused, not silently resumed with the wrong schedule
+    with pytest.raises(YapoFastError, match="belongs to another run"):
+        train_on_activations(acts, checkpoint_dir=tmp_path / "b", **{**kw, "total_samples": 64 * 30})
 
 
 def test_activation_batches_are_position_addressable():

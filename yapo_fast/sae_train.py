@@ -208,6 +208,10 @@ def train_on_activations(acts: torch.Tensor, *, kind: str, d_sae: int, k: int | 
                            n_batches_for_norm_estimate=min(50, max(1, len(acts) // batch_size)))
     provider = ActivationBatches(acts, batch_size, seed)
     trainer_box = {}
+    # what a checkpoint must agree on to be resumed (the schedule and data order depend on it)
+    run_config = {"kind": kind, "d_in": acts.shape[1], "d_sae": d_sae, "k": k, "target_l0": target_l0,
+                  "l0_coefficient": l0_coefficient, "total_samples": total_samples, "batch_size": batch_size,
+                  "lr": lr, "seed": seed, "rows": len(acts)}
 
     def save_checkpoint(checkpoint_path=None):
         trainer = trainer_box["t"]
@@ -217,7 +221,7 @@ def train_on_activations(acts: torch.Tensor, *, kind: str, d_sae: int, k: int | 
             # the trainer bumps n_training_steps only after checkpointing a step: count it here
             (tmp / "yapo_fast_resume.json").write_text(json.dumps({
                 "provider_position": provider.position, "n_training_steps": trainer.n_training_steps + 1,
-                "n_training_samples": trainer.n_training_samples}))
+                "n_training_samples": trainer.n_training_samples, "config": run_config}))
 
     trainer = SAETrainer(cfg=cfg, sae=sae, data_provider=provider,
                          save_checkpoint_fn=save_checkpoint if checkpoint_dir else None)
@@ -230,6 +234,10 @@ def train_on_activations(acts: torch.Tensor, *, kind: str, d_sae: int, k: int | 
         from safetensors.torch import load_file
 
         state = json.loads((latest / "yapo_fast_resume.json").read_text())
+        if state.get("config") != run_config:
+            raise YapoFastError(f"the checkpoint in {latest} belongs to another run ({state.get('config')}); this run "
+                                f"is {run_config}. Resume with the same options, or delete {checkpoint_dir} "
+                                "(or pass another --work-dir) to start afresh")
         sae.load_state_dict(load_file(str(latest / "sae_weights.safetensors")))
         trainer.load_trainer_state(latest)
         trainer.n_training_steps = state["n_training_steps"]
