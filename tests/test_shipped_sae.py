@@ -12,7 +12,8 @@ from yapo_fast.sae import DEFAULT_SAE_DIR
 
 # what README "The shipped SAE" reports for the fixed prompt below (held-out numbers are in
 # yapo_fast/assets/saes/<name>/eval.json); the test asserts the SAE still explains at least this
-FIXED_PROMPT_FVE = {"default": 0.72}  # measured 0.733 (94 tokens), mean L0 44
+FIXED_PROMPT_FVE = {"default": 0.72,  # measured 0.733 (94 tokens), mean L0 44
+                    "topk": 0.69}  # measured 0.705, k = 32
 
 FIXED_PROMPT = (
     "Is it true that the Great Wall of China is visible from the Moon with the naked eye?",
@@ -42,6 +43,15 @@ def test_default_sae_is_the_shipped_jumprelu_with_its_metadata():
     assert sum(f.stat().st_size for f in path.iterdir()) <= 25 * 2**20
 
 
+def test_topk_sae_is_shipped_for_the_same_layer():
+    path = shipped("topk")
+    sae = load_sae(path)
+    assert sae.kind == "topk" and sae.k == 32 and sae.model_name == DEFAULT_MODEL
+    assert sae.layer == load_sae().layer and sae.metadata["hook_name"] == f"blocks.{sae.layer}.hook_resid_post"
+    assert json.loads((path / "cfg.json").read_text())["dtype"] == "bfloat16"
+    assert sum(f.stat().st_size for f in path.iterdir()) <= 25 * 2**20
+
+
 @pytest.fixture(scope="module")
 def fixed_prompt_acts():
     from yapo_fast import load_model
@@ -56,7 +66,7 @@ def fixed_prompt_acts():
     return seen[0][0, 1:].float()  # position 0 (attention sink) is outside the SAE's domain
 
 
-@pytest.mark.parametrize("prefix", ["default"])
+@pytest.mark.parametrize("prefix", ["default", "topk"])
 def test_shipped_sae_reconstructs_a_fixed_prompt(fixed_prompt_acts, prefix):
     sae = load_sae(shipped(prefix))
     h = fixed_prompt_acts
