@@ -89,18 +89,28 @@ def load_model(name_or_path: str | os.PathLike | None = None, *, dtype: torch.dt
     return model, tokenizer
 
 
-def decoder_layers(model) -> torch.nn.ModuleList:
-    """The decoder layers of a causal LM (Llama, Gemma, Mistral, Qwen: model.model.layers)."""
-    for path in ("model.layers", "model.model.layers", "transformer.h", "gpt_neox.layers", "model.decoder.layers"):
+def find_submodule(model, paths: tuple[str, ...], kind: type = torch.nn.Module):
+    """The first of the dotted attribute `paths` that exists on `model` as a `kind`, else None.
+    One search for every architecture-dependent part (decoder layers, final norm)."""
+    for path in paths:
         obj = model
         for part in path.split("."):
             obj = getattr(obj, part, None)
             if obj is None:
                 break
-        if isinstance(obj, torch.nn.ModuleList):
+        if isinstance(obj, kind):
             return obj
-    raise YapoFastError(f"cannot find the decoder layers of {type(model).__name__}; yapo-fast steers "
-                        "Llama-, Gemma-, Mistral- and Qwen-style decoders")
+    return None
+
+
+def decoder_layers(model) -> torch.nn.ModuleList:
+    """The decoder layers of a causal LM (Llama, Gemma, Mistral, Qwen: model.model.layers)."""
+    layers = find_submodule(model, ("model.layers", "model.model.layers", "transformer.h", "gpt_neox.layers",
+                                    "model.decoder.layers"), torch.nn.ModuleList)
+    if layers is None:
+        raise YapoFastError(f"cannot find the decoder layers of {type(model).__name__}; yapo-fast steers "
+                            "Llama-, Gemma-, Mistral- and Qwen-style decoders")
+    return layers
 
 
 def check_layer(model, layer: int) -> int:

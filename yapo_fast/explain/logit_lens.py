@@ -7,20 +7,16 @@ from __future__ import annotations
 import torch
 
 from ..errors import YapoFastError
+from ..model import find_submodule
 
 
 def final_norm(model):
     """The norm applied before the unembedding (Llama/Gemma/Mistral/Qwen: model.model.norm)."""
-    for path in ("model.norm", "model.model.norm", "transformer.ln_f", "gpt_neox.final_layer_norm",
-                 "model.decoder.final_layer_norm"):
-        obj = model
-        for part in path.split("."):
-            obj = getattr(obj, part, None)
-            if obj is None:
-                break
-        if isinstance(obj, torch.nn.Module):
-            return obj
-    raise YapoFastError(f"cannot find the final norm of {type(model).__name__} for the logit lens")
+    norm = find_submodule(model, ("model.norm", "model.model.norm", "transformer.ln_f", "gpt_neox.final_layer_norm",
+                                  "model.decoder.final_layer_norm"))
+    if norm is None:
+        raise YapoFastError(f"cannot find the final norm of {type(model).__name__} for the logit lens")
+    return norm
 
 
 @torch.no_grad()
