@@ -174,19 +174,29 @@ def _check_country(digest, country):
         raise YapoFastError(f"unknown BLEnD country {country!r}; known: {sorted(digest)}")
 
 
-def mcq_items(country: str, setting: str = "localized", *, split: str = "test", limit: int | None = None,
-              seed: int = 0, digest: dict | None = None) -> list[MCQItem]:
-    """4-option cultural multiple-choice items for `country` (answer position shuffled by seed)."""
-    digest = digest or load_digest()
+def _candidates(country: str, setting: str, split: str, digest: dict):
+    """(question id, digest row, question text, distractors) for each of the country's questions in
+    `split` that can be asked in `setting` and has at least one distractor: the one walk behind
+    both the MCQ items and the preference pairs, so they always draw from the same questions."""
     _check_country(digest, country)
-    items = []
     for qid in sorted(digest[country]):
         if split != "all" and _split_of(qid) != split:
             continue
         row = digest[country][qid]
         question = _question(row, country, setting)
+        if question is None:
+            continue
         wrong = _distractors(digest, country, qid)
-        if question is None or len(wrong) < 3:
+        if wrong:
+            yield qid, row, question, wrong
+
+
+def mcq_items(country: str, setting: str = "localized", *, split: str = "test", limit: int | None = None,
+              seed: int = 0, digest: dict | None = None) -> list[MCQItem]:
+    """4-option cultural multiple-choice items for `country` (answer position shuffled by seed)."""
+    items = []
+    for qid, row, question, wrong in _candidates(country, setting, split, digest or load_digest()):
+        if len(wrong) < 3:
             continue
         rng = random.Random(f"{seed}:{country}:{qid}")
         options = rng.sample(wrong, 3) + [row["answer"]]
@@ -203,17 +213,8 @@ def preference_pairs(country: str, setting: str = "localized", *, split: str = "
     """Cultural preference pairs: chosen = the country's answer, rejected = another country's answer."""
     from .data import PreferencePair
 
-    digest = digest or load_digest()
-    _check_country(digest, country)
     pairs = []
-    for qid in sorted(digest[country]):
-        if split != "all" and _split_of(qid) != split:
-            continue
-        row = digest[country][qid]
-        question = _question(row, country, setting)
-        wrong = _distractors(digest, country, qid)
-        if question is None or not wrong:
-            continue
+    for qid, row, question, wrong in _candidates(country, setting, split, digest or load_digest()):
         rng = random.Random(f"{seed}:{country}:{qid}:pair")
         pairs.append(PreferencePair(prompt=question, chosen=row["answer"], rejected=rng.choice(wrong)))
         if limit and len(pairs) >= limit:
