@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import torch
 
 from eval_helpers import word_tokenizer
@@ -25,6 +26,11 @@ def test_tiny_evaluation_writes_report_and_plots(tmp_path):
                                 "losses": [{"step": 1, "loss": 0.69}, {"step": 2, "loss": 0.6}]}}
     ab = res["ab"]["power-seeking"]
     assert ab["n"] == 3 and ab["curves"]["yapo"][1]["mean"] == ab["baseline"]  # m=0 is the unsteered model
+    for pts in ab["curves"].values():  # the paired effect: steered mean - unsteered mean, 0 at m=0
+        assert pts[1]["delta"] == 0 and all(abs(p["delta"] - (p["mean"] - ab["baseline"])) < 1e-6 for p in pts)
+    assert set(res["scale"]) == {"power-seeking/yapo", "power-seeking/bipo", "Spain/bipo"}
+    assert res["scale"]["power-seeking/bipo"]["edit_norm"] == pytest.approx(float(bipo.values.norm()), rel=1e-4)
+    assert "max_abs_mv" in res["scale"]["power-seeking/yapo"] and "max_abs_mv" not in res["scale"]["Spain/bipo"]
     sp = res["culture"]["Spain"]
     assert sp["localized"]["n"] == sp["non_localized"]["n"] == 3
     gap = sp["localized"]["accuracy"]["bipo"]["accuracy"] - sp["non_localized"]["accuracy"]["bipo"]["accuracy"]
@@ -40,6 +46,7 @@ def test_tiny_evaluation_writes_report_and_plots(tmp_path):
         assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 5000
     md = paths["markdown"].read_text()
     assert "## Steering curve: power-seeking" in md and "| Spain | bipo |" in md and "random-sae" in md
+    assert "## Vector scale (m=1)" in md and "Effect against unsteered" in md and "change 95% CI" in md
     assert json.loads(paths["json"].read_text())["culture"]["Spain"]["gap"]["bipo"] == gap
 
 

@@ -58,15 +58,23 @@ def ab_prompt(tokenizer, item: ABItem, system: str | None = None) -> str:
     return format_prompt(tokenizer, user, system) + ANSWER_PREFIX
 
 
-def ab_scores(model, tokenizer, items: list[ABItem], *, batch_size: int = 8, system: str | None = None,
-              progress: bool = False, desc: str = "A/B") -> torch.Tensor:
-    """Per item: the probability of the matching option over {A, B}."""
-    ids = letter_token_ids(tokenizer, "AB")
-    logits = next_token_logits(model, tokenizer, [ab_prompt(tokenizer, it, system) for it in items], ids,
-                               batch_size=batch_size, progress=progress, desc=desc)
+def ab_texts(tokenizer, items: list[ABItem], system: str | None = None) -> list[str]:
+    return [ab_prompt(tokenizer, it, system) for it in items]
+
+
+def ab_scores_from_logits(items: list[ABItem], logits: torch.Tensor) -> torch.Tensor:
+    """Per item: the probability of the matching option, from the (items, 2) logits of letters A, B."""
     probs = option_probabilities(logits)
     col = torch.tensor([0 if it.matching == "A" else 1 for it in items])
     return probs[torch.arange(len(items)), col]
+
+
+def ab_scores(model, tokenizer, items: list[ABItem], *, batch_size: int = 8, system: str | None = None,
+              progress: bool = False, desc: str = "A/B") -> torch.Tensor:
+    """Per item: the probability of the matching option over {A, B}."""
+    logits = next_token_logits(model, tokenizer, ab_texts(tokenizer, items, system), letter_token_ids(tokenizer, "AB"),
+                               batch_size=batch_size, progress=progress, desc=desc)
+    return ab_scores_from_logits(items, logits)
 
 
 def mean_ci95(values: torch.Tensor) -> tuple[float, float, float]:

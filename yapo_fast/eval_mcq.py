@@ -19,13 +19,13 @@ def mcq_prompt(tokenizer, item: MCQItem, system: str | None = None) -> str:
     return format_prompt(tokenizer, user, system) + ANSWER_PREFIX
 
 
-def mcq_correct(model, tokenizer, items: list[MCQItem], *, batch_size: int = 8, system: str | None = None,
-                progress: bool = False, desc: str = "MCQ") -> tuple[torch.Tensor, torch.Tensor]:
-    """(correct, p_answer) per item: 1.0 where the answer letter wins, and its normalised probability.
-    Items may have different option counts: each is scored over its own letters."""
-    ids = letter_token_ids(tokenizer, LETTERS)
-    logits = next_token_logits(model, tokenizer, [mcq_prompt(tokenizer, it, system) for it in items], ids,
-                               batch_size=batch_size, progress=progress, desc=desc)
+def mcq_texts(tokenizer, items: list[MCQItem], system: str | None = None) -> list[str]:
+    return [mcq_prompt(tokenizer, it, system) for it in items]
+
+
+def mcq_from_logits(items: list[MCQItem], logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(correct, p_answer) from the (items, len(LETTERS)) logits of the option letters; each item is
+    scored over its own letters (items may have different option counts)."""
     correct, p_answer = torch.zeros(len(items)), torch.zeros(len(items))
     for r, it in enumerate(items):
         row = logits[r, : len(it.options)]
@@ -33,3 +33,11 @@ def mcq_correct(model, tokenizer, items: list[MCQItem], *, batch_size: int = 8, 
         correct[r] = float(int(row.argmax()) == a)
         p_answer[r] = option_probabilities(row)[a]
     return correct, p_answer
+
+
+def mcq_correct(model, tokenizer, items: list[MCQItem], *, batch_size: int = 8, system: str | None = None,
+                progress: bool = False, desc: str = "MCQ") -> tuple[torch.Tensor, torch.Tensor]:
+    """(correct, p_answer) per item: 1.0 where the answer letter wins, and its normalised probability."""
+    logits = next_token_logits(model, tokenizer, mcq_texts(tokenizer, items, system), letter_token_ids(tokenizer, LETTERS),
+                               batch_size=batch_size, progress=progress, desc=desc)
+    return mcq_from_logits(items, logits)

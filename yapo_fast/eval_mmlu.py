@@ -55,9 +55,8 @@ def mmlu_prompt(tokenizer, item: MCQItem, shots: list[MCQItem], system: str | No
     return format_prompt(tokenizer, user, system) + ANSWER_PREFIX
 
 
-def mmlu_correct(model, tokenizer, items: list[MCQItem], *, shots: int = 2, dev: list[MCQItem] | None = None,
-                 batch_size: int = 4, progress: bool = False, desc: str = "MMLU") -> torch.Tensor:
-    """1.0 per item the model answers right."""
+def mmlu_texts(tokenizer, items: list[MCQItem], *, shots: int = 2, dev: list[MCQItem] | None = None) -> list[str]:
+    """The k-shot prompt of each item (the first `shots` dev questions of its subject)."""
     dev = load_mmlu("dev") if dev is None else dev
     pool: dict[str, list[MCQItem]] = {}
     for d in dev:
@@ -66,8 +65,19 @@ def mmlu_correct(model, tokenizer, items: list[MCQItem], *, shots: int = 2, dev:
         if len(pool.get(it.country, [])) < shots:
             raise YapoFastError(f"MMLU subject {it.country!r} has {len(pool.get(it.country, []))} dev questions, "
                                 f"fewer than shots={shots}")
-    ids = letter_token_ids(tokenizer, "ABCD")
-    texts = [mmlu_prompt(tokenizer, it, pool[it.country][:shots]) for it in items]
-    logits = next_token_logits(model, tokenizer, texts, ids, batch_size=batch_size, progress=progress, desc=desc)
+    return [mmlu_prompt(tokenizer, it, pool[it.country][:shots]) for it in items]
+
+
+def mmlu_from_logits(items: list[MCQItem], logits: torch.Tensor) -> torch.Tensor:
+    """1.0 per item whose answer letter has the largest of the (items, 4) A-D logits."""
     answers = torch.tensor(["ABCD".index(it.answer) for it in items])
     return (logits.argmax(-1) == answers).float()
+
+
+def mmlu_correct(model, tokenizer, items: list[MCQItem], *, shots: int = 2, dev: list[MCQItem] | None = None,
+                 batch_size: int = 4, progress: bool = False, desc: str = "MMLU") -> torch.Tensor:
+    """1.0 per item the model answers right."""
+    texts = mmlu_texts(tokenizer, items, shots=shots, dev=dev)
+    logits = next_token_logits(model, tokenizer, texts, letter_token_ids(tokenizer, "ABCD"), batch_size=batch_size,
+                               progress=progress, desc=desc)
+    return mmlu_from_logits(items, logits)

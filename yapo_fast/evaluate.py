@@ -12,9 +12,13 @@ Parts (each skipped when it has nothing to evaluate):
   country's vectors, localized and non-localized, and the localization gap (eval_mcq.py);
 - MMLU on the shipped subset, unsteered and with each vector (eval_mmlu.py);
 - open-ended generations, unsteered and steered, side by side.
-Scoring runs through transformers (eval_score.py); generation through vLLM when `generate_fn` is
-given (main_job passes one when vLLM is installed), else transformers.
-Multiplier 0 is the unsteered model for every method (h' = h exactly), so it is computed once.
+Scoring runs through transformers (eval_score.py): for Llama-style models layers 0..L run once per
+batch and only the layers above L once per (vector, multiplier), which is exact (steering changes
+nothing below L) and about halves a curve's cost; other models are scored with a hook per steering.
+Generation goes through vLLM when `generate_fn` is given (main_job passes one when vLLM is
+installed), else transformers. Multiplier 0 is the unsteered model for every method (h' = h
+exactly), so it is computed once. `vector_scale` (eval_scale.py) records how large each vector's
+edit of the residual stream is, so a flat curve can be told apart from a vector too small to act.
 """
 
 from __future__ import annotations
@@ -24,11 +28,13 @@ import time
 import torch
 from tqdm.auto import tqdm
 
-from .data import bipo_csv_path
+from .chat import format_prompt
+from .data import bipo_csv_path, load_pairs
 from .errors import YapoFastError
-from .eval_ab import ab_scores, is_ab_file, load_ab_items, mean_ci95
-from .eval_mcq import mcq_correct
-from .eval_mmlu import load_mmlu, mmlu_correct
+from .eval_ab import ab_scores_from_logits, ab_texts, is_ab_file, load_ab_items, mean_ci95
+from .eval_mcq import mcq_from_logits, mcq_texts
+from .eval_mmlu import load_mmlu, mmlu_from_logits, mmlu_texts
+from .eval_score import letter_token_ids, next_token_logits, steered_next_token_logits
 from .integrations.hf_hooks import steer
 from .model import model_identity
 
@@ -49,20 +55,78 @@ def _vector_meta(vector) -> dict:
             "norm": float(vector.values.norm()), "sae": (vector.sae or {}).get("name"), "info": vector.info}
 
 
-def steering_curve(model, tokenizer, items, vector, *, sae=None, multipliers=MULTIPLIERS, baseline=None,
-                   batch_size: int = 8, progress: bool = True, desc: str = "") -> list[dict]:
+def _prefix_reuse(model) -> bool:
+    """Whether the model runs as a Llama-style layer stack (train.lean.DecoderRunner)."""
+    from .train.lean import DecoderRunner
+
+    try:
+        DecoderRunner(model)
+    except YapoFastError:
+        return False
+    return True
+
+
+def score_steerings(model, tokenizer, texts: list[str], letter_ids: list[int], steerings: dict, *, sae=None,
+                    batch_size: int = 8, progress: bool = True, desc: str = "") -> dict:
+    """{key: (texts, letters) logits} for steerings {key: (vector, multiplier)}; (None, 0) is unsteered.
+
+    Steerings of the same layer share one pass through the layers below it (see the module doc)."""
+    from .steering import make_steer_fn
+
+    out = {}
+    if _prefix_reuse(model):
+        by_layer: dict[int, dict] = {}
+        for key, (vec, m) in steerings.items():
+            if vec is None or m == 0:
+                by_layer.setdefault(None, {})[key] = None
+            else:
+                by_layer.setdefault(vec.layer, {})[key] = make_steer_fn(vec, m, sae=sae if vec.is_sparse else None)
+        plain = by_layer.pop(None, {})
+        if plain and not by_layer:  # unsteered only
+            logits = next_token_logits(model, tokenizer, texts, letter_ids, batch_size=batch_size, progress=progress,
+                                       desc=f"{desc} unsteered")
+            return {key: logits for key in plain}
+        for n, (layer, fns) in enumerate(by_layer.items()):
+            fns = {**(plain if n == 0 else {}), **fns}  # the unsteered logits come with the first layer's pass
+            out.update(steered_next_token_logits(model, tokenizer, texts, letter_ids, layer, fns, batch_size=batch_size,
+                                                 progress=progress, desc=f"{desc} L{layer} x{len(fns)}"))
+        return out
+    for key, (vec, m) in steerings.items():  # any other model: one hooked forward per steering
+        with _steered(model, vec, m, sae):
+            out[key] = next_token_logits(model, tokenizer, texts, letter_ids, batch_size=batch_size,
+                                         progress=progress, desc=f"{desc} {key}")
+    return out
+
+
+def steering_curve(model, tokenizer, items, vector, *, sae=None, multipliers=MULTIPLIERS, batch_size: int = 8,
+                   progress: bool = True, desc: str = "") -> list[dict]:
     """[{multiplier, mean, ci_low, ci_high, n}] of the matching option's probability."""
-    points = []
-    for m in multipliers:
-        if m == 0 and baseline is not None:
-            scores = baseline
-        else:
-            with _steered(model, vector, m, sae):
-                scores = ab_scores(model, tokenizer, items, batch_size=batch_size, progress=progress,
-                                   desc=f"{desc} m={m:g}")
-        mean, lo, hi = mean_ci95(scores)
-        points.append({"multiplier": float(m), "mean": mean, "ci_low": lo, "ci_high": hi, "n": len(items)})
-    return points
+    curves, _ = steering_curves(model, tokenizer, items, {"v": vector}, sae=sae, multipliers=multipliers,
+                                batch_size=batch_size, progress=progress, desc=desc)
+    return curves["v"]
+
+
+def steering_curves(model, tokenizer, items, vectors: dict, *, sae=None, multipliers=MULTIPLIERS, batch_size: int = 8,
+                    progress: bool = True, desc: str = ""):
+    """({name: curve}, unsteered scores) for every vector at every multiplier, in one scoring sweep."""
+    steerings = {("unsteered", 0.0): (None, 0.0)}
+    steerings.update({(name, float(m)): (vec, float(m)) for name, vec in vectors.items() for m in multipliers if m != 0})
+    logits = score_steerings(model, tokenizer, ab_texts(tokenizer, items), letter_token_ids(tokenizer, "AB"), steerings,
+                             sae=sae, batch_size=batch_size, progress=progress, desc=desc)
+    scores = {key: ab_scores_from_logits(items, lg) for key, lg in logits.items()}
+    base = scores[("unsteered", 0.0)]
+    curves = {}
+    for name in vectors:
+        points = []
+        for m in multipliers:
+            steered = base if m == 0 else scores[(name, float(m))]
+            mean, lo, hi = mean_ci95(steered)
+            # the effect against unsteered on the same items (paired: far tighter than the two CIs)
+            delta, d_lo, d_hi = mean_ci95(steered - base)
+            points.append({"multiplier": float(m), "mean": mean, "ci_low": lo, "ci_high": hi, "n": len(items),
+                           "delta": delta, "delta_ci_low": d_lo, "delta_ci_high": d_hi})
+        curves[name] = points
+    return curves, base
 
 
 def evaluate(model, tokenizer, *, sae=None, behaviour_vectors: dict | None = None, country_vectors: dict | None = None,
@@ -71,17 +135,19 @@ def evaluate(model, tokenizer, *, sae=None, behaviour_vectors: dict | None = Non
              mmlu_per_subject: int | None = None, mmlu_shots: int = 2, mmlu_multiplier: float = 1.0,
              mmlu: bool = True, generation_prompts: dict | None = None, generation_multiplier: float = 1.0,
              max_new_tokens: int = 48, generate_fn=None, batch_size: int = 8, progress: bool = True,
-             parts=("ab", "culture", "mmlu", "generations")) -> dict:
+             scale_prompts: int = 12, parts=("scale", "ab", "culture", "mmlu", "generations")) -> dict:
     """Evaluate vectors; returns a JSON-ready dict (see yapo_fast.report for the files made from it).
 
     behaviour_vectors: {behaviour: {name: SteeringVector}} scored on that behaviour's A/B test set
     (ab_files[behaviour] or the shipped bipo/<behaviour>/test_infer.csv).
     country_vectors: {country: {name: SteeringVector}} scored on the country's BLEnD items.
     generation_prompts: {behaviour: [prompt, ...]} generated unsteered and with each of its vectors.
-    parts: which of "ab", "culture", "mmlu", "generations" to run (a long evaluation can run them
-    one at a time and merge the dicts).
+    parts: which of "scale", "ab", "culture", "mmlu", "generations" to run (a long evaluation can run
+    them one at a time and merge the dicts). "scale": each vector's edit of the residual stream at
+    m=1 on `scale_prompts` of its own prompts (eval_scale.py).
     """
     from . import blend
+    from .blend import LETTERS
 
     behaviour_vectors = behaviour_vectors or {}
     country_vectors = country_vectors or {}
@@ -97,9 +163,27 @@ def evaluate(model, tokenizer, *, sae=None, behaviour_vectors: dict | None = Non
                  "multipliers": [float(m) for m in multipliers], "created": time.strftime("%Y-%m-%d %H:%M:%S"),
                  "vectors": {f"{k}/{n}": _vector_meta(v) for k, g in {**behaviour_vectors, **country_vectors}.items()
                              for n, v in g.items()}},
-        "ab": {}, "culture": {}, "mmlu": None, "generations": {},
+        "ab": {}, "culture": {}, "mmlu": None, "generations": {}, "scale": {},
     }
     t0 = time.perf_counter()
+
+    # ---- how large is each vector's edit (before reading any curve) -------------------------------
+    if "scale" in parts and scale_prompts:
+        from .eval_scale import layer_states, vector_scale
+
+        for kind, groups in (("behaviour", behaviour_vectors), ("country", country_vectors)):
+            for key, vectors in groups.items():
+                if kind == "country":
+                    texts = mcq_texts(tokenizer, blend.mcq_items(key, "non_localized", limit=scale_prompts))
+                else:
+                    path = (ab_files or {}).get(key) or bipo_csv_path(key, "test_infer")
+                    texts = (ab_texts(tokenizer, load_ab_items(path, limit=scale_prompts)) if is_ab_file(path)
+                             else [format_prompt(tokenizer, p.prompt) for p in load_pairs(path, limit=scale_prompts)])
+                states = {}
+                for name, vec in vectors.items():
+                    if vec.layer not in states:
+                        states[vec.layer] = layer_states(model, tokenizer, texts, vec.layer)
+                    results["scale"][f"{key}/{name}"] = vector_scale(vec, states[vec.layer], sae=sae)
 
     # ---- behaviour steering curves --------------------------------------------------------------
     for behaviour, vectors in (behaviour_vectors if "ab" in parts else {}).items():
@@ -108,12 +192,9 @@ def evaluate(model, tokenizer, *, sae=None, behaviour_vectors: dict | None = Non
             results["ab_skipped"] = {**results.get("ab_skipped", {}), behaviour: f"{path} has no A/B columns"}
             continue
         items = load_ab_items(path, limit=ab_limit)
-        base = ab_scores(model, tokenizer, items, batch_size=batch_size, progress=progress, desc=f"{behaviour} unsteered")
-        entry = {"data": str(path), "n": len(items), "baseline": mean_ci95(base)[0], "curves": {}}
-        for name, vec in vectors.items():
-            entry["curves"][name] = steering_curve(model, tokenizer, items, vec, sae=sae, multipliers=multipliers,
-                                                   baseline=base, batch_size=batch_size, progress=progress,
-                                                   desc=f"{behaviour} {name}")
+        curves, base = steering_curves(model, tokenizer, items, vectors, sae=sae, multipliers=multipliers,
+                                       batch_size=batch_size, progress=progress, desc=behaviour)
+        entry = {"data": str(path), "n": len(items), "baseline": mean_ci95(base)[0], "curves": curves}
         results["ab"][behaviour] = entry
 
     # ---- cultural multiple choice -----------------------------------------------------------------
@@ -125,12 +206,13 @@ def evaluate(model, tokenizer, *, sae=None, behaviour_vectors: dict | None = Non
                 items = blend.mcq_items(country, setting, limit=mcq_limit, digest=digest)
                 if not items:
                     raise YapoFastError(f"no {setting} BLEnD items for {country}")
+                steerings = {name: (vec, culture_multiplier) for name, vec in (("unsteered", None), *vectors.items())}
+                logits = score_steerings(model, tokenizer, mcq_texts(tokenizer, items), letter_token_ids(tokenizer, LETTERS),
+                                         steerings, sae=sae, batch_size=batch_size, progress=progress,
+                                         desc=f"{country} {setting}")
                 acc = {}
-                for name, vec in (("unsteered", None), *vectors.items()):
-                    with _steered(model, vec, culture_multiplier, sae):
-                        correct, _ = mcq_correct(model, tokenizer, items, batch_size=batch_size, progress=progress,
-                                                 desc=f"{country} {setting} {name}")
-                    mean, lo, hi = mean_ci95(correct)
+                for name in steerings:
+                    mean, lo, hi = mean_ci95(mcq_from_logits(items, logits[name])[0])
                     acc[name] = {"accuracy": mean, "ci_low": lo, "ci_high": hi}
                 entry[setting] = {"n": len(items), "accuracy": acc}
             entry["gap"] = {name: entry["localized"]["accuracy"][name]["accuracy"]
@@ -142,17 +224,20 @@ def evaluate(model, tokenizer, *, sae=None, behaviour_vectors: dict | None = Non
     all_vectors = {f"{k}/{n}": v for k, g in {**behaviour_vectors, **country_vectors}.items() for n, v in g.items()}
     if mmlu and all_vectors and "mmlu" in parts:
         items = load_mmlu("test", per_subject=mmlu_per_subject)
-        accs = {}
-        for name, vec in (("unsteered", None), *all_vectors.items()):
-            with _steered(model, vec, mmlu_multiplier, sae):
-                correct = mmlu_correct(model, tokenizer, items, shots=mmlu_shots, batch_size=max(1, batch_size // 2),
-                                       progress=progress, desc=f"MMLU {name}")
-            mean, lo, hi = mean_ci95(correct)
+        steerings = {name: (vec, mmlu_multiplier) for name, vec in (("unsteered", None), *all_vectors.items())}
+        logits = score_steerings(model, tokenizer, mmlu_texts(tokenizer, items, shots=mmlu_shots),
+                                 letter_token_ids(tokenizer, "ABCD"), steerings, sae=sae,
+                                 batch_size=max(1, batch_size // 2), progress=progress, desc="MMLU")
+        correct = {name: mmlu_from_logits(items, lg) for name, lg in logits.items()}
+        accs, change, change_ci = {}, {}, {}
+        for name, c in correct.items():
+            mean, lo, hi = mean_ci95(c)
             accs[name] = {"accuracy": mean, "ci_low": lo, "ci_high": hi}
+            if name != "unsteered":  # paired over the same items
+                change[name], d_lo, d_hi = mean_ci95(c - correct["unsteered"])
+                change_ci[name] = [d_lo, d_hi]
         results["mmlu"] = {"n": len(items), "shots": mmlu_shots, "per_subject": mmlu_per_subject,
-                           "multiplier": mmlu_multiplier, "accuracy": accs,
-                           "change": {k: v["accuracy"] - accs["unsteered"]["accuracy"] for k, v in accs.items()
-                                      if k != "unsteered"}}
+                           "multiplier": mmlu_multiplier, "accuracy": accs, "change": change, "change_ci95": change_ci}
 
     # ---- open-ended generations side by side -----------------------------------------------------------
     for behaviour, prompts in ((generation_prompts or {}) if "generations" in parts else {}).items():

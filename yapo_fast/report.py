@@ -19,7 +19,8 @@ def _footer(results: dict, vectors: list[str] | None = None, data: str | None = 
     vmeta = meta.get("vectors", {})
     names = vectors if vectors is not None else list(vmeta)
     layers = sorted({str(vmeta[n]["layer"]) for n in names if n in vmeta}) or [str(sae.get("layer"))]
-    sae_txt = f"{sae.get('name')} ({sae.get('kind')}, d_sae={sae.get('d_sae')})" if sae else "none"
+    sae_txt = (f"{sae.get('name')} ({sae.get('kind')}, d_sae={sae.get('d_sae')}, weights {sae.get('hash')})"
+               if sae else "none")
     text = (f"model: {meta.get('model')} | SAE: {sae_txt} | layer: {', '.join(layers)}\n"
             f"vectors: {', '.join(names) if names else 'none'}")
     if data:
@@ -49,19 +50,33 @@ def _figure(results, title, vectors, data, size=(7.5, 4.8)):
 
 
 def plot_steering_curves(results: dict, out_dir: Path) -> list[Path]:
+    """Per behaviour: P(matching) with 95% bands (left) and the paired effect against unsteered (right)."""
     paths = []
     for behaviour, entry in results.get("ab", {}).items():
         names = [f"{behaviour}/{n}" for n in entry["curves"]]
-        fig, ax = _figure(results, f"Steering curve: {behaviour} (A/B, n={entry['n']})", names, entry["data"])
+        fig, ax = _figure(results, f"Steering curve: {behaviour} (A/B, n={entry['n']})", names, entry["data"],
+                          size=(11, 4.6))
+        ax.remove()
+        left, right = fig.subplots(1, 2)
+        fig.suptitle(f"Steering curves: {behaviour} (A/B, n={entry['n']})")
         for name, pts in entry["curves"].items():
             xs = [p["multiplier"] for p in pts]
-            ax.plot(xs, [p["mean"] for p in pts], marker="o", label=name)
-            ax.fill_between(xs, [p["ci_low"] for p in pts], [p["ci_high"] for p in pts], alpha=0.2)
-        ax.axhline(entry["baseline"], color="grey", ls="--", lw=0.8, label="unsteered")
-        ax.set_xlabel("multiplier")
-        ax.set_ylabel("P(matching option), normalised over A/B")
-        ax.set_ylim(0, 1)
-        ax.legend()
+            left.plot(xs, [p["mean"] for p in pts], marker="o", label=name)
+            left.fill_between(xs, [p["ci_low"] for p in pts], [p["ci_high"] for p in pts], alpha=0.2)
+            if all("delta" in p for p in pts):
+                right.plot(xs, [p["delta"] for p in pts], marker="o", label=name)
+                right.fill_between(xs, [p["delta_ci_low"] for p in pts], [p["delta_ci_high"] for p in pts], alpha=0.2)
+        left.axhline(entry["baseline"], color="grey", ls="--", lw=0.8, label="unsteered")
+        left.set_xlabel("multiplier")
+        left.set_ylabel("P(matching option), normalised over A/B")
+        left.set_ylim(0, 1)
+        left.set_title("mean, 95% CI", fontsize=9)
+        left.legend(fontsize=8)
+        right.axhline(0, color="grey", ls="--", lw=0.8)
+        right.set_xlabel("multiplier")
+        right.set_ylabel("effect: steered - unsteered (same items)")
+        right.set_title("paired effect, 95% CI", fontsize=9)
+        right.legend(fontsize=8)
         paths.append(_save(fig, out_dir / f"steering_{behaviour}.png"))
     return paths
 
@@ -80,8 +95,10 @@ def plot_culture(results: dict, out_dir: Path) -> list[Path]:
     width = 0.8 / len(names)
     x = np.arange(len(groups))
     for j, name in enumerate(names):
-        vals = [culture[c][s]["accuracy"].get(name, {}).get("accuracy", float("nan")) for c, s in groups]
-        ax.bar(x + j * width - 0.4 + width / 2, vals, width, label=name)
+        accs = [culture[c][s]["accuracy"].get(name, {}) for c, s in groups]
+        vals = [a.get("accuracy", float("nan")) for a in accs]
+        err = [[v - a.get("ci_low", v) for v, a in zip(vals, accs)], [a.get("ci_high", v) - v for v, a in zip(vals, accs)]]
+        ax.bar(x + j * width - 0.4 + width / 2, vals, width, yerr=err, capsize=2, label=name)
     ax.axhline(0.25, color="grey", ls=":", lw=0.8, label="chance (4 options)")
     ax.set_xticks(x, [f"{c}\n{s.replace('_', '-')}" for c, s in groups], fontsize=8)
     ax.set_ylabel("accuracy")
@@ -130,9 +147,22 @@ def markdown(results: dict, plots: list[Path]) -> str:
     sae = meta.get("sae") or {}
     lines = ["# yapo-fast evaluation report", "",
              f"- model: {meta.get('model')}",
-             f"- SAE: {sae.get('name')} ({sae.get('kind')}, d_sae={sae.get('d_sae')}, layer {sae.get('layer')})" if sae
+             f"- SAE: {sae.get('name')} ({sae.get('kind')}, d_sae={sae.get('d_sae')}, layer {sae.get('layer')}, "
+             f"weights hash {sae.get('hash')})" if sae
              else "- SAE: none",
              f"- created: {meta.get('created')}; evaluation time {meta.get('seconds', 0):.0f} s", ""]
+    if results.get("scale"):
+        lines += ["## Vector scale (m=1)", "",
+                  "edit = mean over tokens of ||h' - h|| / ||h|| at the steered layer; for YaPO vectors also the "
+                  "largest |m v_i|, the median |m v_i| of the 20 largest entries against the median activation "
+                  "(where active) of those features, and how many of them never fire on the prompts.", "",
+                  "| vector | ||v|| | edit ||h'-h||/||h|| | max |m v_i| | top-20 |m v_i| | their z when active | "
+                  "never active |", "|---|---|---|---|---|---|---|"]
+        for n, sc in results["scale"].items():
+            f = lambda k: "" if k not in sc else f"{sc[k]:.3g}"  # noqa: E731
+            lines.append(f"| {n} | {sc['vector_norm']:.3g} | {sc['edit_ratio']:.3g} | {f('max_abs_mv')} | "
+                         f"{f('top_abs_mv_median')} | {f('z_active_median')} | {sc.get('top_never_active', '')} |")
+        lines.append("")
     if results.get("training"):
         lines += ["## Training", "", "| vector | data | pairs | steps | seconds | final loss |", "|---|---|---|---|---|---|"]
         for n, t in results["training"].items():
@@ -148,6 +178,12 @@ def markdown(results: dict, plots: list[Path]) -> str:
         for name, pts in entry["curves"].items():
             lines.append(f"| {name} | " + " | ".join(f"{p['mean']:.3f} (±{(p['ci_high'] - p['ci_low']) / 2:.3f})"
                                                     for p in pts) + " |")
+        if all("delta" in p for pts in entry["curves"].values() for p in pts):
+            lines += ["", "Effect against unsteered on the same items (paired 95% CI half-width in brackets):", "",
+                      "| vector | " + " | ".join(f"m={m:g}" for m in ms) + " |", "|---|" + "---|" * len(ms)]
+            for name, pts in entry["curves"].items():
+                lines.append(f"| {name} | " + " | ".join(
+                    f"{p['delta']:+.3f} (±{(p['delta_ci_high'] - p['delta_ci_low']) / 2:.3f})" for p in pts) + " |")
         lines.append("")
     if results.get("culture"):
         lines += ["## Cultural multiple choice (BLEnD)", "",
@@ -162,10 +198,12 @@ def markdown(results: dict, plots: list[Path]) -> str:
     if results.get("mmlu"):
         mm = results["mmlu"]
         lines += [f"## MMLU subset ({mm['n']} items, {mm['shots']}-shot, multiplier {mm['multiplier']:g})", "",
-                  "| vector | accuracy | change |", "|---|---|---|"]
+                  "| vector | accuracy | change | change 95% CI (paired) |", "|---|---|---|---|"]
         for name, a in mm["accuracy"].items():
             ch = mm["change"].get(name)
-            lines.append(f"| {name} | {a['accuracy']:.3f} | {'' if ch is None else f'{ch:+.3f}'} |")
+            ci = (mm.get("change_ci95") or {}).get(name)
+            lines.append(f"| {name} | {a['accuracy']:.3f} | {'' if ch is None else f'{ch:+.3f}'} | "
+                         f"{'' if ci is None else f'[{ci[0]:+.3f}, {ci[1]:+.3f}]'} |")
         lines.append("")
     for behaviour, g in (results.get("generations") or {}).items():
         lines += [f"## Generations: {behaviour} (multiplier {g['multiplier']:g})", ""]
