@@ -16,8 +16,10 @@ kernels/sparse_steer_reference.py up to float32 rounding (computed in float32, c
 
 Autograd (single vector only): when h or prepared.values requires grad, the call goes through
 SparseSteerFunction, giving d/dh and d/d values (the vector's entries at prepared.support; the
-gradient reaches the dense latent through prepare's ``latent[support]``). The backward is plain
-torch on the gathered tensors: it is the same unavoidable work as the forward (two small matmuls).
+gradient reaches the dense latent through prepare's ``latent[support]``). The backward runs on the
+forward's backend family: Triton kernels (sparse_steer_triton_backward.py) after a Triton
+forward, else plain torch on the gathered tensors (the same unavoidable work as the forward: two
+small matmuls; numba has no backward kernel because torch's MKL matmuls already beat it on CPU).
 A PreparedSteer is a snapshot of v: after an optimizer step, prepare again (it only gathers
 columns/rows of the support; pass support=... so a coordinate crossing zero stays in it).
 """
@@ -141,7 +143,7 @@ class SparseSteerFunction(torch.autograd.Function):
             backend = "torch"
         cut = _topk_cut(x2d, prepared, backend)
         _run(backend, x2d, out2d, None, prepared, cut)
-        ctx.prepared = prepared
+        ctx.prepared, ctx.backend = prepared, backend
         ctx.save_for_backward(h, cut)
         return out2d.view(h.shape)
 
@@ -152,6 +154,8 @@ class SparseSteerFunction(torch.autograd.Function):
         cdt = p.const.dtype
         x = h.reshape(-1, h.shape[-1]).to(cdt)
         g = grad_out.reshape(-1, h.shape[-1]).to(cdt)
+        if ctx.backend == "triton":
+            return _backward_triton(ctx, h, x, g, cut)
         pre = x @ p.enc_cols + p.enc_bias
         active = pre > p.thresholds
         if cut is not None:
@@ -170,3 +174,22 @@ class SparseSteerFunction(torch.autograd.Function):
             grad_v[p.const_pos] = m * (p.const_dec_rows @ g.sum(0))
             grad_v = grad_v.to(p.values.dtype)
         return grad_h, grad_v, None, None
+
+
+def _backward_triton(ctx, h, x, g, cut):
+    """SparseSteerFunction.backward on the Triton kernels (same math as the torch backward above)."""
+    from .sparse_steer_triton_backward import steer_backward_triton
+    p = ctx.prepared
+    need_h, need_v = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    grad_h, dv = steer_backward_triton(x, g, None, p.enc_cols[None], p.enc_bias[None], p.thresholds[None],
+                                       p.coef[None], p.dec_rows[None], cut, need_h=need_h, need_v=need_v)
+    if need_h:
+        grad_h = grad_h.to(h.dtype).view(h.shape)
+    grad_v = None
+    if need_v:
+        grad_v = torch.zeros(p.support.shape[0], dtype=torch.float32, device=g.device)
+        grad_v[p.dep_pos] = p.multiplier * dv[0]
+        # Constant entries (a > 0): dv = m * sum_t g_t . W_dec[i], independent of h; a column sum + matvec.
+        grad_v[p.const_pos] = p.multiplier * (p.const_dec_rows.float() @ g.float().sum(0))
+        grad_v = grad_v.to(p.values.dtype)
+    return grad_h, grad_v, None, None

@@ -11,6 +11,7 @@ import os
 _previous = os.environ.get("TRITON_INTERPRET")
 os.environ["TRITON_INTERPRET"] = "1"
 import yapo_fast.kernels.sparse_steer_triton  # noqa: E402,F401
+import yapo_fast.kernels.sparse_steer_triton_backward  # noqa: E402,F401
 import yapo_fast.kernels.topk_threshold_triton  # noqa: E402,F401
 
 if _previous is None:
@@ -18,13 +19,18 @@ if _previous is None:
 else:
     os.environ["TRITON_INTERPRET"] = _previous
 
+import contextlib  # noqa: E402
+
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from helpers import SAE_KINDS, random_latent, random_sae  # noqa: E402
 from test_kernels_sparse_steer import assert_matches, hidden  # noqa: E402
 from test_kernels_topk_threshold import integer_topk_sae, steer_with_tie_rule  # noqa: E402
-from yapo_fast.kernels.sparse_steer import prepare_sparse_steer, sparse_steer, stack_prepared  # noqa: E402
+from yapo_fast.kernels.sparse_steer import _per_slot, prepare_sparse_steer, sparse_steer, stack_prepared  # noqa: E402
+from yapo_fast.kernels.sparse_steer_triton import steer_triton  # noqa: E402
+from yapo_fast.kernels.topk_threshold_reference import topk_cut  # noqa: E402
 from yapo_fast.kernels.sparse_steer_reference import sparse_steer_reference  # noqa: E402
 from yapo_fast.kernels.topk_threshold import topk_threshold  # noqa: E402
 from yapo_fast.kernels.topk_threshold_reference import topk_threshold_reference  # noqa: E402
@@ -41,6 +47,32 @@ def interpret_on_cpu(monkeypatch):
 
 
 DEVICE = "cuda" if HAS_CUDA else "cpu"
+
+
+@contextlib.contextmanager
+def recorded_stores():
+    """Every address a Triton kernel stores to while interpreted (the interpreter funnels each
+    tl.store through its builder's create_masked_store). Records nothing on a real GPU."""
+    from triton.runtime import interpreter
+    builder = interpreter.interpreter_builder
+    addresses = []
+    real = builder.create_masked_store
+
+    def spy(ptrs, value, mask, cache_policy):
+        addresses.append(np.asarray(ptrs.data)[np.asarray(mask.data, dtype=bool)].astype(np.int64).ravel())
+        return real(ptrs, value, mask, cache_policy)
+
+    builder.create_masked_store = spy
+    try:
+        yield addresses
+    finally:
+        del builder.create_masked_store
+
+
+def tensor_addresses(t):
+    return t.data_ptr() + t.element_size() * np.arange(t.numel(), dtype=np.int64)
+
+
 
 
 # TopK under the interpreter is slow (bitonic sorts run as numpy ops): one TopK case per test.
@@ -99,7 +131,11 @@ def test_topk_threshold_matches_reference(T, d_sae, k):
     sae = random_sae("topk", d_in=48, d_sae=d_sae, k=k, seed=d_sae)
     p = prepare_sparse_steer(sae, random_latent(d_sae, 1, "neg"), 1.0)
     x = hidden(T, 48, seed=T)
-    kth, nxt = topk_threshold(x.to(DEVICE), p.topk_W_enc.to(DEVICE), p.topk_b_enc.to(DEVICE), k, backend="triton")
+    with recorded_stores() as addresses:
+        kth, nxt = topk_threshold(x.to(DEVICE), p.topk_W_enc.to(DEVICE), p.topk_b_enc.to(DEVICE), k, backend="triton")
+    if not HAS_CUDA:  # never writes the (T, d_sae) pre-activations: only 2 floats per token, once each
+        written = np.sort(np.concatenate(addresses))
+        assert np.array_equal(written, np.sort(np.concatenate([tensor_addresses(kth), tensor_addresses(nxt)])))
     want_kth, want_next = topk_threshold_reference(x, p.topk_W_enc, p.topk_b_enc, k)
     torch.testing.assert_close(kth.cpu(), want_kth, rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(nxt.cpu(), want_next, rtol=1e-5, atol=1e-4)
@@ -111,6 +147,76 @@ def test_topk_ties_follow_the_rule():
     v = torch.where(torch.arange(64) % 2 == 0, -1.5, 0.75)
     got = sparse_steer(x.to(DEVICE), prepare_sparse_steer(sae.to(DEVICE), v.to(DEVICE), -2.0), backend="triton")
     torch.testing.assert_close(got.cpu(), steer_with_tie_rule(x, sae, v, -2.0), rtol=1e-5, atol=1e-5)
+
+
+# ---- the single-pass kernel's two variants ("rows": in place, support in registers; "tiles") ----
+def torch_cut(x, prepared):
+    """The TopK cut from the torch threshold path: the interpreter's Triton top-k is slow (its
+    bitonic sorts run element by element), and it has its own tests above."""
+    if prepared.kind != "topk" or prepared.coef.shape[-1] == 0:
+        return None
+    return topk_cut(*topk_threshold(x, prepared.topk_W_enc, prepared.topk_b_enc, prepared.k, backend="torch"))
+
+
+def run_variant(x, out, prepared, variant, slot=None):
+    tensors = _per_slot(prepared)
+    return steer_triton(x, out, slot, *tensors, torch_cut(x, prepared), variant=variant)
+
+
+# Odd shapes that cross every tile edge: T 21 = 2 token tiles (16), d_model 72 = 2 output tiles
+# (64) and 2 encode chunks (64); support 70 mixed = 35 negative entries = 2 support blocks of
+# "tiles" (32), N_PAD 64 for "rows". (Signs and multipliers: CASES above, default variant.)
+@pytest.mark.parametrize("variant", ("rows", "tiles"))
+@pytest.mark.parametrize("kind", SAE_KINDS)
+@pytest.mark.parametrize("in_place", (False, True))
+def test_single_pass_variants_match_reference(variant, kind, in_place):
+    sae = random_sae(kind, d_in=72, d_sae=150, seed=11, k=9 if kind == "topk" else None)
+    h = hidden(21, 72, seed=12)
+    v = random_latent(150, 70, "mixed", seed=13)
+    prepared = prepare_sparse_steer(sae, v, -2.0)
+    x = h.clone()
+    got = run_variant(x, x if in_place else torch.empty_like(x), prepared, variant)
+    assert_matches(got, sparse_steer_reference(h, sae, v, -2.0), torch.float32)
+    assert float((got - h).abs().max()) > 1e-2
+    if in_place:
+        assert got is x
+
+
+@pytest.mark.parametrize("variant", ("rows", "tiles"))
+@pytest.mark.parametrize("kind", ("jumprelu", "topk"))
+def test_single_pass_slots(variant, kind):
+    """Several vectors in one batch (one padded to the others' support): each token gets exactly
+    its single-vector result; slot -1 tokens are copied bit for bit."""
+    sae = random_sae(kind, d_in=72, d_sae=120, seed=7, k=8 if kind == "topk" else None)
+    vectors = [(random_latent(120, 3, "neg", seed=1), 1.0), (random_latent(120, 50, "mixed", seed=2), -2.0),
+               (random_latent(120, 9, "pos", seed=3), 0.5)]
+    prepared = [prepare_sparse_steer(sae, v, m) for v, m in vectors]
+    h = hidden(29, 72, seed=3)
+    slot_index = torch.tensor([(t * 7 % 4) - 1 for t in range(29)])
+    got = run_variant(h, torch.empty_like(h), stack_prepared(prepared), variant, slot=slot_index)
+    for t in range(29):
+        s = int(slot_index[t])
+        if s < 0:
+            assert torch.equal(got[t], h[t])
+        else:
+            v, m = vectors[s]
+            assert_matches(got[t:t + 1], sparse_steer_reference(h[t:t + 1], sae, v, m), torch.float32)
+
+
+@pytest.mark.parametrize("variant,in_place", [("rows", False), ("rows", True), ("tiles", False)])
+def test_single_pass_writes_each_output_once_and_nothing_else(variant, in_place):
+    """One launch, and the only memory written is h' itself, each element exactly once: no (T, n)
+    coefficient buffer, no (T, d_sae) pre-activations, no temporary copy of h."""
+    sae = random_sae("topk", d_in=72, d_sae=120, seed=5, k=8)
+    prepared = prepare_sparse_steer(sae, random_latent(120, 60, "mixed", seed=5), -1.0)
+    x = hidden(21, 72, seed=6)
+    out = x if in_place else torch.empty_like(x)
+    cut = torch_cut(x, prepared)
+    with recorded_stores() as addresses:
+        steer_triton(x, out, None, *_per_slot(prepared), cut, variant=variant)
+    written = np.concatenate(addresses)
+    assert written.size == out.numel()
+    assert np.array_equal(np.sort(written), tensor_addresses(out))
 
 
 # ---- compiled on a real GPU: bigger shapes and bfloat16 ----------------------------------------
@@ -126,6 +232,22 @@ def test_gpu_steer_matches_reference(kind, dtype, T, d_model, d_sae, support):
     got = sparse_steer(h, prepare_sparse_steer(sae, v, -1.5), backend="triton")
     assert got.dtype == dtype
     assert_matches(got, sparse_steer_reference(h, sae, v, -1.5), dtype)
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("variant", ("rows", "tiles"))
+@pytest.mark.parametrize("kind", SAE_KINDS)
+@pytest.mark.parametrize("T,support", [(1, 64), (7, 17), (300, 200), (1000, 64)])
+def test_gpu_single_pass_variants_in_place(variant, kind, T, support):
+    sae = random_sae(kind, d_in=2304, d_sae=16384, seed=T, k=64 if kind == "topk" else None).to("cuda")
+    h = hidden(T, 2304, seed=1).cuda()
+    v = random_latent(16384, support, "mixed", seed=2).cuda()
+    want = sparse_steer_reference(h, sae, v, -1.5)
+    prepared = prepare_sparse_steer(sae, v, -1.5)
+    x = h.clone()
+    assert run_variant(x, x, prepared, variant) is x
+    assert_matches(x, want, torch.float32)
 
 
 @gpu
