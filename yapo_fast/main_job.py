@@ -166,8 +166,16 @@ def run_main(*, model=None, tokenizer=None, sae=None, behaviour: str = DEFAULTS[
     return results
 
 
-def _point(curve, m):
-    return next((p["mean"] for p in curve if p["multiplier"] == m), float("nan"))
+def _point(curve, m, key="mean"):
+    return next((p.get(key, float("nan")) for p in curve if p["multiplier"] == m), float("nan"))
+
+
+def _effect(curve, m, baseline) -> str:
+    """Steered - unsteered at m, with the paired 95% CI half-width when the curve has it."""
+    delta = _point(curve, m, "delta")
+    if delta != delta:  # no paired effect recorded: the difference of the means
+        return f"{_point(curve, m) - baseline:+.3f}"
+    return f"{delta:+.3f}±{(_point(curve, m, 'delta_ci_high') - _point(curve, m, 'delta_ci_low')) / 2:.3f}"
 
 
 def summary_table(results: dict, behaviour: str, multiplier: float) -> str:
@@ -175,18 +183,20 @@ def summary_table(results: dict, behaviour: str, multiplier: float) -> str:
     mm = results.get("mmlu") or {"change": {}, "accuracy": {"unsteered": {"accuracy": float("nan")}}}
     tp = results.get("throughput", {})
     hf = tp.get("transformers")
+    scale = results.get("scale") or {}
     lines = [f"{behaviour}: P(matching) unsteered {ab['baseline']:.3f} on {ab['n']} A/B items; "
              f"MMLU unsteered {mm['accuracy']['unsteered']['accuracy']:.3f}; "
              f"generation via {tp.get('engine', '?')}, unsteered {tp.get('unsteered', {}).get('tokens_per_s', 0):.1f} tok/s",
-             f"{'method':<8} {'effect m=+' + format(multiplier, 'g'):>12} {'effect m=-' + format(multiplier, 'g'):>12} "
-             f"{'MMLU change':>12} {'train s':>9} {'tok/s':>8}" + (f" {'HF tok/s':>9} {'same as HF':>10}" if hf else "")]
+             f"{'method':<8} {'effect m=+' + format(multiplier, 'g'):>14} {'effect m=-' + format(multiplier, 'g'):>14} "
+             f"{'edit/|h|':>9} {'MMLU change':>12} {'train s':>9} {'tok/s':>8}"
+             + (f" {'HF tok/s':>9} {'same as HF':>10}" if hf else "")]
     for name, curve in ab["curves"].items():
-        plus = _point(curve, multiplier) - ab["baseline"]
-        minus = _point(curve, -multiplier) - ab["baseline"]
         change = mm["change"].get(f"{behaviour}/{name}", float("nan"))
         secs = results.get("training", {}).get(name, {}).get("seconds", float("nan"))
         tps = tp.get(name, {}).get("tokens_per_s", float("nan"))
-        line = f"{name:<8} {plus:>+12.3f} {minus:>+12.3f} {change:>+12.3f} {secs:>9.1f} {tps:>8.1f}"
+        edit = scale.get(f"{behaviour}/{name}", {}).get("edit_ratio", float("nan"))
+        line = (f"{name:<8} {_effect(curve, multiplier, ab['baseline']):>14} "
+                f"{_effect(curve, -multiplier, ab['baseline']):>14} {edit:>9.3f} {change:>+12.3f} {secs:>9.1f} {tps:>8.1f}")
         if hf:
             line += f" {hf.get(name, {}).get('tokens_per_s', float('nan')):>9.1f} " \
                     f"{tp['same_text_as_transformers'].get(name, float('nan')):>10.2f}"

@@ -153,11 +153,11 @@ def markdown(results: dict, plots: list[Path]) -> str:
              f"- created: {meta.get('created')}; evaluation time {meta.get('seconds', 0):.0f} s", ""]
     if results.get("scale"):
         lines += ["## Vector scale (m=1)", "",
-                  "edit = mean over tokens of ||h' - h|| / ||h|| at the steered layer; for YaPO vectors also the "
-                  "largest |m v_i|, the median |m v_i| of the 20 largest entries against the median activation "
+                  "edit = mean over tokens of ‖h' − h‖ / ‖h‖ at the steered layer; for YaPO vectors also the "
+                  "largest \\|m v_i\\|, the median \\|m v_i\\| of the 20 largest entries against the median activation "
                   "(where active) of those features, and how many of them never fire on the prompts.", "",
-                  "| vector | ||v|| | edit ||h'-h||/||h|| | max |m v_i| | top-20 |m v_i| | their z when active | "
-                  "never active |", "|---|---|---|---|---|---|---|"]
+                  "| vector | ‖v‖ | edit ‖h'−h‖/‖h‖ | max m·v_i (abs) | top-20 m·v_i (abs, median) | "
+                  "their z when active (median) | never active |", "|---|---|---|---|---|---|---|"]
         for n, sc in results["scale"].items():
             f = lambda k: "" if k not in sc else f"{sc[k]:.3g}"  # noqa: E731
             lines.append(f"| {n} | {sc['vector_norm']:.3g} | {sc['edit_ratio']:.3g} | {f('max_abs_mv')} | "
@@ -166,8 +166,9 @@ def markdown(results: dict, plots: list[Path]) -> str:
     if results.get("training"):
         lines += ["## Training", "", "| vector | data | pairs | steps | seconds | final loss |", "|---|---|---|---|---|---|"]
         for n, t in results["training"].items():
-            final = t["losses"][-1]["loss"] if t.get("losses") else float("nan")
-            lines.append(f"| {n} | {t.get('data')} | {t.get('pairs')} | {t.get('steps')} | {t.get('seconds', 0):.1f} | {final:.4f} |")
+            final = f"{t['losses'][-1]['loss']:.4f}" if t.get("losses") else "-"
+            lines.append(f"| {n} | {t.get('data')} | {t.get('pairs')} | {t.get('steps') or '-'} | "
+                         f"{t.get('seconds', 0):.1f} | {final} |")
         lines.append("")
     for behaviour, entry in results.get("ab", {}).items():
         ms = [p["multiplier"] for p in next(iter(entry["curves"].values()))] if entry["curves"] else []
