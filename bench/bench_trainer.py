@@ -10,9 +10,12 @@ The primary measurement is test_trainer_epoch_paired: one epoch of both trainers
 turn, so that both see the same machine load (on the shared 2-core machine the load swings by 3x
 within minutes, which makes back-to-back end-to-end timings meaningless). Knobs: YAPO_BENCH_PAIRS
 (BiPO hallucination pairs timed, default 20: one naive epoch of 200 pairs takes far longer than the
-10-minute budget here; per-200-pair figures are scaled), YAPO_BENCH_LAYER (layer of the random SAE
-when none is shipped; 15), YAPO_BENCH_CURVE_PAIRS / _EPOCHS (loss curves; 12 pairs, 5 epochs),
-YAPO_BENCH_THREADS (torch threads; default: torch's).
+10-minute budget here; per-200-pair figures are scaled; YAPO_BENCH_PAIRS=200 is the issue's setting,
+about an hour of one core on a quiet machine), YAPO_BENCH_CACHE_BATCHES (training batches per lean
+cache pass in the paired run; 2 = 8 pairs), YAPO_BENCH_LAYER (layer of the random SAE when none is
+shipped; 15), YAPO_BENCH_CURVE_PAIRS / _EPOCHS / _LR / _WARMUP / _HOLDOUT (loss curves and held-out
+accuracy), YAPO_BENCH_THREADS (torch threads; default: torch's). Run the paired bench with
+MALLOC_MMAP_THRESHOLD_=65536 for its per-trainer peak memory (see PhasePeak).
 
 Results: bench/results/trainer.json (timings, ratios, FLOP bound, peak memory, profile summary),
 bench/results/trainer_profile.txt, bench/results/trainer_curves.jsonl and .png.
@@ -118,38 +121,61 @@ class PeakRSS:
 
 
 # ---- FLOP model ------------------------------------------------------------------------------
-def flops(model, sae, token_lengths, layer, l0: float) -> dict:
-    """Multiply-adds x2 of one epoch, per trainer, from the real token lengths (no padding: the
-    bound exact savings can reach). Linear layers and attention (QK and AV over the keys a token
-    sees); backward wrt activations only (no weight gradients) costs as much as the forward."""
+def flops(model, sae, token_lengths, layer, l0: float, batches=None) -> dict:
+    """Floating-point operations (2 x multiply-adds) of one epoch, per trainer, from the real token
+    lengths. Per token and layer: the linear maps (q, k, v, o, gate, up, down) and attention (QK and
+    AV over the keys the token sees); a backward pass with respect to activations only (no weight
+    gradients) costs the linear maps once more and attention twice. See bench/README.md (trainer).
+
+    naive (per sequence prompt+response, chosen and rejected apart): steered forward through all N
+    layers, LM head at every position, SAE encode + 2 decodes at every position; backward through
+    layers L+1..N-1, the LM head and one decode; the reference forward (N layers, LM head).
+    lean (per pair, prompt once): cache pass = N layers on prompt+both responses, LM head where a
+    response token is predicted, SAE encode; step = forward + backward of layers L+1..N-1, that LM
+    head, and the sparse correction (l0 active latents per token); in the last layer only the keys
+    and values of positions whose output is not read. No padding on either side: that is the bound
+    exact savings can reach. `batches` (lists of (P, Rc, Rr) per training batch) adds the naive
+    trainer's real cost, every sequence padded to its batch's longest."""
     cfg = model.config
     d, ff, V, N = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size, cfg.num_hidden_layers
     hd = getattr(cfg, "head_dim", None) or d // cfg.num_attention_heads
     q, kv = cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd
     lin = d * q + 2 * d * kv + q * d + 3 * d * ff  # per token per layer
+    kv_only = 2 * d * kv
+    a = N - 1 - layer  # layers after L
+    S = sae.d_sae
 
     def layers(n_layers, n_tokens, keys):  # keys: total keys seen by these tokens
         return n_layers * (lin * n_tokens + 2 * q * keys)
 
-    a = N - 1 - layer  # layers after L
+    def naive_seq(T):
+        keys = T * (T + 1) // 2
+        fwd = layers(N, T, keys) + V * d * T + 3 * d * S * T
+        bwd = layers(a, T, 2 * keys) + V * d * T + d * S * T
+        ref = layers(N, T, keys) + V * d * T
+        return fwd + bwd + ref
+
     naive = lean_cache = lean_steps = 0
     for P, Rc, Rr in token_lengths:
-        for R in (Rc, Rr):  # naive: two full sequences prompt+response
-            T = P + R
-            keys = T * (T + 1) // 2
-            fwd = layers(N, T, keys) + V * d * T + 3 * d * sae.d_sae * T  # + SAE encode, 2 decodes
-            bwd = layers(a, T, 2 * keys) + V * d * T + d * sae.d_sae * T
-            ref = layers(N, T, keys) + V * d * T
-            naive += fwd + bwd + ref
+        naive += naive_seq(P + Rc) + naive_seq(P + Rr)
         keys = P * (P + 1) // 2 + sum(R * P + R * (R + 1) // 2 for R in (Rc, Rr))
         T = P + Rc + Rr
-        resp = Rc + Rr  # LM head only where a response token is predicted
-        lean_cache += layers(N, T, keys) + V * d * resp + d * sae.d_sae * T
-        lean_steps += 2 * (layers(a, T, 1.5 * keys) + V * d * resp + l0 * d * T)
-    return {"naive": 2 * naive, "lean_cache": 2 * lean_cache, "lean_steps": 2 * lean_steps,
-            "lean": 2 * (lean_cache + lean_steps), "ratio_1_epoch": naive / (lean_cache + lean_steps),
-            "ratio_2_epochs": 2 * naive / (lean_cache + 2 * lean_steps),
-            "ratio_steps_only": naive / lean_steps}
+        resp = Rc + Rr  # positions whose next token is a response token (LM head only there)
+        last = lin * (resp - 1) + kv_only * (T - resp + 1)  # last layer: full where read, else k and v
+        lean_cache += layers(N - 1, T, keys) + last + 2 * q * keys + V * d * resp + d * S * T
+        fwd = layers(a - 1, T, keys) + last + 2 * q * keys + V * d * resp + l0 * d * T
+        bwd = layers(a - 1, T, 2 * keys) + last + 4 * q * keys + V * d * resp + l0 * d * T
+        lean_steps += fwd + bwd
+    out = {"naive": 2 * naive, "lean_cache": 2 * lean_cache, "lean_steps": 2 * lean_steps,
+           "lean": 2 * (lean_cache + lean_steps), "ratio_1_epoch": naive / (lean_cache + lean_steps),
+           "ratio_2_epochs": 2 * naive / (lean_cache + 2 * lean_steps),
+           "ratio_10_epochs": 10 * naive / (lean_cache + 10 * lean_steps),
+           "ratio_steps_only": naive / lean_steps}
+    if batches is not None:
+        padded = sum(2 * len(b) * naive_seq(max(P + max(Rc, Rr) for P, Rc, Rr in b)) for b in batches)
+        out["naive_padded"] = 2 * padded
+        out["ratio_1_epoch_vs_padded_naive"] = padded / (lean_cache + lean_steps)
+    return out
 
 
 # ---- the timed runs ----------------------------------------------------------------------------
@@ -168,10 +194,42 @@ def run_lean():
                            progress=False, **TRAIN_KW)
 
 
-def run_paired():
+CACHE_BATCHES = int(os.environ.get("YAPO_BENCH_CACHE_BATCHES", "2"))  # training batches cached per cache pass
+
+
+class PhasePeak:
+    """Peak resident memory of the process above its level at the start of a phase (sampled every
+    10 ms). Run with MALLOC_MMAP_THRESHOLD_=65536 so that freed tensors go back to the system
+    (otherwise glibc keeps them and later phases start from an inflated level)."""
+
+    def __init__(self):
+        self.level = self.peak = PeakRSS._rss()
+        self._stop = threading.Event()
+        threading.Thread(target=self._run, daemon=True).start()
+
+    def _run(self):
+        while not self._stop.wait(0.01):
+            self.peak = max(self.peak, PeakRSS._rss())
+
+    def start(self):
+        self.level = self.peak = PeakRSS._rss()
+
+    def above_start(self) -> int:
+        self.peak = max(self.peak, PeakRSS._rss())
+        return self.peak - self.level
+
+    def close(self):
+        self._stop.set()
+
+
+def run_paired(on_step=None):
     """One epoch of both trainers, step by step in turn (naive step k, then the lean trainer's
-    cache of batch k's pairs and its step k), so that both see the same machine load: on a shared
-    machine whose load swings, this is the fair ratio. Same schedule, optimizer and data."""
+    cache pass when its pairs are not cached yet, then its step k), so that both see the same
+    machine load: on a shared machine whose load swings, this is the fair ratio. Same schedule,
+    optimizer and data. The lean cache pass covers CACHE_BATCHES training batches at once (8 pairs:
+    the trainer's default cache batch), as in yapo_fast.train. Peak memory per trainer: the most
+    resident memory any of its steps (and cache passes) took above the level it started from, plus
+    for the lean trainer the cache it holds (exact byte count)."""
     from yapo_fast.train import TrainConfig, batch_schedule, make_optimizer
     from yapo_fast.train.cache import ExampleCache, build_cache
     from yapo_fast.train.lean import DecoderRunner
@@ -186,39 +244,68 @@ def run_paired():
     toks = tokenize_pairs(tok, pairs)
     cache = ExampleCache()
     lean = LeanObjective(runner, cache, cfg, sae)
-    out = {"naive": 0.0, "lean": 0.0, "lean_cache": 0.0, "naive_losses": [], "lean_losses": []}
+    out = {"naive": 0.0, "lean": 0.0, "lean_cache": 0.0, "naive_losses": [], "lean_losses": [],
+           "naive_peak_mib": 0.0, "lean_peak_mib": 0.0, "lean_cache_mib": 0.0, "split_mlp": runner.split_mlp,
+           "cache_pairs_per_pass": CACHE_BATCHES * BATCH, "steps_done": 0, "pairs_done": 0, "steps": len(schedule)}
     state = {}
     for name in ("naive", "lean"):
         v = torch.zeros(sae.d_sae, requires_grad=True)
         state[name] = (v, *make_optimizer(v, cfg, len(schedule)))
-    for _, batch, d in schedule:
-        for name in ("naive", "lean"):
-            v, opt, sched = state[name]
-            t0 = time.perf_counter()
-            if name == "lean":
-                part = build_cache(runner, toks, batch, sae.layer, sae=sae, batch_size=BATCH, progress=False)
-                cache.entries.update(part.entries)
-                out["lean_cache"] += time.perf_counter() - t0
-                loss = lean.loss_sum(batch, v, d) / len(batch)
-            else:
-                loss = naive.loss(batch, v, d)
-            opt.zero_grad()
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_([v], cfg.grad_clip)
-            opt.step()
-            sched.step()
-            out[name] += time.perf_counter() - t0
-            out[f"{name}_losses"].append(float(loss.detach()))
+    mem = PhasePeak()
+    try:
+        for k, (_, batch, d) in enumerate(schedule):
+            for name in ("naive", "lean"):
+                v, opt, sched = state[name]
+                mem.start()
+                t0 = time.perf_counter()
+                if name == "lean":
+                    if batch[0] not in cache:
+                        todo = [i for _, b, _ in schedule[k:k + CACHE_BATCHES] for i in b]
+                        part = build_cache(runner, toks, todo, sae.layer, sae=sae, batch_size=len(todo), progress=False)
+                        cache.entries.update(part.entries)
+                        cache.memory_bytes += part.memory_bytes
+                        out["lean_cache"] += time.perf_counter() - t0
+                    loss = lean.loss_sum(batch, v, d) / len(batch)
+                else:
+                    loss = naive.loss(batch, v, d)
+                opt.zero_grad()
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_([v], cfg.grad_clip)
+                opt.step()
+                sched.step()
+                out[name] += time.perf_counter() - t0
+                out[f"{name}_losses"].append(float(loss.detach()))
+                peak = mem.above_start() / 2**20
+                if name == "lean":
+                    out["lean_cache_mib"] = cache.memory_bytes / 2**20
+                    peak += out["lean_cache_mib"]
+                out[f"{name}_peak_mib"] = max(out[f"{name}_peak_mib"], peak)
+            out["steps_done"], out["pairs_done"] = k + 1, out["pairs_done"] + len(batch)
+            if on_step is not None:
+                on_step(out)
+    finally:
+        mem.close()
     return out
+
+
+def _paired_summary(out):
+    return {**out, "speedup": out["naive"] / out["lean"],
+            "speedup_steps_only": out["naive"] / (out["lean"] - out["lean_cache"]),
+            "final_loss_abs_diff": abs(out["naive_losses"][-1] - out["lean_losses"][-1]),
+            "max_loss_abs_diff": max(abs(a - b) for a, b in zip(out["naive_losses"], out["lean_losses"])),
+            "malloc_mmap_threshold": os.environ.get("MALLOC_MMAP_THRESHOLD_"), "load_avg_after": os.getloadavg()}
 
 
 def test_trainer_epoch_paired(benchmark):
     setup()
-    out = benchmark.pedantic(run_paired, rounds=1, iterations=1)
-    RESULTS["paired"] = {**out, "speedup": out["naive"] / out["lean"],
-                         "speedup_steps_only": out["naive"] / (out["lean"] - out["lean_cache"]),
-                         "final_loss_abs_diff": abs(out["naive_losses"][-1] - out["lean_losses"][-1]),
-                         "load_avg_after": os.getloadavg()}
+    partial = RESULTS_DIR / f"trainer_paired_{N_PAIRS}.partial.json"
+
+    def on_step(out):  # a run cut short still leaves its numbers so far
+        RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+        partial.write_text(json.dumps(_paired_summary(out), indent=1))
+
+    out = benchmark.pedantic(run_paired, kwargs={"on_step": on_step}, rounds=1, iterations=1)
+    RESULTS["paired"] = _paired_summary(out)
     _write()
     print(json.dumps({k: v for k, v in RESULTS["paired"].items() if "losses" not in k}, indent=2))
     assert RESULTS["paired"]["final_loss_abs_diff"] <= 1e-4
@@ -255,13 +342,17 @@ def test_trainer_ratio_and_flop_bound():
     toks = tokenize_pairs(tok, pairs[:N_PAIRS])
     lengths = [(len(t.prompt), len(t.chosen), len(t.rejected)) for t in toks]
     l0 = _mean_l0(model, tok, sae, pairs)
-    f = flops(model, sae, lengths, sae.layer, l0)
+    from yapo_fast.train import batch_schedule
+
+    batches = [[lengths[i] for i in b] for _, b, _ in batch_schedule(len(lengths), BATCH, 1, 0)]
+    f = flops(model, sae, lengths, sae.layer, l0, batches)
     per_200 = lambda s: s / N_PAIRS * 200  # noqa: E731  (seconds per epoch of 200 pairs, scaled)
     RESULTS["ratio"] = {
         "measured_speedup_1_epoch_paired": paired["speedup"],
         "measured_speedup_steps_only_paired": paired["speedup_steps_only"],
         "flop_bound_1_epoch": f["ratio_1_epoch"], "flop_bound_2_epochs": f["ratio_2_epochs"],
-        "flop_bound_steps_only": f["ratio_steps_only"],
+        "flop_bound_steps_only": f["ratio_steps_only"], "flop_bound_10_epochs": f["ratio_10_epochs"],
+        "flop_ratio_1_epoch_vs_padded_naive": f["ratio_1_epoch_vs_padded_naive"],
         "naive_seconds_per_200_pair_epoch": per_200(paired["naive"]),
         "lean_seconds_per_200_pair_epoch": per_200(paired["lean"]),
         "final_loss_abs_diff": paired["final_loss_abs_diff"],
@@ -310,45 +401,98 @@ def test_trainer_profile():
     print(table)
 
 
+CURVE_LR = float(os.environ.get("YAPO_BENCH_CURVE_LR", "5e-3"))
+CURVE_WARMUP = int(os.environ.get("YAPO_BENCH_CURVE_WARMUP", "10"))
+CURVE_HOLDOUT = float(os.environ.get("YAPO_BENCH_CURVE_HOLDOUT", "0.2"))
+
+
+def steps_to_reach(losses, target=0.3, window=5):
+    """(first step whose loss <= target, first step whose trailing mean over `window` steps <= target)."""
+    raw = next((i + 1 for i, x in enumerate(losses) if x <= target), None)
+    mean = next((i + 1 for i in range(len(losses))
+                 if sum(losses[max(0, i - window + 1): i + 1]) / min(window, i + 1) <= target), None)
+    return raw, mean
+
+
+def early_stopping_from_log(steps, evals, patience=2):
+    """From a full run's per-step seconds and per-epoch held-out evaluations: the time to first reach
+    the held-out accuracy of the full schedule, and where `patience` early stopping stops (a run with
+    patience is the same run cut short: split, schedule and updates do not depend on patience)."""
+    cum, t = {}, 0.0
+    for r in steps:
+        t += r["seconds"]
+        cum[r["step"]] = t
+    final = evals[-1]["heldout_accuracy"]
+    first = next(e for e in evals if e["heldout_accuracy"] >= final)
+    accs, stop = [], evals[-1]
+    for e in evals:
+        accs.append(e["heldout_accuracy"])
+        if len(accs) - 1 - accs.index(max(accs)) >= patience:
+            stop = e
+            break
+    return {"full_schedule": {"steps": evals[-1]["step"], "step_seconds": cum[evals[-1]["step"]],
+                              "heldout_accuracy": final},
+            "first_reaching_final_accuracy": {"epoch": first["epoch"] + 1, "steps": first["step"],
+                                              "step_seconds": cum[first["step"]]},
+            f"patience_{patience}": {"stops_after_epoch": stop["epoch"] + 1, "steps": stop["step"],
+                                     "step_seconds": cum[stop["step"]], "heldout_accuracy": stop["heldout_accuracy"],
+                                     "best_heldout_accuracy": max(accs)}}
+
+
 def test_trainer_convergence_yapo_vs_bipo():
-    """Loss curves of YaPO and BiPO on the same pairs (lean trainer), steps to reach loss 0.3."""
+    """Loss curves of YaPO and BiPO on the same pairs and split (lean trainer), steps to reach loss
+    0.3, held-out preference accuracy after every epoch (early stopping read off the same run)."""
     model, tok, sae, pairs = setup()
-    curves = {}
-    kw = dict(model=model, tokenizer=tok, layer=sae.layer, epochs=CURVE_EPOCHS, batch_size=BATCH, lr=5e-3,
-              warmup_steps=5, seed=0, progress=False)
+    curves, evals, out = {}, {}, {}
+    kw = dict(model=model, tokenizer=tok, layer=sae.layer, epochs=CURVE_EPOCHS, batch_size=BATCH, lr=CURVE_LR,
+              warmup_steps=CURVE_WARMUP, seed=0, progress=False, holdout=CURVE_HOLDOUT)
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     for method in ("yapo", "bipo"):
         res = yapo_fast.train(method, pairs[:CURVE_PAIRS], sae=sae if method == "yapo" else None, **kw)
-        curves[method] = [r["loss"] for r in res.losses]
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+        curves[method], evals[method] = res.losses, res.evals
+        with open(RESULTS_DIR / f"trainer_curves.{method}.partial.jsonl", "w") as f:  # survives a later kill
+            f.writelines(json.dumps({"method": method, **r}) + "\n" for r in res.losses + res.evals)
+        raw, mean = steps_to_reach([r["loss"] for r in res.losses])
+        out[method] = {"steps_to_0.3": raw, "steps_to_0.3_(5-step mean)": mean,
+                       "lowest_loss": min(r["loss"] for r in res.losses),
+                       "final_5_step_mean": sum(r["loss"] for r in res.losses[-5:]) / 5,
+                       "steps": len(res.losses), "cache_seconds": res.cache_seconds,
+                       "step_seconds": sum(r["seconds"] for r in res.losses),
+                       "heldout_accuracy_per_epoch": [e["heldout_accuracy"] for e in res.evals],
+                       "early_stopping": early_stopping_from_log(res.losses, res.evals) if res.evals else None}
     with open(RESULTS_DIR / "trainer_curves.jsonl", "w") as f:
-        for method, losses in curves.items():
-            for step, loss in enumerate(losses, 1):
-                f.write(json.dumps({"method": method, "step": step, "loss": loss}) + "\n")
-
-    def reach(losses, target=0.3, window=5):  # first step whose trailing mean (5 steps) is <= target
-        for i in range(len(losses)):
-            if sum(losses[max(0, i - window + 1): i + 1]) / min(window, i + 1) <= target:
-                return i + 1
-        return None
+        for method in curves:
+            f.writelines(json.dumps({"method": method, **r}) + "\n" for r in curves[method] + evals[method])
 
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    for method, losses in curves.items():
-        ax.plot(range(1, len(losses) + 1), losses, label=method)
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(10, 3.6))
+    for method, recs in curves.items():
+        ax.plot([r["step"] for r in recs], [r["loss"] for r in recs], lw=0.8, alpha=0.5, label=f"{method} (step)")
+        ls = [r["loss"] for r in recs]
+        ax.plot([r["step"] for r in recs], [sum(ls[max(0, i - 4): i + 1]) / min(5, i + 1) for i in range(len(ls))],
+                lw=1.8, label=f"{method} (5-step mean)")
+        ax2.plot([e["step"] for e in evals[method]], [e["heldout_accuracy"] for e in evals[method]], marker="o",
+                 label=method)
     ax.axhline(0.3, color="grey", lw=0.8, ls="--")
-    ax.set_xlabel("step")
-    ax.set_ylabel("bi-directional DPO loss")
-    ax.set_title(f"{CURVE_PAIRS} BiPO hallucination pairs, lr 5e-3, batch {BATCH}")
-    ax.legend()
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("bi-directional DPO loss (batch)")
+    n_train = len(curves["yapo"]) // CURVE_EPOCHS * BATCH
+    ax.set_title(f"BiPO hallucination, ~{n_train} train pairs, lr {CURVE_LR:g}, warm-up {CURVE_WARMUP}", fontsize=9)
+    ax.legend(fontsize=8)
+    ax2.set_xlabel("optimizer step")
+    ax2.set_ylabel("held-out preference accuracy (m=+1)")
+    ax2.set_ylim(0, 1.02)
+    ax2.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(RESULTS_DIR / "trainer_curves.png", dpi=120)
-    RESULTS["convergence"] = {m: {"steps_to_0.3_(5-step mean)": reach(c), "final_loss": c[-1], "steps": len(c)}
-                              for m, c in curves.items()}
-    RESULTS["convergence"]["settings"] = {"lr": 5e-3, "warmup_steps": 5, "epochs": CURVE_EPOCHS, "pairs": CURVE_PAIRS}
+    out["settings"] = {"lr": CURVE_LR, "warmup_steps": CURVE_WARMUP, "epochs": CURVE_EPOCHS, "pairs": CURVE_PAIRS,
+                       "holdout": CURVE_HOLDOUT, "batch_size": BATCH, "seed": 0, "sae": sae.name,
+                       "sae_weights_hash": sae.weights_hash(), "torch_threads": torch.get_num_threads()}
+    RESULTS["convergence"] = out
     _write()
     print(json.dumps(RESULTS["convergence"], indent=2))
 
@@ -360,7 +504,7 @@ def test_trainer_flop_bound_blend():
     from yapo_fast import blend
     from yapo_fast.data import PreferencePair
 
-    model, tok, sae, _ = setup()
+    model, tok, sae, halluc = setup()
     country = "UK"
     sets = {"pairs": blend.preference_pairs(country, "localized")[:200]}
     mc = []
@@ -371,12 +515,17 @@ def test_trainer_flop_bound_blend():
         mc.append(PreferencePair(prompt, item.answer, wrong))
     sets["multiple_choice"] = mc
     RESULTS["blend_flops"] = {}
+    from yapo_fast.train import batch_schedule
+
+    l0 = _mean_l0(model, tok, sae, halluc)
     for name, pairs in sets.items():
         toks = tokenize_pairs(tok, pairs)
         lengths = [(len(t.prompt), len(t.chosen), len(t.rejected)) for t in toks]
-        f = flops(model, sae, lengths, sae.layer, 64.0)
+        batches = [[lengths[i] for i in b] for _, b, _ in batch_schedule(len(lengths), BATCH, 1, 0)]
+        f = flops(model, sae, lengths, sae.layer, l0, batches)
         RESULTS["blend_flops"][name] = {"country": country, "pairs": len(pairs),
                                         "mean_tokens": [sum(x[i] for x in lengths) / len(lengths) for i in range(3)],
+                                        "sae_mean_l0": l0,
                                         **{k: v for k, v in f.items() if k.startswith("ratio")}}
     _write()
     print(json.dumps(RESULTS["blend_flops"], indent=2))

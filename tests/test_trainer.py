@@ -132,17 +132,20 @@ def test_bad_input_is_refused_with_a_clear_error():
 
 
 @pytest.mark.parametrize("kind", ["relu", "jumprelu", "topk"])
-@pytest.mark.parametrize("dense_limit", [1 << 24, 0])  # the GEMM branch and the gather branch
-def test_yapo_delta_equals_the_reference_op_with_gradient(kind, dense_limit, monkeypatch):
+@pytest.mark.parametrize("branch", ["csr", "gemm", "gather"])
+def test_yapo_delta_equals_the_reference_op_with_gradient(kind, branch, monkeypatch):
     from helpers import random_latent, random_sae
     from yapo_fast.kernels.sparse_steer_reference import sparse_steer_reference
     from yapo_fast.train import objective
     from yapo_fast.train.cache import sparse_codes
 
-    monkeypatch.setattr(objective, "DENSE_CODE_LIMIT", dense_limit)
+    monkeypatch.setattr(objective, "SPARSE_MATMUL", branch == "csr")
+    monkeypatch.setattr(objective, "DENSE_CODE_LIMIT", 1 << 24 if branch == "gemm" else 0)
     sae = random_sae(kind, d_in=24, d_sae=40, seed=3)
     h = 2 * torch.randn(7, 24, generator=torch.Generator().manual_seed(1))
     codes = {k: t.long() if k != "vals" else t for k, t in sparse_codes(sae, h).items()}
+    perm = torch.randperm(codes["rows"].numel(), generator=torch.Generator().manual_seed(4))
+    codes = {k: t[perm] for k, t in codes.items()}  # entries in any order (as a packed batch has them)
     for m in (1, -1):
         v = random_latent(40, 12, "mixed", seed=2).requires_grad_(True)
         got = h + objective.yapo_delta(codes, 7, v, m, sae.W_dec)
@@ -152,3 +155,39 @@ def test_yapo_delta_equals_the_reference_op_with_gradient(kind, dense_limit, mon
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(g_got, g_want, rtol=1e-5, atol=1e-5)
         assert g_want.abs().sum() > 0
+
+
+def test_split_mlp_layers_equal_whole_layers_with_gradient(llama):
+    """The runner's split layer (MLP on real tokens only, the last layer's MLP only where its output
+    is read) gives the same log-probs and the same gradients as calling each whole layer, and a
+    layer of another structure is detected and run whole."""
+    from yapo_fast.train.cache import response_targets
+    from yapo_fast.train.lean import forward_from_layer, make_layout
+
+    runner = DecoderRunner(llama)
+    assert runner.split_mlp
+    lay = make_layout([3, 1, 2], [2, 1, 4, 2, 3, 1], "cpu", 12)  # 3 pairs over 2 padded rows
+    G, lp, lr = lay.n_rows, lay.pos_p.shape[1], lay.pos_r.shape[1]
+    assert G > 1 and lay.valid_p.numel() < G * lp and lay.valid_r.numel() < G * lr  # padding exists
+    g = torch.Generator().manual_seed(0)
+    hp0, hr0 = torch.randn(G, lp, 64, generator=g), torch.randn(G, lr, 64, generator=g)
+    tf, tp = response_targets([torch.randint(1, 100, (n,), generator=g) for n in (2, 1, 4, 2, 3, 1)], "cpu")
+    results = []
+    for split in (True, False):
+        runner.split_mlp = split
+        hp, hr = hp0.clone().requires_grad_(True), hr0.clone().requires_grad_(True)
+        out = forward_from_layer(runner, 1, hp, hr, lay, tf, tp)
+        (out * torch.arange(1.0, 7.0)).sum().backward()
+        results.append((out.detach(), hp.grad, hr.grad))
+    for got, want in zip(*results):
+        assert want.abs().sum() > 0
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+    layer = runner.layers[0]
+    whole = layer.forward
+    layer.forward = lambda *a, **k: whole(*a, **k) * 2.0  # a layer that is not pre-norm attention + MLP
+    try:
+        assert not DecoderRunner(llama).split_mlp
+    finally:
+        del layer.forward
+    assert DecoderRunner(llama).split_mlp

@@ -81,19 +81,71 @@ class DecoderRunner:
         self.lm_head = model.lm_head
         self.dtype = self.embed.weight.dtype
         self.device = self.embed.weight.device
+        self.split_mlp = self._check_split()
 
-    def run(self, h, positions, allowed, start: int, end: int, prefix=None, record=False):
-        """Layers start..end-1 on h (N, T, d) at `positions` (N, T); allowed (N, T, kv) bool."""
+    def run(self, h, positions, allowed, start: int, end: int, prefix=None, record=False, rows=None,
+            last_rows=None):
+        """Layers start..end-1 on h (N, T, d) at `positions` (N, T); allowed (N, T, kv) bool.
+
+        rows: flat indices (into N*T) of the real tokens; with it, the MLP of every layer runs on
+        those tokens only, not on the padding (the MLP is 3/4 of a layer's multiply-adds and acts
+        per position). last_rows: the flat positions whose output of layer end-1 is read; that
+        layer's MLP runs there only (elsewhere the output holds the attention block's result,
+        which nothing reads). Neither changes a value that is read: both are exact."""
         kv = _PrefixKV(prefix, record)
         if start >= end:
             return h, kv
         mask = _additive_mask(allowed, h.dtype)
         pos_emb = self.rotary(h, position_ids=positions)
-        for layer in self.layers[start:end]:
-            out = layer(h, attention_mask=mask, position_ids=positions, past_key_values=kv, use_cache=True,
-                        position_embeddings=pos_emb)
-            h = out[0] if isinstance(out, tuple) else out
+        split = self.split_mlp and rows is not None
+        for idx in range(start, end):
+            layer = self.layers[idx]
+            if split:
+                # unique: chosen and rejected read the same last prompt token, and a repeated index
+                # in index_copy would count its gradient twice
+                keep = torch.unique(last_rows) if (idx == end - 1 and last_rows is not None) else rows
+                h = self._layer_split(layer, h, mask, positions, kv, pos_emb, keep)
+            else:
+                out = layer(h, attention_mask=mask, position_ids=positions, past_key_values=kv, use_cache=True,
+                            position_embeddings=pos_emb)
+                h = out[0] if isinstance(out, tuple) else out
         return h, kv
+
+    @staticmethod
+    def _layer_split(layer, h, mask, positions, kv, pos_emb, keep):
+        """A pre-norm decoder layer (attention block, then MLP block, each with its residual), the
+        attention on the (N, T) rows, the MLP block on the flat positions `keep` only."""
+        attn, _ = layer.self_attn(hidden_states=layer.input_layernorm(h), attention_mask=mask, position_ids=positions,
+                                  past_key_values=kv, use_cache=True, position_embeddings=pos_emb)
+        h = h + attn
+        flat = h.reshape(-1, h.shape[-1])
+        x = flat.index_select(0, keep)
+        x = x + layer.mlp(layer.post_attention_layernorm(x))
+        return flat.index_copy(0, keep, x).view_as(h)
+
+    @torch.no_grad()
+    def _check_split(self) -> bool:
+        """Use the split layer only where it provably is the layer: each layer's own structure
+        (pre-norm attention + pre-norm MLP, as Llama, Mistral, Qwen) and its output on a small
+        input equal to the layer's own forward. Anything else runs whole layers."""
+        names = ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp")
+        if any(not hasattr(layer, n) for layer in self.layers for n in names):
+            return False
+        g = torch.Generator().manual_seed(0)
+        h = torch.randn(2, 5, self.embed.weight.shape[1], generator=g).to(self.device, self.dtype)
+        positions = torch.arange(5, device=self.device).expand(2, 5)
+        allowed = torch.ones(5, 5, dtype=torch.bool, device=self.device).tril().expand(2, 5, 5)
+        mask = _additive_mask(allowed, h.dtype)
+        pos_emb = self.rotary(h, position_ids=positions)
+        keep = torch.arange(10, device=self.device)
+        for layer in self.layers[:2]:
+            out = layer(h, attention_mask=mask, position_ids=positions, past_key_values=_PrefixKV(), use_cache=True,
+                        position_embeddings=pos_emb)
+            out = out[0] if isinstance(out, tuple) else out
+            mine = self._layer_split(layer, h, mask, positions, _PrefixKV(), pos_emb, keep)
+            if not torch.allclose(mine, out, rtol=1e-4, atol=1e-4 * float(out.abs().max())):
+                return False
+        return True
 
     def token_logprobs(self, h, targets):
         """log p(targets) from final hidden states h (M, d): norm, LM head, log-softmax."""
@@ -117,6 +169,8 @@ class Layout:
     first_rows: torch.Tensor  # (2B,) flat prompt-row index of each response's pair's last prompt token
     pred_rows: torch.Tensor  # (M,) flat response-row index of positions that predict a next response token
     pred_resp: torch.Tensor  # (M,) which response each of them belongs to
+    valid_p: torch.Tensor  # flat (G*Lp) indices of real prompt tokens (not padding)
+    valid_r: torch.Tensor  # flat (G*Lr) indices of real response tokens
 
     @property
     def n_rows(self):
@@ -175,7 +229,9 @@ def make_layout(p_lens: list[int], r_lens: list[int], device, pack_tokens: int =
         (pos_r[:, None, :] <= pos_r[:, :, None])
     t = lambda x: torch.as_tensor(x, dtype=torch.long).to(device)  # noqa: E731
     return Layout(p_slots, r_slots, pos_p.to(device), pos_r.to(device), allowed_p.to(device),
-                  torch.cat([to_prompt, to_resp], dim=2).to(device), t(first_rows), t(pred_rows), t(pred_resp))
+                  torch.cat([to_prompt, to_resp], dim=2).to(device), t(first_rows), t(pred_rows), t(pred_resp),
+                  torch.nonzero(seg_p.reshape(-1) >= 0)[:, 0].to(device),
+                  torch.nonzero(seg_r.reshape(-1) >= 0)[:, 0].to(device))
 
 
 def scatter_rows(parts: list[torch.Tensor], slots, n_rows: int, length: int) -> torch.Tensor:
@@ -196,12 +252,15 @@ def forward_from_layer(runner: DecoderRunner, start: int, hp, hr, layout: Layout
 
     targets_first: (2B,) each response's first token; targets_pred: (M,) the token each
     layout.pred_rows position predicts. The prompt rows run once; the responses attend to their
-    keys and values; the LM head runs only at the 2B + M predicting positions."""
+    keys and values; the LM head runs only at the 2B + M predicting positions, and the last layer's
+    MLP only there too (its other outputs are never read; its keys and values come before the MLP)."""
     end = runner.n_layers
-    out_p, kv = runner.run(hp, layout.pos_p, layout.allowed_p, start, end, record=True)
+    out_p, kv = runner.run(hp, layout.pos_p, layout.allowed_p, start, end, record=True, rows=layout.valid_p,
+                           last_rows=layout.first_rows)
     first = runner.token_logprobs(out_p.reshape(-1, out_p.shape[-1])[layout.first_rows], targets_first)
     if layout.pred_rows.numel() == 0:
         return first
-    out_r, _ = runner.run(hr, layout.pos_r, layout.allowed_r, start, end, prefix=kv.layers)
+    out_r, _ = runner.run(hr, layout.pos_r, layout.allowed_r, start, end, prefix=kv.layers, rows=layout.valid_r,
+                          last_rows=layout.pred_rows)
     lp = runner.token_logprobs(out_r.reshape(-1, out_r.shape[-1])[layout.pred_rows], targets_pred)
     return first + torch.zeros_like(first).index_add(0, layout.pred_resp, lp)
