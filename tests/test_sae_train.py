@@ -11,7 +11,7 @@ from yapo_fast import load_sae
 from yapo_fast.cli import main
 from yapo_fast.errors import YapoFastError
 from yapo_fast.sae_train import ActivationBatches, train_on_activations
-from yapo_fast.text_source import TextMixture, detokenize
+from yapo_fast.text_source import TextMixture, detokenize, mixture_counts
 
 
 def save_tiny_char_model(path):
@@ -82,8 +82,45 @@ def test_trained_sae_learned_something_and_eval_writes_json(trained, capsys):
 
 
 def test_topk_reused_the_activation_cache(trained):
-    caches = list((trained / "work" / "activations").iterdir())
-    assert len(caches) == 1  # both runs read one cache (same model, layer, text)
+    caches = sorted(p.name for p in (trained / "work" / "activations").iterdir())
+    # both runs read one cache per text source (same model, layer, text)
+    assert len(caches) == 2 and "-L1-chat-" in caches[0] and "-L1-corpus-" in caches[1], caches
+
+
+def test_collect_only_fills_the_per_source_cache_that_training_reuses(trained, tmp_path, capsys):
+    """A corpus-only --collect-only run caches a prefix of the corpus pool; a mixed run with a
+    smaller corpus share then reads those chunks instead of running the model again."""
+    acts = tmp_path / "acts"
+    common = ["--model", str(trained / "m"), "--layer", "1", "--ctx", "64", "--work-dir", str(tmp_path / "w"),
+              "--activations-dir", str(acts), "--batch-size", "64", "--quiet"]
+    assert main(["sae", "train", *common, "--mix", "corpus=1", "--tokens", "1500", "--collect-only",
+                 "--out", str(tmp_path / "never")]) == 0
+    assert not (tmp_path / "never").exists()  # collected, not trained
+    (corpus_dir,) = acts.iterdir()
+    stamps = {f.name: f.stat().st_mtime_ns for f in corpus_dir.iterdir()}
+    assert main(["sae", "train", *common, "--mix", "corpus=0.5,chat=0.5", "--tokens", "1500", "--samples", "256",
+                 "--kind", "topk", "--k", "4", "--width", "32", "--threads", "1", "--dtype", "float32",
+                 "--out", str(tmp_path / "tk")]) == 0
+    assert {f.name: f.stat().st_mtime_ns for f in corpus_dir.iterdir() if f.name in stamps} == stamps
+    assert len(list(acts.iterdir())) == 2  # + the chat cache
+    meta = load_sae(tmp_path / "tk").metadata
+    assert meta["text_mixture"] == "corpus=0.5,chat=0.5"
+    used = meta["text_stats"]["tokens_by_source"]
+    assert abs(used["corpus"] - used["chat"]) < 64 and used["corpus"] + used["chat"] >= 1500
+    assert meta["train"]["aux_loss"] == 1.0 and meta["train"]["threads"] == 1
+
+
+def test_mixture_takes_a_prefix_of_every_pool():
+    pools = {"corpus": [[0] * 11] * 30, "chat": [[1] * 5] * 4}
+    small, used_small = mixture_counts(pools, "corpus=0.7,chat=0.3", 60)
+    big, used_big = mixture_counts(pools, "corpus=0.7,chat=0.3", 400)
+    assert big[:len(small)] == small  # a larger budget extends a smaller one
+    for order in (small, big):
+        for src in pools:
+            idx = [i for s, i in order if s == src]
+            assert idx == list(range(len(idx)))  # a prefix of the pool, in pool order
+    assert used_small == {"corpus": 50, "chat": 16} and sum(used_small.values()) >= 60
+    assert used_big["chat"] == 16 and used_big["corpus"] == 300  # chat exhausted: the rest from corpus
 
 
 def _interrupt_after(monkeypatch, n_batches):
@@ -144,6 +181,9 @@ def test_bad_options_fail_clearly(tmp_path, capsys):
     rc = main(["sae", "train", "--model", str(tmp_path / "m"), "--layer", "1", "--mix", "books=1",
                "--out", str(tmp_path / "o"), "--quiet"])
     assert rc == 2 and "unknown source 'books'" in capsys.readouterr().err
+    rc = main(["sae", "train", "--model", str(tmp_path / "m"), "--layer", "1", "--threads", "0",
+               "--out", str(tmp_path / "o"), "--quiet"])
+    assert rc == 2 and "--threads 0" in capsys.readouterr().err
     with pytest.raises(YapoFastError, match="needs --k"):
         train_on_activations(torch.randn(256, 8), kind="topk", d_sae=16, total_samples=128, batch_size=64)
     assert not (tmp_path / "o").exists()

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 def register(subparsers) -> None:
     from .sae_eval import add_eval_parser
-    from .sae_train import add_train_parser
+    from .sae_train import add_answers_parser, add_train_parser
 
     p = subparsers.add_parser("sae", help="train (sae-lens) and evaluate sparse autoencoders")
     sub = p.add_subparsers(dest="sae_command", required=True)
     add_train_parser(sub)
     add_eval_parser(sub)
+    add_answers_parser(sub)

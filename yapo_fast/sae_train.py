@@ -161,22 +161,27 @@ class ActivationBatches:
 # training (sae-lens)
 # ---------------------------------------------------------------------------------------------
 def _training_sae(kind: str, d_in: int, d_sae: int, *, k: int | None, target_l0: float, l0_coefficient: float,
-                  l0_warm_up_steps: int, init_threshold: float, metadata: dict):
+                  l0_warm_up_steps: int, init_threshold: float, pre_act_loss: float, aux_loss: float,
+                  decoder_init_norm: float, metadata: dict):
     from sae_lens.saes.jumprelu_sae import JumpReLUTrainingSAE, JumpReLUTrainingSAEConfig
     from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
 
     common = dict(d_in=d_in, d_sae=d_sae, dtype="float32", device="cpu", apply_b_dec_to_input=True,
-                  normalize_activations="expected_average_only_in")
+                  normalize_activations="expected_average_only_in", decoder_init_norm=decoder_init_norm)
     if kind == "jumprelu":
-        # GemmaScope-2's quadratic L0 penalty pulls L0 towards target_l0 (no coefficient sweep)
+        # GemmaScope-2's quadratic L0 penalty pulls L0 towards target_l0 (no coefficient sweep);
+        # Anthropic's pre-activation loss pushes latents that have not fired for dead_feature_window
+        # steps back towards their threshold (sae-lens applies it to dead latents only)
         cfg = JumpReLUTrainingSAEConfig(**common, jumprelu_sparsity_loss_mode="quadratic", target_l0=target_l0,
                                         l0_coefficient=l0_coefficient, l0_warm_up_steps=l0_warm_up_steps,
-                                        jumprelu_init_threshold=init_threshold, pre_act_loss_coefficient=3e-6)
+                                        jumprelu_init_threshold=init_threshold,
+                                        pre_act_loss_coefficient=pre_act_loss or None)
         sae = JumpReLUTrainingSAE(cfg)
     elif kind == "topk":
         if not k:
             raise YapoFastError("a topk SAE needs --k (active latents per token), e.g. --k 32")
-        cfg = TopKTrainingSAEConfig(**common, k=k)
+        # AuxK: dead latents learn to reconstruct the live latents' residual (sae-lens's aux loss)
+        cfg = TopKTrainingSAEConfig(**common, k=k, aux_loss_coefficient=aux_loss)
         sae = TopKTrainingSAE(cfg)
     else:
         raise YapoFastError(f"unknown SAE kind {kind!r} for training; use one of {TRAIN_KINDS}")
@@ -187,10 +192,13 @@ def _training_sae(kind: str, d_in: int, d_sae: int, *, k: int | None, target_l0:
 
 def train_on_activations(acts: torch.Tensor, *, kind: str, d_sae: int, k: int | None = None, target_l0: float = 64,
                          l0_coefficient: float = 1.0, init_threshold: float = 0.1, total_samples: int, batch_size: int = 1024, lr: float = 1e-3,
-                         seed: int = 0, checkpoint_dir: Path | None = None, checkpoint_every: int | None = None,
+                         pre_act_loss: float = 3e-6, aux_loss: float = 1.0, decoder_init_norm: float = 0.1,
+                         dead_window: int | None = None, seed: int = 0, checkpoint_dir: Path | None = None, checkpoint_every: int | None = None,
                          metadata: dict | None = None, progress: bool = False, log=None):
     """Train with sae-lens's SAETrainer on rows of `acts`; return the yapo_fast SAE (float32).
-    With checkpoint_dir, a checkpoint there is resumed and new ones are written atomically."""
+    With checkpoint_dir, a checkpoint there is resumed and new ones are written atomically.
+    dead_window: samples without firing after which a latent counts as dead for the pre-activation
+    loss (jumprelu) and AuxK (topk); default a quarter of the run."""
     from sae_lens.config import SAETrainerConfig
     from sae_lens.training.sae_trainer import SAETrainer
 
@@ -199,11 +207,13 @@ def train_on_activations(acts: torch.Tensor, *, kind: str, d_sae: int, k: int | 
     torch.manual_seed(seed)
     steps = total_samples // batch_size
     sae = _training_sae(kind, acts.shape[1], d_sae, k=k, target_l0=target_l0, l0_coefficient=l0_coefficient,
-                        l0_warm_up_steps=max(1, steps // 10), init_threshold=init_threshold, metadata=metadata or {})
+                        l0_warm_up_steps=max(1, steps // 10), init_threshold=init_threshold, pre_act_loss=pre_act_loss,
+                        aux_loss=aux_loss, decoder_init_norm=decoder_init_norm, metadata=metadata or {})
+    dead_steps = max(10, steps // 4) if dead_window is None else max(1, dead_window // batch_size)
     n_ckpt = 0 if not (checkpoint_dir and checkpoint_every) else max(0, total_samples // checkpoint_every - 1)
     cfg = SAETrainerConfig(total_training_samples=total_samples, train_batch_size_samples=batch_size, lr=lr,
                            lr_scheduler_name="cosineannealing", lr_warm_up_steps=max(1, steps // 20),
-                           lr_decay_steps=0, lr_end=lr / 10, device="cpu", dead_feature_window=max(10, steps // 4),
+                           lr_decay_steps=0, lr_end=lr / 10, device="cpu", dead_feature_window=dead_steps,
                            feature_sampling_window=max(10, steps // 4), n_checkpoints=n_ckpt,
                            n_batches_for_norm_estimate=min(50, max(1, len(acts) // batch_size)))
     provider = ActivationBatches(acts, batch_size, seed)
@@ -211,7 +221,8 @@ def train_on_activations(acts: torch.Tensor, *, kind: str, d_sae: int, k: int | 
     # what a checkpoint must agree on to be resumed (the schedule and data order depend on it)
     run_config = {"kind": kind, "d_in": acts.shape[1], "d_sae": d_sae, "k": k, "target_l0": target_l0,
                   "l0_coefficient": l0_coefficient, "total_samples": total_samples, "batch_size": batch_size,
-                  "lr": lr, "seed": seed, "rows": len(acts)}
+                  "lr": lr, "seed": seed, "rows": len(acts), "pre_act_loss": pre_act_loss, "aux_loss": aux_loss,
+                  "decoder_init_norm": decoder_init_norm, "dead_steps": dead_steps}
 
     def save_checkpoint(checkpoint_path=None):
         trainer = trainer_box["t"]
@@ -233,13 +244,24 @@ def train_on_activations(acts: torch.Tensor, *, kind: str, d_sae: int, k: int | 
     if latest is not None and (latest / "yapo_fast_resume.json").exists():
         from safetensors.torch import load_file
 
-        state = json.loads((latest / "yapo_fast_resume.json").read_text())
-        if state.get("config") != run_config:
-            raise YapoFastError(f"the checkpoint in {latest} belongs to another run ({state.get('config')}); this run "
+        try:
+            state = json.loads((latest / "yapo_fast_resume.json").read_text())
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise YapoFastError(f"the checkpoint in {latest} is unreadable ({exc}); delete {checkpoint_dir} to start "
+                                "afresh") from None
+        if not isinstance(state, dict) or state.get("config") != run_config:
+            theirs = state.get("config") if isinstance(state, dict) else state
+            raise YapoFastError(f"the checkpoint in {latest} belongs to another run ({theirs}); this run "
                                 f"is {run_config}. Resume with the same options, or delete {checkpoint_dir} "
                                 "(or pass another --work-dir) to start afresh")
-        sae.load_state_dict(load_file(str(latest / "sae_weights.safetensors")))
-        trainer.load_trainer_state(latest)
+        try:
+            sae.load_state_dict(load_file(str(latest / "sae_weights.safetensors")))
+            # sae-lens keeps its optimizer state in a torch.save file; torch.load reads it with
+            # weights_only=True (plain tensors and containers; a pickle naming code is refused)
+            trainer.load_trainer_state(latest)
+        except Exception as exc:
+            raise YapoFastError(f"the checkpoint in {latest} is unreadable ({type(exc).__name__}: {exc}); delete "
+                                f"{checkpoint_dir} (or pass another --work-dir) to start afresh") from exc
         trainer.n_training_steps = state["n_training_steps"]
         provider.position = state["provider_position"]
         trainer.checkpoint_thresholds = [t for t in trainer.checkpoint_thresholds if t >= trainer.n_training_samples]
@@ -249,7 +271,8 @@ def train_on_activations(acts: torch.Tensor, *, kind: str, d_sae: int, k: int | 
         # fresh run: estimate the norm scale on the cached rows (not on batches drawn from the
         # provider, which would shift the stream) and start b_dec at the (scaled) mean activation,
         # which short runs otherwise spend their first hundreds of steps learning
-        sample = acts[: 65536]
+        # a seeded sample of rows (the cache is ordered by source)
+        sample = acts[torch.randperm(len(acts), generator=torch.Generator().manual_seed(seed))[:65536]]
         scale = float(acts.shape[1] ** 0.5 / sample.norm(dim=-1).mean())
         trainer.activation_scaler.scaling_factor = scale
         with torch.no_grad():
@@ -282,12 +305,12 @@ def chat_answers_for(model, tokenizer, model_arg, work_dir: Path, split: str = "
     """The model's own answers to chat prompts: the shipped file for the default model (used as is),
     generated once and cached in the work dir for any other model."""
     from .model import DEFAULT_MODEL
-    from .text_source import SHIPPED_ANSWERS, chat_prompts, load_answers, write_answers
+    from .text_source import SHIPPED_ANSWERS, interleaved_chat_prompts, load_answers, write_answers
 
     if model_arg in (None, "default", DEFAULT_MODEL):
         return load_answers(SHIPPED_ANSWERS)
     path = work_dir / "chat_answers.jsonl"
-    prompts = chat_prompts(split)[:ANSWERED_PROMPTS]
+    prompts = interleaved_chat_prompts(split)[:ANSWERED_PROMPTS]
     answers = load_answers(path)
     if any(p not in answers for p in prompts):
         answers = write_answers(model, tokenizer, prompts, path, progress=progress)
@@ -311,13 +334,18 @@ def default_name(kind: str, d_sae: int, layer: int, k: int | None, target_l0: fl
 def run_train(args) -> Path:
     from .integrations.sae_lens_loading import save_sae
     from .model import DEFAULT_MODEL, check_layer, load_model, model_identity
-    from .text_source import TextMixture, token_sequences
+    from .text_source import TextMixture, mixture_counts, source_pools, text_stats as make_text_stats
 
     log = lambda msg: print(f"[sae train] {msg}", file=sys.stderr, flush=True)  # noqa: E731
     if args.kind not in TRAIN_KINDS:
         raise YapoFastError(f"--kind {args.kind!r}: yapo-fast trains {TRAIN_KINDS} SAEs")
     if args.tokens < args.batch_size:
         raise YapoFastError(f"--tokens {args.tokens} is below one batch (--batch-size {args.batch_size})")
+    if args.threads < 1:
+        raise YapoFastError(f"--threads {args.threads}: need at least 1")
+    # one thread by default: on a shared 2-core machine two OpenMP threads contend with other jobs
+    # and a step took 4x longer than with one (README, "The shipped SAE")
+    torch.set_num_threads(args.threads)
     mixture = TextMixture.parse(args.mix)
     torch.manual_seed(args.seed)
     model, tok = load_model(args.model)
@@ -327,25 +355,35 @@ def run_train(args) -> Path:
     d_sae = args.width or 8 * d_model
     out = Path(args.out)
     work = Path(args.work_dir) if args.work_dir else out.parent / f".{out.name}.work"
-    # activations depend on model, layer, text mixture, context and seed, not on the SAE: share them
+    # activations depend on model, layer, text source, context and seed, not on the SAE: share them
     act_root = Path(args.activations_dir) if args.activations_dir else work / "activations"
     t0 = time.time()
     answers = chat_answers_for(model, tok, args.model, work) if mixture.chat > 0 else None
-    # sequences of the largest budget the cache may hold, cut to this run's budget: runs with other
-    # budgets then share chunks (the key must not depend on --tokens)
-    all_sequences, _ = token_sequences(tok, split="train", mixture=mixture, ctx=args.ctx, max_tokens=10**9,
-                                       seed=args.seed, chat_answers=answers)
-    sequences, text_stats = token_sequences(tok, split="train", mixture=mixture, ctx=args.ctx,
-                                            max_tokens=args.tokens, seed=args.seed, chat_answers=answers)
-    # the cache is keyed by everything that decides its rows, the exact token sequences included
-    text_key = f"{str(mixture).replace(',', '_')}-ctx{args.ctx}-s{args.seed}-{_digest(all_sequences)}"
+    # each source's pool in its own seeded order; the budget takes a prefix of every pool, so a
+    # per-source cache serves runs with other budgets and mixtures
+    pools = source_pools(tok, split="train", mixture=mixture, ctx=args.ctx, seed=args.seed, chat_answers=answers)
+    order, used = mixture_counts(pools, mixture, args.tokens)
+    text_stats = make_text_stats(pools, mixture, "train", args.ctx, order, used)
     extra = sorted({int(x) for x in args.cache_layers.split(",") if x.strip()} - {args.layer}) if args.cache_layers else []
     for layer in extra:
         check_layer(model, layer)
-    cache_dirs = {layer: act_root / f"{ident['fingerprint']}-L{layer}-{text_key}" for layer in [args.layer, *extra]}
-    chunks = collect_activations(model, cache_dirs, sequences, pad_id=tok.pad_token_id,
-                                 batch_size=args.forward_batch, progress=not args.quiet)
-    acts = load_activation_chunks(chunks[args.layer])
+    parts = []
+    for source, pool in pools.items():
+        taken = text_stats["sequences_by_source"][source]
+        if not taken:
+            continue
+        # the cache is keyed by everything that decides its rows, the pool's exact token sequences included
+        key = f"{source}-ctx{args.ctx}-s{args.seed}-{_digest(pool)}"
+        cache_dirs = {layer: act_root / f"{ident['fingerprint']}-L{layer}-{key}" for layer in [args.layer, *extra]}
+        chunks = collect_activations(model, cache_dirs, pool[:taken], pad_id=tok.pad_token_id,
+                                     batch_size=args.forward_batch, progress=not args.quiet)
+        parts.append(load_activation_chunks(chunks[args.layer]))
+    if args.collect_only:
+        log(f"collected {sum(len(p) for p in parts)} activation rows of layer {args.layer} "
+            f"({text_stats['tokens_by_source']}) in {time.time() - t0:.0f}s; --collect-only: no training")
+        return act_root
+    acts = torch.cat(parts)
+    del parts
     log(f"{len(acts)} activation rows of layer {args.layer} ({time.time() - t0:.0f}s); training {args.kind} "
         f"width {d_sae} on {args.samples or len(acts)} samples")
     meta = {
@@ -359,13 +397,17 @@ def run_train(args) -> Path:
         "train": {"seed": args.seed, "tokens": len(acts), "samples": args.samples or len(acts),
                   "batch_size": args.batch_size, "lr": args.lr, "width": d_sae, "k": args.k,
                   "target_l0": args.target_l0, "l0_coefficient": args.l0_coefficient,
-                  "init_threshold": args.init_threshold, "ctx": args.ctx,
+                  "init_threshold": args.init_threshold, "pre_act_loss": args.pre_act_loss,
+                  "aux_loss": args.aux_loss, "decoder_init_norm": args.decoder_init_norm,
+                  "dead_window": args.dead_window, "threads": args.threads, "ctx": args.ctx,
                   "command": "yapo-fast sae train " + " ".join(sys.argv[3:] if sys.argv[1:3] == ["sae", "train"]
                                                                   else sys.argv[1:])},
     }
     samples = args.samples or len(acts)
     sae = train_on_activations(acts, kind=args.kind, d_sae=d_sae, k=args.k, target_l0=args.target_l0,
                                l0_coefficient=args.l0_coefficient, init_threshold=args.init_threshold,
+                               pre_act_loss=args.pre_act_loss, aux_loss=args.aux_loss,
+                               decoder_init_norm=args.decoder_init_norm, dead_window=args.dead_window,
                                total_samples=samples,
                                batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                                checkpoint_dir=work / f"checkpoint-{args.kind}-w{d_sae}",
@@ -395,6 +437,13 @@ def add_train_parser(sub) -> None:
     p.add_argument("--l0-coefficient", type=float, default=1.0, help="jumprelu: weight of the sparsity penalty")
     p.add_argument("--init-threshold", type=float, default=0.1,
                    help="jumprelu: initial threshold (in units of the normalised input, |h| = sqrt(d_model))")
+    p.add_argument("--pre-act-loss", type=float, default=3e-6,
+                   help="jumprelu: coefficient of the pre-activation loss on dead latents (0: off)")
+    p.add_argument("--aux-loss", type=float, default=1.0, help="topk: coefficient of the AuxK loss on dead latents")
+    p.add_argument("--decoder-init-norm", type=float, default=0.1, help="initial norm of decoder rows")
+    p.add_argument("--dead-window", type=int, default=None,
+                   help="samples without firing after which a latent counts as dead for the pre-activation / "
+                        "AuxK loss (default: a quarter of the run)")
     p.add_argument("--tokens", type=int, default=100_000, help="token budget of distinct activations")
     p.add_argument("--samples", type=int, default=None, help="training samples (default: --tokens; more = epochs)")
     p.add_argument("--batch-size", type=int, default=128, help="SAE training batch (tokens)")
@@ -412,6 +461,44 @@ def add_train_parser(sub) -> None:
     p.add_argument("--activations-dir", default=None, help="share an activation cache between runs")
     p.add_argument("--cache-layers", default=None,
                    help="also cache these layers' activations in the same forward (e.g. 9,12,18: layer comparisons)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads (default 1: measured fastest on a shared 2-core machine)")
+    p.add_argument("--collect-only", action="store_true",
+                   help="collect (cache) the activations for this budget and stop; a later run trains on them")
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--out", required=True, help="output directory (sae-lens format)")
     p.set_defaults(func=run_train)
+
+
+def run_answers(args) -> Path:
+    """`yapo-fast sae answers`: the model's greedy answers to the chat source's prompts (JSONL,
+    resumable). The default model's file ships in assets/data/chat_answers/ (made by this command)."""
+    from .model import load_model
+    from .text_source import ANSWER_TOKENS, interleaved_chat_prompts, write_answers
+
+    if args.threads < 1:
+        raise YapoFastError(f"--threads {args.threads}: need at least 1")
+    torch.set_num_threads(args.threads)
+    splits = ("train", "heldout") if args.split == "all" else (args.split,)
+    prompts = [p for split in splits for p in interleaved_chat_prompts(split)[: args.limit]]
+    model, tok = load_model(args.model)
+    t0 = time.time()
+    answers = write_answers(model, tok, prompts, Path(args.out), batch_size=args.batch_size,
+                            max_new_tokens=args.max_new_tokens or ANSWER_TOKENS, progress=not args.quiet)
+    print(f"[sae answers] {sum(p in answers for p in prompts)} of {len(prompts)} prompts answered in {args.out} "
+          f"({time.time() - t0:.0f}s)", file=sys.stderr)
+    return Path(args.out)
+
+
+def add_answers_parser(sub) -> None:
+    p = sub.add_parser("answers", help="the model's greedy answers to the SAE text source's chat prompts (resumable)")
+    p.add_argument("--model", default=None, help="default: the embedded SmolLM2-135M-Instruct")
+    p.add_argument("--split", default="all", choices=("train", "heldout", "all"))
+    p.add_argument("--limit", type=int, default=None, help="answer only the first N prompts of each split "
+                   "(round-robin over BiPO behaviours and BLEnD)")
+    p.add_argument("--batch-size", type=int, default=48, help="prompts per generate() call")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="default: text_source.ANSWER_TOKENS (48)")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--out", required=True, help="JSONL file (prompt, answer); existing answers are kept")
+    p.set_defaults(func=run_answers)

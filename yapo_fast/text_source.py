@@ -7,9 +7,14 @@ Two sources, mixed by token share (``TextMixture``, e.g. "corpus=0.7,chat=0.3"):
 - ``chat``: the steering prompts themselves through the model's chat template: BiPO training
   questions followed by both of their responses (what YaPO's loss scores), and BiPO/BLEnD questions
   followed by THE MODEL'S OWN greedy answer (what steering meets at generation time). For the
-  default model these come from assets/data/corpus/chat_answers.jsonl when it exists (made by
-  ``write_answers``; only the prompts answered there are used); any other model answers the
-  first few prompts on the fly (cached in the run's work dir).
+  default model these are shipped in assets/data/chat_answers/ (made by ``write_answers``, see the
+  README there; only the prompts answered there are used); any other model answers the first few
+  prompts on the fly (cached in the run's work dir).
+
+Each source is a POOL of sequences in its own seeded order (``source_pools``); a token budget takes
+a prefix of every pool in the mixture's proportions (``token_sequences``). A prefix of one pool does
+not depend on the other pools or on the budget, so activation caches are kept per source and shared
+by runs with other mixtures or budgets.
 
 Sequences are windows of at most ``ctx`` tokens; the first position of every sequence is dropped by
 the consumers (its residual norm is ~100x the others on SmolLM2: an attention sink, not text).
@@ -28,15 +33,18 @@ from .data import BEHAVIOURS, DATA_DIR, bipo_csv_path, load_pairs
 from .errors import YapoFastError
 
 CORPUS_DIR = DATA_DIR / "corpus"
-SHIPPED_ANSWERS = CORPUS_DIR / "chat_answers.jsonl"
+ANSWERS_DIR = DATA_DIR / "chat_answers"
+SHIPPED_ANSWERS = ANSWERS_DIR / "SmolLM2-135M-Instruct.jsonl"  # the default model's greedy answers
 SOURCES = ("corpus", "chat")
 ANSWER_TOKENS = 48  # greedy answer length for the chat source
 
 _TRAIN_FILES = ("gutenberg/austen-persuasion.txt", "gutenberg/bryant-stories.txt", "gutenberg/carroll-alice.txt",
                 "gutenberg/chesterton-brown.txt", "gutenberg/shakespeare-hamlet.txt", "wikitext-2/valid.txt")
 _HELDOUT_FILES = ("wikitext-2/test.txt",)
-# prompts per BiPO behaviour / BLEnD stride (train, held-out): small, since the model answers each one
-_BIPO_PER_BEHAVIOUR = {"train": 25, "heldout": 5}
+# chat prompts per BiPO behaviour and BLEnD questions (train, held-out); the default model's answers
+# to all of them are shipped (assets/data/chat_answers)
+_BIPO_PER_BEHAVIOUR = {"train": 100, "heldout": 5}
+_BLEND_QUESTIONS = {"train": 160, "heldout": 20}
 
 
 @dataclass(frozen=True)
@@ -111,19 +119,30 @@ def corpus_documents(split: str = "train") -> list[str]:
     return docs
 
 
-def chat_prompts(split: str = "train") -> list[str]:
-    """Steering prompts: BiPO questions (train.csv for train, test.csv held out) and BLEnD questions."""
-    prompts: list[str] = []
+def chat_prompt_groups(split: str = "train") -> list[list[str]]:
+    """Steering prompts by source: BiPO questions per behaviour (train.csv for train, test.csv
+    held out), then BLEnD questions (every 4th one held out)."""
     per = _BIPO_PER_BEHAVIOUR[split]
-    for behaviour in BEHAVIOURS:
-        pairs = load_pairs(bipo_csv_path(behaviour, "train" if split == "train" else "test"), limit=per)
-        prompts += [p.prompt for p in pairs]
+    groups = [[p.prompt for p in load_pairs(bipo_csv_path(b, "train" if split == "train" else "test"), limit=per)]
+              for b in BEHAVIOURS]
     with (CORPUS_DIR / "blend_questions.csv").open(encoding="utf-8", newline="") as f:
         rows = list(csv.DictReader(f))
-    # every 4th BLEnD question is held out
-    prompts += [r["question"] for i, r in enumerate(rows) if (i % 4 == 3) == (split == "heldout")][
-        : 60 if split == "train" else 20]
-    return prompts
+    groups.append([r["question"] for i, r in enumerate(rows)
+                   if (i % 4 == 3) == (split == "heldout")][: _BLEND_QUESTIONS[split]])
+    return groups
+
+
+def chat_prompts(split: str = "train") -> list[str]:
+    """All steering prompts of a split, source by source (a few BiPO questions repeat: kept once)."""
+    return list(dict.fromkeys(p for g in chat_prompt_groups(split) for p in g))
+
+
+def interleaved_chat_prompts(split: str = "train") -> list[str]:
+    """The same prompts round-robin over their sources, so that a partial answering run covers
+    every source."""
+    groups = chat_prompt_groups(split)
+    out = [g[i] for i in range(max(len(g) for g in groups)) for g in groups if i < len(g)]
+    return list(dict.fromkeys(out))
 
 
 def write_answers(model, tokenizer, prompts: list[str], path: Path, *, batch_size: int = 16,
@@ -184,40 +203,64 @@ def chat_documents(tokenizer, split: str, answers: dict[str, str] | None) -> lis
     return docs
 
 
-def token_sequences(tokenizer, *, split: str, mixture: "TextMixture | str", ctx: int, max_tokens: int,
-                    seed: int, chat_answers: dict[str, str] | None) -> tuple[list[list[int]], dict]:
-    """Token-id sequences (each <= ctx tokens) whose token counts follow `mixture` until
-    `max_tokens`, in a seeded order. Returns (sequences, stats of what was used)."""
+def _window(ids: list[int], ctx: int) -> list[list[int]]:
+    return [ids[s:s + ctx] for s in range(0, len(ids), ctx) if len(ids[s:s + ctx]) >= 8]
+
+
+def source_pools(tokenizer, *, split: str, mixture: "TextMixture | str", ctx: int, seed: int,
+                 chat_answers: dict[str, str] | None) -> dict[str, list[list[int]]]:
+    """source -> all its token sequences (each <= ctx tokens) in an order seeded by (seed, source),
+    for the sources with a positive share. A pool does not depend on the other sources."""
     mixture = TextMixture.parse(mixture)
     pools: dict[str, list[list[int]]] = {}
     if mixture.corpus > 0:
-        seqs = []
-        for doc in corpus_documents(split):
-            ids = tokenizer(doc, add_special_tokens=False)["input_ids"]
-            seqs += [ids[s:s + ctx] for s in range(0, len(ids), ctx) if len(ids[s:s + ctx]) >= 8]
-        pools["corpus"] = seqs
+        pools["corpus"] = [w for doc in corpus_documents(split)
+                           for w in _window(tokenizer(doc, add_special_tokens=False)["input_ids"], ctx)]
     if mixture.chat > 0:
         docs = chat_documents(tokenizer, split, chat_answers)
         pools["chat"] = [tokenizer(d, add_special_tokens=False)["input_ids"][:ctx] for d in docs]
-    rng = random.Random(seed)
-    for seqs in pools.values():
-        rng.shuffle(seqs)
+    for name, seqs in pools.items():
+        random.Random(f"{seed}:{name}").shuffle(seqs)
+    return pools
+
+
+def mixture_counts(pools: dict[str, list[list[int]]], mixture: "TextMixture | str",
+                   max_tokens: int) -> tuple[list[tuple[str, int]], dict[str, int]]:
+    """Which sequences a budget of `max_tokens` takes: the source furthest below its share goes next
+    (whole sequences only, position 0 not counted, since consumers drop it). Returns the order as
+    (source, index in its pool) and the tokens taken per source; every source's picks are a
+    prefix of its pool, and a larger budget's picks extend a smaller one's."""
+    mixture = TextMixture.parse(mixture)
     share = {s: getattr(mixture, s) for s in pools}
     used = {s: 0 for s in pools}
     nxt = {s: 0 for s in pools}
-    out: list[list[int]] = []
+    order: list[tuple[str, int]] = []
     total = 0
     while total < max_tokens:
         live = [s for s in pools if nxt[s] < len(pools[s])]
         if not live:
             break
-        # the source furthest below its share goes next
         src = min(live, key=lambda s: used[s] / share[s])
-        seq = pools[src][nxt[src]]
+        order.append((src, nxt[src]))
+        n = len(pools[src][nxt[src]]) - 1
         nxt[src] += 1
-        out.append(seq)  # whole sequences only: a larger budget's list extends a smaller one's
-        used[src] += len(seq) - 1  # position 0 is dropped
-        total += len(seq) - 1
-    stats = {"mixture": str(mixture), "split": split, "ctx": ctx, "tokens_by_source": used,
-             "sequences": len(out), "exhausted": [s for s in pools if nxt[s] >= len(pools[s])]}
-    return out, stats
+        used[src] += n
+        total += n
+    return order, used
+
+
+def token_sequences(tokenizer, *, split: str, mixture: "TextMixture | str", ctx: int, max_tokens: int,
+                    seed: int, chat_answers: dict[str, str] | None) -> tuple[list[list[int]], dict]:
+    """Token-id sequences (each <= ctx tokens) whose token counts follow `mixture` until
+    `max_tokens`, interleaved. Returns (sequences, stats of what was used)."""
+    mixture = TextMixture.parse(mixture)
+    pools = source_pools(tokenizer, split=split, mixture=mixture, ctx=ctx, seed=seed, chat_answers=chat_answers)
+    order, used = mixture_counts(pools, mixture, max_tokens)
+    return [pools[s][i] for s, i in order], text_stats(pools, mixture, split, ctx, order, used)
+
+
+def text_stats(pools, mixture, split, ctx, order, used) -> dict:
+    taken = {s: sum(1 for src, _ in order if src == s) for s in pools}
+    return {"mixture": str(TextMixture.parse(mixture)), "split": split, "ctx": ctx, "tokens_by_source": used,
+            "sequences": len(order), "sequences_by_source": taken,
+            "exhausted": [s for s in pools if taken[s] >= len(pools[s])]}
