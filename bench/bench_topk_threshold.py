@@ -1,6 +1,8 @@
 """TopK threshold (k-th largest pre-activation per token over all d_sae latents, never holding
 the (T, d_sae) matrix) vs torch matmul + topk (which does hold it), same run.
 CPU, d_model 576, d_sae 9216, k 64. numba only up to T=512 (it is several x slower than MKL).
+GPU (test_gpu_*, skipped with a reason without CUDA): d_model 2304, d_sae 65536, k 64, T 1..8192,
+the fused Triton kernel vs torch matmul + topk (the issue's aim: faster than that).
 
 Run: bash scripts/bench.sh bench/bench_topk_threshold.py   (see bench/README.md)
 """
@@ -40,4 +42,41 @@ def test_topk_threshold(benchmark, record, T, path):
     fn()  # warm-up (numba compile / cache load)
     benchmark.group = f"topk threshold T={T} k={K}"
     benchmark.pedantic(fn, rounds=3 if T >= 512 else 10, iterations=1, warmup_rounds=1)
+    record(MODULE, benchmark.group, path, benchmark)
+
+
+HAS_CUDA = torch.cuda.is_available()
+gpu_only = pytest.mark.skipif(not HAS_CUDA, reason="no CUDA GPU on this machine: the GPU benchmark needs one "
+                              "(the Triton kernel's logic is tested under TRITON_INTERPRET in tests/)")
+_GPU = {}
+
+
+def gpu_prepared():
+    if not _GPU:
+        sae = random_sae("topk", d_in=2304, d_sae=65536, k=K, seed=0).to("cuda")
+        _GPU["p"] = prepare_sparse_steer(sae, random_latent(65536, 1, "neg").cuda(), 1.0)
+    return _GPU["p"]
+
+
+@gpu_only
+@pytest.mark.gpu
+@pytest.mark.parametrize("T", (1, 8, 64, 256, 1024, 8192))
+@pytest.mark.parametrize("path", ("torch_matmul_topk", "fused"))
+def test_gpu_topk_threshold(benchmark, record, T, path):
+    p = gpu_prepared()
+    x = (2.0 * torch.randn(T, 2304, generator=torch.Generator().manual_seed(T))).cuda()
+    W, b = p.topk_W_enc, p.topk_b_enc
+    fn = {"torch_matmul_topk": lambda: torch.topk(torch.addmm(b, x, W), K + 1, dim=1),
+          "fused": lambda: topk_threshold(x, W, b, K)}[path]
+    fn()  # compile / warm-up
+    torch.cuda.synchronize()
+    reps = 20 if T <= 256 else 3
+
+    def rounds():
+        for _ in range(reps):
+            fn()
+        torch.cuda.synchronize()
+
+    benchmark.group = f"gpu topk threshold T={T} k={K} (x{reps} calls per round)"
+    benchmark.pedantic(rounds, rounds=10, iterations=1, warmup_rounds=1)
     record(MODULE, benchmark.group, path, benchmark)

@@ -53,18 +53,29 @@ def _topk_cut(x2d, prepared, backend):
     return topk_cut(kth, nxt).to(prepared.const.dtype)
 
 
+_NUMBA_MODULE = []
+
+
+def _numba_module():
+    """sparse_steer_numba, imported on first use (importing numba costs ~0.5 s; an import
+    statement per call costs ~1 us, which shows at decode shapes)."""
+    if not _NUMBA_MODULE:
+        from . import sparse_steer_numba
+        _NUMBA_MODULE.append(sparse_steer_numba)
+    return _NUMBA_MODULE[0]
+
+
 def _run(backend, x2d, out2d, slot, prepared, cut):
     if backend == "torch" and slot is None:  # the CPU default: skip the slot views (per-call overhead)
         p = prepared
         return steer_one(x2d.to(p.const.dtype), out2d, p.const, p.enc_cols, p.enc_bias, p.thresholds, p.coef,
                          p.dec_rows, cut)
+    if backend == "numba":  # numpy views of the prepared tensors are cached on `prepared`
+        return _numba_module().steer_numba_prepared(x2d, out2d, slot, prepared, cut)
     tensors = _per_slot(prepared)
     if backend == "triton":
         from .sparse_steer_triton import steer_triton
         return steer_triton(x2d, out2d, slot, *tensors, cut)
-    if backend == "numba":
-        from .sparse_steer_numba import steer_numba
-        return steer_numba(x2d, out2d, slot, *tensors, cut)
     return steer_torch(x2d, out2d, slot, *tensors, cut)
 
 
@@ -112,8 +123,9 @@ def sparse_steer(h: torch.Tensor, prepared, *, slot_index: torch.Tensor | None =
     if backend == "reference":
         raise YapoFastError("backend='reference' needs the SAE itself: call sparse_steer_reference(h, sae, latent, m)")
     target = h if inplace else (out if out is not None else torch.empty_like(h))
-    x2d = h.reshape(-1, h.shape[-1])
-    out2d = target.view(-1, h.shape[-1]) if target.is_contiguous() else None
+    two_d = h.dim() == 2  # skip the reshape/view calls (~2 us each: decode shapes feel them)
+    x2d = h if two_d else h.reshape(-1, h.shape[-1])
+    out2d = None if not target.is_contiguous() else (target if two_d else target.view(-1, h.shape[-1]))
     if x2d.stride(-1) != 1 or (x2d.shape[0] > 1 and x2d.stride(0) != x2d.shape[1]):
         x2d = x2d.contiguous()
     slot = None if slot_index is None else slot_index.reshape(-1)

@@ -94,8 +94,10 @@ _steer_blocks_kernel = numba.njit(parallel=True, cache=True, fastmath=_FASTMATH)
 _steer_slots_kernel = numba.njit(parallel=True, cache=True, fastmath=_FASTMATH)(_steer_slots)
 # Threads only pay off with enough work: waking the pool costs tens of microseconds (much more on
 # a busy machine). Below this many multiply-adds (T * d_model * n) the kernel runs on one thread.
-# (One build with set_num_threads(1), not a second serial build: numba's cache key ignores the
-# parallel flag, so two builds of one function would overwrite each other's cache entries.)
+# Why not a serial (parallel=False) build for small work: measured 2-4.5x SLOWER than the parallel
+# build on one thread (T 1..16, n 32..512; the parfor-lowered loops vectorise better). And
+# numba's on-disk cache is keyed by qualified name, not by the parallel flag, so two builds of one
+# function would overwrite each other's cache entries anyway.
 PARALLEL_MIN_WORK = 2_000_000
 
 
@@ -106,27 +108,55 @@ def _np32(t):
     return t.detach().to(torch.float32).contiguous().numpy()
 
 
+def prepared_arrays(prepared):
+    """numpy float32 views of the prepared tensors (const, enc_cols, enc_bias, thresholds, coef,
+    dec_rows) with a leading slot axis, built once per prepared vector and kept on it. Why:
+    converting six tensors costs ~30 us per call, six times the kernel itself at decode shapes
+    (T = 1..8). The cache is checked by identity against the tensors it was built from (views
+    share their memory, so in-place edits are seen; a replaced tensor rebuilds it)."""
+    p = prepared
+    base = (p.const, p.enc_cols, p.enc_bias, p.thresholds, p.coef, p.dec_rows)
+    cached = p.__dict__.get("_numba_arrays")
+    if cached is not None and all(a is b for a, b in zip(cached[0], base)):
+        return cached[1]
+    single = p.const.dim() == 1  # a PreparedSteer; PreparedSlots already has the slot axis
+    arrays = tuple(_np32(t)[None] if single else _np32(t) for t in base)
+    p.__dict__["_numba_arrays"] = (base, arrays)
+    return arrays
+
+
+def steer_numba_prepared(x, out, slot, prepared, cut):
+    """The dispatch point's entry: like steer_numba, with the prepared vector's arrays cached."""
+    return _launch(x, out, slot, prepared_arrays(prepared), cut)
+
+
 def steer_numba(x, out, slot, const, enc_cols, enc_bias, thresholds, coef, dec_rows, cut):
+    return _launch(x, out, slot, tuple(_np32(t) for t in (const, enc_cols, enc_bias, thresholds, coef, dec_rows)),
+                   cut)
+
+
+def _launch(x, out, slot, arrays, cut):
     if x.device.type != "cpu":
         raise ValueError("the numba kernel runs on CPU tensors")
     direct = out.dtype == torch.float32 and out.is_contiguous()
     x32 = x.contiguous() if x.dtype == torch.float32 else x.to(torch.float32)
     out32 = out if direct else torch.empty(out.shape, dtype=torch.float32)
-    slot_np = None if slot is None else slot.to(torch.int64).contiguous().numpy()
+    x_np = (x32.detach() if x32.requires_grad else x32).numpy()
+    out_np = (out32.detach() if out32.requires_grad else out32).numpy()
     cut_np = _NO_FLOATS if cut is None else _np32(cut)
-    args = (_np32(const), _np32(enc_cols), _np32(enc_bias), _np32(thresholds), _np32(coef), _np32(dec_rows),
-            cut_np, cut is not None)
-    parallel = x.shape[0] * x.shape[1] * max(coef.shape[1], 1) >= PARALLEL_MIN_WORK and x.shape[0] > TOKEN_BLOCK
-    threads = numba.get_num_threads()
-    if not parallel:
+    parallel = x.shape[0] > TOKEN_BLOCK and x.shape[0] * x.shape[1] * max(arrays[4].shape[1], 1) >= PARALLEL_MIN_WORK
+    threads = 1 if parallel else numba.get_num_threads()  # (~2 us each: only when it matters)
+    if threads != 1:
         numba.set_num_threads(1)
     try:
         if slot is None:
-            _steer_blocks_kernel(x32.detach().numpy(), out32.detach().numpy(), *args)
+            _steer_blocks_kernel(x_np, out_np, *arrays, cut_np, cut is not None)
         else:
-            _steer_slots_kernel(x32.detach().numpy(), out32.detach().numpy(), slot_np, *args)
+            _steer_slots_kernel(x_np, out_np, slot.to(torch.int64).contiguous().numpy(), *arrays, cut_np,
+                                cut is not None)
     finally:
-        numba.set_num_threads(threads)
+        if threads != 1:
+            numba.set_num_threads(threads)
     if not direct:
         out.copy_(out32)
     return out

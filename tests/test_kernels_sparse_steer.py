@@ -146,9 +146,9 @@ def test_env_var_forces_backend(monkeypatch):
     import yapo_fast.kernels.sparse_steer_numba as numba_path
     import yapo_fast.kernels.sparse_steer_torch as torch_path
     calls = []
-    real_torch, real_numba = torch_path.steer_one, numba_path.steer_numba
+    real_torch, real_numba = torch_path.steer_one, numba_path.steer_numba_prepared
     monkeypatch.setattr("yapo_fast.kernels.sparse_steer.steer_one", lambda *a: calls.append("torch") or real_torch(*a))
-    monkeypatch.setattr(numba_path, "steer_numba", lambda *a: calls.append("numba") or real_numba(*a))
+    monkeypatch.setattr(numba_path, "steer_numba_prepared", lambda *a: calls.append("numba") or real_numba(*a))
     sae = random_sae("relu", d_in=64, d_sae=96)
     prepared = prepare_sparse_steer(sae, random_latent(96, 5, "neg"), 1.0)
     for forced in ("numba", "torch"):
@@ -158,3 +158,33 @@ def test_env_var_forces_backend(monkeypatch):
     monkeypatch.setenv("YAPO_FAST_KERNEL", "nope")
     with pytest.raises(YapoFastError, match="nope"):
         sparse_steer(torch.randn(3, 64), prepare_sparse_steer(sae, random_latent(96, 5, "neg"), 1.0))
+
+
+def test_default_cpu_backend_follows_the_measured_rule(monkeypatch):
+    """CPU default (kernels/sparse_steer_backend.py, numbers in bench/README.md): numba at decode
+    shapes (T <= 8, T * n <= 32), the torch path elsewhere; YAPO_FAST_KERNEL still forces."""
+    import yapo_fast.kernels.sparse_steer_numba as numba_path
+    monkeypatch.delenv("YAPO_FAST_KERNEL", raising=False)
+    calls = []
+    real_torch, real_numba = sparse_steer_module().steer_one, numba_path.steer_numba_prepared
+    monkeypatch.setattr("yapo_fast.kernels.sparse_steer.steer_one", lambda *a: calls.append("torch") or real_torch(*a))
+    monkeypatch.setattr(numba_path, "steer_numba_prepared", lambda *a: calls.append("numba") or real_numba(*a))
+    sae = random_sae("jumprelu", d_in=64, d_sae=300, seed=2)
+    small = prepare_sparse_steer(sae, random_latent(300, 16, "mixed", seed=1), 1.0)  # n = 8
+    large = prepare_sparse_steer(sae, random_latent(300, 200, "mixed", seed=1), 1.0)  # n = 100
+    for T, prepared, want in ((1, small, "numba"), (4, small, "numba"), (8, small, "torch"), (1, large, "torch"),
+                              (300, small, "torch")):
+        h = hidden(T, 64, seed=T)
+        calls.clear()
+        got = sparse_steer(h, prepared)
+        assert calls == [want], (T, prepared.n_dependent, calls)
+        assert_matches(got, sparse_steer(h, prepared, backend="torch" if want == "numba" else "numba"), torch.float32)
+    monkeypatch.setenv("YAPO_FAST_KERNEL", "torch")
+    calls.clear()
+    sparse_steer(hidden(1, 64), small)
+    assert calls == ["torch"]
+
+
+def sparse_steer_module():
+    import yapo_fast.kernels.sparse_steer as module
+    return module
