@@ -55,6 +55,18 @@ def _replace_hidden(output, new_hidden):
     raise YapoFastError(f"decoder layer returned {type(output).__name__}; expected a tensor or a tuple")
 
 
+def _check_steered(steered: torch.Tensor, hidden: torch.Tensor, layer: int, m: float) -> None:
+    """NaN or inf must not flow on silently into later layers and the logits: one reduction per
+    steered layer call (cheap next to the layer itself) and, only on failure, whose fault it is."""
+    if bool(torch.isfinite(steered).all()):
+        return
+    if not bool(torch.isfinite(hidden).all()):
+        raise YapoFastError(f"the hidden states of decoder layer {layer} already hold NaN or inf before steering: "
+                            "the model produced them (check its weights and dtype; try float32)")
+    raise YapoFastError(f"steering layer {layer} at multiplier {m} produced NaN or inf from finite hidden "
+                        "states (overflow): lower the multiplier, or steer in float32")
+
+
 def patch_model(model, vector: SteeringVector, multiplier: float | None = None, *, sae=None,
                 check: bool = True) -> SteeringHandle:
     """Steer `model` at vector.layer until handle.remove(). `sae` is needed for yapo vectors."""
@@ -68,7 +80,9 @@ def patch_model(model, vector: SteeringVector, multiplier: float | None = None, 
 
     def hook(_module, _inputs, output):
         hidden = output if isinstance(output, torch.Tensor) else output[0]
-        return _replace_hidden(output, steer_fn(hidden))
+        steered = steer_fn(hidden)
+        _check_steered(steered, hidden, layer, m)
+        return _replace_hidden(output, steered)
 
     return SteeringHandle(vector=vector, multiplier=float(m), layer=layer,
                           _hook=decoder_layers(model)[layer].register_forward_hook(hook))

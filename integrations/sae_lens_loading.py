@@ -87,6 +87,45 @@ def save_sae(sae: SAE, path: str | Path) -> Path:
     return path
 
 
+def _check_files_agree(cfg_path: Path, weights_path: Path) -> None:
+    """cfg.json's widths are sane and the safetensors header holds exactly the tensors they imply.
+
+    Only the JSON and the safetensors header are read (safetensors itself checks that the header's
+    offsets fit the file): a cfg.json claiming an absurd width, or weights of other shapes, are
+    refused before sae-lens builds an SAE (and allocates its tensors) from cfg.json."""
+    from safetensors import safe_open
+
+    from ..errors import MAX_WIDTH
+
+    try:
+        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise YapoFastError(f"{cfg_path} is not valid JSON ({exc}); re-save or re-download the SAE") from None
+    if not isinstance(cfg, dict):
+        raise YapoFastError(f"{cfg_path} must hold a JSON object (the sae-lens config)")
+    dims = {}
+    for key in ("d_in", "d_sae"):
+        value = cfg.get(key)
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= MAX_WIDTH:
+            raise YapoFastError(f"{cfg_path}: {key} must be a positive integer (at most {MAX_WIDTH}), got {value!r}")
+        dims[key] = value
+    d_in, d_sae = dims["d_in"], dims["d_sae"]
+    expected = {"W_enc": (d_in, d_sae), "W_dec": (d_sae, d_in), "b_enc": (d_sae,), "b_dec": (d_in,)}
+    if cfg.get("architecture") == "jumprelu":
+        expected["threshold"] = (d_sae,)
+    try:
+        with safe_open(str(weights_path), framework="pt") as f:
+            shapes = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
+    except Exception as exc:  # safetensors' own errors for a truncated or corrupt header
+        raise YapoFastError(f"{weights_path} is not a readable safetensors file (corrupt or truncated: "
+                            f"{type(exc).__name__}: {exc}); re-save or re-download the SAE") from None
+    for name, shape in expected.items():
+        if shapes.get(name) != shape:
+            raise YapoFastError(f"{weights_path}: tensor {name} has shape {shapes.get(name)} but {cfg_path.name} "
+                                f"(d_in={d_in}, d_sae={d_sae}) implies {shape}: the SAE's files disagree "
+                                "(corrupt, or from another SAE); re-save or re-download it")
+
+
 def load_from_disk(path: str | Path, *, device="cpu", dtype=torch.float32) -> SAE:
     from sae_lens import SAE as SaeLensSAE
 
@@ -95,8 +134,8 @@ def load_from_disk(path: str | Path, *, device="cpu", dtype=torch.float32) -> SA
     if not cfg_path.exists() or not weights_path.exists():
         raise YapoFastError(f"{path} is not an SAE directory in sae-lens format: it needs cfg.json and "
                             "sae_weights.safetensors")
+    _check_files_agree(cfg_path, weights_path)  # before sae-lens allocates anything from cfg.json
     try:
-        json.loads(cfg_path.read_text())
         loaded = SaeLensSAE.load_from_disk(str(path), device=str(device))
     except Exception as exc:  # sae-lens raises many types for a bad file; name the file instead
         raise YapoFastError(f"could not read the SAE in {path} ({type(exc).__name__}: {exc}); the files "

@@ -135,8 +135,9 @@ class VllmSteeringHandle:
 def patch(llm, vector, multiplier: float | None = None, *, sae=None) -> VllmSteeringHandle:
     """Steer every following request of `llm` (requests without their own yapo arguments) with
     `vector` at `multiplier` (default: the vector's own), until handle.remove()."""
+    m = None if multiplier is None else check_multiplier(multiplier)  # refused before the engine is asked
     vector = _resolve(llm, vector, sae)
-    m = vector.multiplier if multiplier is None else check_multiplier(multiplier)
+    m = vector.multiplier if m is None else m
     _register(llm, {"name": GLOBAL_NAME, "multiplier": float(m), "global": True}, vector, sae)
     _reset_prefix_cache(llm)
     return VllmSteeringHandle(llm=llm, vector=vector, multiplier=float(m), layer=vector.layer)

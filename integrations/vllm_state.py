@@ -14,13 +14,12 @@ Request -> vector:
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-from ..errors import YapoFastError
+from ..errors import YapoFastError, check_multiplier
 
 GLOBAL_NAME = "__patch__"  # the engine-wide vector of yapo_fast.patch(llm, vector)
 UNSET = object()  # request carries no yapo arguments
@@ -48,6 +47,9 @@ def parse_request_args(extra_args) -> "object | None | tuple[str, float | None]"
                             "'multiplier'")
     name = spec.get("vector")
     if name is None or (isinstance(name, str) and name.lower() in ("", "none")):
+        if spec.get("multiplier") is not None:  # a multiplier for no vector would be silently dropped
+            raise YapoFastError("a yapo multiplier was given without a vector: name one (yapo_vector / "
+                                "'vector') or drop the multiplier")
         return None
     if not isinstance(name, str):
         raise YapoFastError(f"the yapo vector must be named by a string, got {name!r}")
@@ -58,9 +60,7 @@ def parse_request_args(extra_args) -> "object | None | tuple[str, float | None]"
                 m = float(m)
             except ValueError:
                 raise YapoFastError(f"yapo multiplier must be a number, got {m!r}") from None
-        if isinstance(m, bool) or not isinstance(m, (int, float)) or not math.isfinite(m):
-            raise YapoFastError(f"yapo multiplier must be a finite number, got {m!r}")
-        m = float(m)
+        m = check_multiplier(m, "yapo multiplier")
     return (name, m)
 
 

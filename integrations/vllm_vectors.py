@@ -11,7 +11,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from ..errors import YapoFastError
+from ..errors import YapoFastError, check_multiplier
 from .vllm_state import GLOBAL_NAME, parse_request_args
 
 ENV = "YAPO_FAST_VECTORS"
@@ -37,6 +37,7 @@ def parse_spec(raw: str | None) -> dict[str, tuple[str, str | None, float | None
                 m = float(ms)
             except ValueError:
                 raise YapoFastError(f"{ENV}: multiplier {ms!r} of vector {name!r} is not a number") from None
+            m = check_multiplier(m, f"{ENV}: multiplier of vector {name!r}")
         path, sae = (rest.split("@", 1) + [None])[:2] if "@" in rest else (rest, None)
         if name in out:
             raise YapoFastError(f"{ENV}: vector name {name!r} is given twice")

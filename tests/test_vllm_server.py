@@ -108,3 +108,18 @@ def test_bad_multiplier_is_a_clear_400(server):
     r = _chat(server, {"yapo_vector": "bipo", "yapo_multiplier": "lots"})
     assert 400 <= r.status_code < 500, r.text
     assert "multiplier" in r.text
+
+
+def test_reliability_burst_of_concurrent_mixed_requests(server):
+    """(issue 8) A burst of 96 chat completions, 16 in flight, drawn from 21 distinct valid requests
+    (3 prompts x unsteered / 'none' / yapo and bipo at several multipliers) and from malformed
+    steering fields: no 5xx, every valid answer equal to the same request's answer sent alone
+    (greedy), every malformed one a 4xx, and the server answers the same afterwards.
+    The full 500-request, 32-at-a-time run: bench/load_server.py (same code)."""
+    spec = importlib.util.spec_from_file_location("load_server", Path(__file__).resolve().parents[1] / "bench" / "load_server.py")
+    load_server = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(load_server)
+    summary = load_server.burst(server, requests=96, concurrency=16, max_tokens=8, seed=1)
+    assert summary["valid_sent"] > 60 and summary["invalid_sent"] > 5, summary
+    assert summary["ok"], {k: summary[k] for k in ("server_errors", "mismatches", "invalid_not_4xx", "alone_errors",
+                                                   "valid_equal_alone", "valid_sent", "after_equal_alone")}

@@ -34,11 +34,13 @@ def cmd_steer(args) -> None:
 def cmd_caa(args) -> None:
     from . import load_model
     from .caa import train_caa
-    from .data import bipo_csv_path, load_pairs
+    from .data import bipo_csv_path, load_pairs, report_skipped
 
-    model, tok = load_model(args.model)
     data = Path(args.data) if args.data else bipo_csv_path(args.behaviour)
-    vec = train_caa(model, tok, load_pairs(data, limit=args.pairs), args.layer, reduce=args.reduce)
+    pairs = load_pairs(data, limit=args.pairs, skip_bad_rows=args.skip_bad_rows)  # before the model: fail fast
+    report_skipped(pairs, data)
+    model, tok = load_model(args.model)
+    vec = train_caa(model, tok, pairs, args.layer, reduce=args.reduce)
     vec.info["data"] = str(data)
     vec.save(args.out)
     print(f"wrote {args.out} (CAA, layer {args.layer}, |v|={vec.values.norm():.3f})")
@@ -71,6 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default=None, help="BiPO CSV or JSONL (prompt, chosen, rejected)")
     p.add_argument("--layer", type=int, required=True)
     p.add_argument("--pairs", type=int, default=None, help="use the first N pairs")
+    p.add_argument("--skip-bad-rows", action="store_true", help="leave out (and count) malformed data rows")
     p.add_argument("--reduce", choices=("mean", "last"), default="mean")
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_caa)

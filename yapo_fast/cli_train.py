@@ -6,11 +6,12 @@ from pathlib import Path
 
 
 def cmd_train(args) -> None:
-    from .data import bipo_csv_path, load_pairs
+    from .data import bipo_csv_path, load_pairs, report_skipped
     from .train import train
 
     data = Path(args.data) if args.data else bipo_csv_path(args.behaviour)
-    pairs = load_pairs(data, limit=args.pairs)
+    pairs = load_pairs(data, limit=args.pairs, skip_bad_rows=args.skip_bad_rows)
+    report_skipped(pairs, data)
     sae = args.sae
     if args.method == "yapo" and args.sae_id:
         from .sae import load_sae
@@ -38,6 +39,8 @@ def register(subparsers) -> None:
                                                 "(prompt, chosen, rejected); default: the shipped --behaviour")
     p.add_argument("--behaviour", default="hallucination", help="shipped BiPO behaviour when --data is not given")
     p.add_argument("--pairs", type=int, default=None, help="use the first N pairs")
+    p.add_argument("--skip-bad-rows", action="store_true",
+                   help="leave out malformed data rows (reported with their count) instead of stopping at the first")
     p.add_argument("--model", default=None, help="transformers model path (default: embedded SmolLM2-135M-Instruct)")
     p.add_argument("--sae", default=None, help="SAE directory in sae-lens format (default: the shipped SAE)")
     p.add_argument("--sae-id", default=None, help="with --sae naming a sae-lens release: the SAE id in it")

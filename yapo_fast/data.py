@@ -26,41 +26,113 @@ def bipo_csv_path(behaviour: str, split: str = "train") -> Path:
     return DATA_DIR / "bipo" / behaviour / f"{split}.csv"
 
 
-def load_pairs(path: str | Path, limit: int | None = None) -> list[PreferencePair]:
-    """BiPO CSV (question, matching, not_matching) or JSONL (prompt, chosen, rejected)."""
+MAX_FIELD_CHARS = 100_000  # a prompt or response longer than this is a broken row, not a preference pair
+
+
+class Pairs(list):
+    """The pairs of a file (a plain list) and, under skip_bad_rows, the rows left out:
+    ``skipped`` = [(line, reason), ...]."""
+
+    def __init__(self, pairs=(), skipped=()):
+        super().__init__(pairs)
+        self.skipped: list[tuple[int, str]] = list(skipped)
+
+
+def load_pairs(path: str | Path, limit: int | None = None, *, skip_bad_rows: bool = False) -> Pairs:
+    """BiPO CSV (question, matching, not_matching) or JSONL (prompt, chosen, rejected).
+
+    A malformed row (missing field, empty or non-text answer, invalid UTF-8, a field over
+    MAX_FIELD_CHARS characters, a JSONL line that is not an object) raises a YapoFastError naming
+    the file and line; with skip_bad_rows=True it is left out and recorded in ``.skipped`` instead.
+    A file that is unusable as a whole (no such file, missing CSV columns) always raises."""
     path = Path(path)
     if not path.is_file():
         raise YapoFastError(f"no preference data at {path}")
-    pairs: list[PreferencePair] = []
-    if path.suffix == ".jsonl":
-        with path.open(encoding="utf-8") as f:
-            for line_no, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                    pairs.append(_pair(row["prompt"], row["chosen"], row["rejected"], path, line_no))
-                except (json.JSONDecodeError, KeyError, TypeError) as exc:
-                    raise YapoFastError(f"{path}:{line_no}: expected a JSON object with string fields "
-                                        f"prompt, chosen, rejected ({type(exc).__name__}: {exc})") from exc
-                if limit and len(pairs) >= limit:
-                    break
-        return pairs
-    with path.open(encoding="utf-8", newline="") as f:
-        reader = csv.DictReader(f)
-        missing = {"question", "matching", "not_matching"} - set(reader.fieldnames or [])
-        if missing:
-            raise YapoFastError(f"{path}: CSV lacks column(s) {sorted(missing)}; expected question, matching, "
-                                "not_matching (BiPO format) or a .jsonl file with prompt, chosen, rejected")
-        for line_no, row in enumerate(reader, 2):
-            pairs.append(_pair(row["question"], row["matching"], row["not_matching"], path, line_no))
+    pairs = Pairs()
+
+    def bad(line_no: int, reason: str) -> None:
+        if not skip_bad_rows:
+            raise YapoFastError(f"{path}:{line_no}: {reason} (fix the row, or pass --skip-bad-rows / "
+                                "skip_bad_rows=True to leave such rows out and count them)")
+        pairs.skipped.append((line_no, reason))
+
+    # surrogateescape: an invalid byte becomes a lone surrogate in that row only, so the row (and
+    # its line) is named instead of the whole file failing at some buffer boundary
+    with path.open(encoding="utf-8", errors="surrogateescape", newline="") as f:
+        if path.suffix == ".jsonl":
+            rows = _jsonl_rows(f)
+        else:
+            reader = csv.DictReader(f)
+            missing = {"question", "matching", "not_matching"} - set(reader.fieldnames or [])
+            if missing:
+                raise YapoFastError(f"{path}: CSV lacks column(s) {sorted(missing)}; expected question, matching, "
+                                    "not_matching (BiPO format) or a .jsonl file with prompt, chosen, rejected")
+            rows = _csv_rows(reader)
+        for line_no, row in rows:
+            if isinstance(row, str):  # the row could not be parsed: row is the reason
+                bad(line_no, row)
+                continue
+            reason = _row_problem(row)
+            if reason:
+                bad(line_no, reason)
+                continue
+            pairs.append(PreferencePair(*row))
             if limit and len(pairs) >= limit:
                 break
     return pairs
 
 
-def _pair(prompt, chosen, rejected, path, line_no) -> PreferencePair:
-    for name, value in (("prompt", prompt), ("chosen", chosen), ("rejected", rejected)):
-        if not isinstance(value, str) or not value.strip():
-            raise YapoFastError(f"{path}:{line_no}: empty or missing {name}")
-    return PreferencePair(prompt, chosen, rejected)
+def report_skipped(pairs: "Pairs", path) -> None:
+    """Say on stderr how many bad rows --skip-bad-rows left out, and the first few."""
+    import sys
+
+    skipped = getattr(pairs, "skipped", [])
+    if skipped:
+        first = "; ".join(f"line {n}: {why}" for n, why in skipped[:3])
+        print(f"yapo-fast: skipped {len(skipped)} bad row(s) of {path} ({first}{'; ...' if len(skipped) > 3 else ''})",
+              file=sys.stderr)
+
+
+def _jsonl_rows(f):
+    for line_no, line in enumerate(f, 1):
+        if not line.strip():
+            continue
+        if len(line) > 3 * MAX_FIELD_CHARS:
+            yield line_no, f"row of {len(line)} characters, longer than any preference pair"
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            yield line_no, f"not valid JSON ({exc.msg})"
+            continue
+        if not isinstance(row, dict):
+            yield line_no, f"expected a JSON object with fields prompt, chosen, rejected, got {type(row).__name__}"
+            continue
+        yield line_no, (row.get("prompt"), row.get("chosen"), row.get("rejected"))
+
+
+def _csv_rows(reader):
+    while True:
+        try:
+            row = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as exc:  # e.g. a field over csv's own size limit; the reader goes on after it
+            yield reader.reader.line_num, f"unreadable CSV row ({exc})"  # DictReader's own count lags on errors
+            continue
+        yield reader.line_num, (row.get("question"), row.get("matching"), row.get("not_matching"))
+
+
+def _row_problem(row) -> str | None:
+    for name, value in zip(("prompt", "chosen", "rejected"), row):
+        if value is None:
+            return f"missing {name}"
+        if not isinstance(value, str):
+            return f"{name} must be text, got {type(value).__name__}"
+        if not value.strip():
+            return f"empty {name}"
+        if len(value) > MAX_FIELD_CHARS:
+            return f"{name} of {len(value)} characters (at most {MAX_FIELD_CHARS})"
+        if any("\udc80" <= c <= "\udcff" for c in value):
+            return f"{name} is not valid UTF-8 text (bad bytes in the file)"
+    return None

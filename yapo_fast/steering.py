@@ -4,21 +4,13 @@ layer L's output and call it."""
 
 from __future__ import annotations
 
-import math
-
 import torch
 
-from .errors import YapoFastError, check_finite
+from .errors import YapoFastError, check_finite, check_multiplier  # noqa: F401 (check_multiplier: re-exported)
 from .kernels.sparse_steer import prepare_sparse_steer
 from .kernels.sparse_steer import sparse_steer as fused_sparse_steer
 from .kernels.sparse_steer_reference import dense_steer_reference
 from .vector import SteeringVector
-
-
-def check_multiplier(multiplier) -> float:
-    if not isinstance(multiplier, (int, float)) or not math.isfinite(multiplier):
-        raise YapoFastError(f"multiplier must be a finite number, got {multiplier!r}")
-    return float(multiplier)
 
 
 def _check_hidden(h: torch.Tensor, d_model: int, what: str) -> None:
@@ -47,6 +39,7 @@ def dense_steer(h: torch.Tensor, vector: "SteeringVector | torch.Tensor", multip
     multiplier = check_multiplier(multiplier)
     v = vector.dense() if isinstance(vector, SteeringVector) else vector
     _check_hidden(h, v.shape[-1], "steering vector")
+    check_finite("steering vector", v)
     return dense_steer_reference(h, v.to(h.device), multiplier)
 
 

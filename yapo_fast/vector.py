@@ -8,7 +8,6 @@ validated (types, shapes, ranges, finiteness) before any tensor is used.
 from __future__ import annotations
 
 import json
-import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,7 +15,7 @@ from pathlib import Path
 import torch
 
 from .atomic import atomic_path
-from .errors import VectorMismatchError, YapoFastError, check_finite
+from .errors import MAX_WIDTH, VectorMismatchError, YapoFastError, check_finite, check_multiplier
 
 METHODS = ("yapo", "bipo", "caa")
 SPARSE_METHODS = ("yapo",)
@@ -84,17 +83,17 @@ class SteeringVector:
             raise YapoFastError(f"unknown steering method {self.method!r}; use one of {METHODS}")
         if not isinstance(self.layer, int) or self.layer < 0:
             raise YapoFastError(f"vector layer must be a non-negative int, got {self.layer!r}")
-        if not isinstance(self.d_model, int) or self.d_model <= 0:
-            raise YapoFastError(f"d_model must be a positive int, got {self.d_model!r}")
-        if not (isinstance(self.multiplier, (int, float)) and math.isfinite(self.multiplier)):
-            raise YapoFastError(f"default multiplier must be a finite number, got {self.multiplier!r}")
+        if not isinstance(self.d_model, int) or not 0 < self.d_model <= MAX_WIDTH:
+            raise YapoFastError(f"d_model must be a positive int (at most {MAX_WIDTH}), got {self.d_model!r}")
+        check_multiplier(self.multiplier, "default multiplier")
         if not isinstance(self.values, torch.Tensor) or self.values.dim() != 1 or not self.values.is_floating_point():
             raise YapoFastError("vector values must be a 1-D floating-point tensor")
         check_finite(f"{self.method} steering vector", self.values,
                      "Retrain it (lower the learning rate) or fix the file.")
         if self.is_sparse:
-            if not isinstance(self.d_sae, int) or self.d_sae <= 0:
-                raise YapoFastError(f"a yapo vector needs d_sae (a positive int), got {self.d_sae!r}")
+            if not isinstance(self.d_sae, int) or not 0 < self.d_sae <= MAX_WIDTH:
+                raise YapoFastError(f"a yapo vector needs d_sae (a positive int, at most {MAX_WIDTH}), "
+                                    f"got {self.d_sae!r}")
             idx = self.indices
             if idx is None or idx.dim() != 1 or idx.dtype not in (torch.int32, torch.int64):
                 raise YapoFastError("a yapo vector needs 1-D integer `indices` beside its values")

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..errors import YapoFastError
+from ..errors import YapoFastError, check_multiplier
 from ..model import check_layer, model_identity
 from ..vector import SteeringVector
 from . import distributed as ddp
@@ -161,6 +161,7 @@ def train(method: str, pairs, *, model=None, tokenizer=None, sae=None, layer: in
     Under torchrun the pairs are split across processes and the gradient all-reduced.
     """
     t0 = time.perf_counter()
+    multiplier = check_multiplier(multiplier, "the vector's default multiplier")  # refuse before hours of training
     pairs, model, tokenizer, sae, layer = _resolve(method, pairs, model, tokenizer, sae, layer)
     cfg = TrainConfig(method=method, layer=layer, epochs=epochs, batch_size=batch_size, lr=lr, beta=beta,
                       warmup_steps=warmup_steps, grad_clip=grad_clip, seed=seed, system=system,
@@ -242,6 +243,11 @@ def train(method: str, pairs, *, model=None, tokenizer=None, sae=None, layer: in
                 ddp.all_reduce_sum(v.grad, world)
                 ddp.all_reduce_sum(stats, world)
                 grad_norm = float(torch.nn.utils.clip_grad_norm_([v], grad_clip))
+                if not (math.isfinite(grad_norm) and bool(torch.isfinite(stats).all())):
+                    # stop before AdamW writes NaN into v: the last checkpoint stays a good one
+                    raise YapoFastError(f"step {step + 1}: the loss or the gradient of v is NaN or inf (loss "
+                                        f"{float(stats[0]) / len(batch)}, grad norm {grad_norm}); lower --lr or "
+                                        "--beta, or check the data; the run resumes from its last checkpoint")
                 opt.step()
                 lr_now = sched.get_last_lr()[0]
                 sched.step()
