@@ -195,6 +195,29 @@ def run_lean():
 
 
 CACHE_BATCHES = int(os.environ.get("YAPO_BENCH_CACHE_BATCHES", "2"))  # training batches cached per cache pass
+DATA = os.environ.get("YAPO_BENCH_DATA", "hallucination")  # or blend_mc / blend_pairs (BLEnD, UK, localized)
+
+
+def blend_sets(country: str = "UK") -> dict:
+    """Cultural (BLEnD) sets: the shipped preference pairs (question -> answer) and a multiple-choice
+    form (question + 4 options -> the correct letter vs a wrong one)."""
+    from yapo_fast import blend
+    from yapo_fast.data import PreferencePair
+
+    mc = []
+    for item in blend.mcq_items(country, "localized", split="train")[:200]:
+        prompt = item.question + "\n" + "\n".join(f"{L}. {o}" for L, o in zip("ABCD", item.options)) + \
+            "\nAnswer with the letter of the correct option."
+        wrong = next(L for L in "ABCD" if L != item.answer)
+        mc.append(PreferencePair(prompt, item.answer, wrong))
+    return {"pairs": blend.preference_pairs(country, "localized")[:200], "multiple_choice": mc}
+
+
+def bench_pairs():
+    model, tok, sae, pairs = setup()
+    if DATA == "hallucination":
+        return pairs
+    return blend_sets()[{"blend_mc": "multiple_choice", "blend_pairs": "pairs"}[DATA]]
 
 
 class PhasePeak:
@@ -235,8 +258,8 @@ def run_paired(on_step=None):
     from yapo_fast.train.lean import DecoderRunner
     from yapo_fast.train.trainer import LeanObjective
 
-    model, tok, sae, pairs = setup()
-    pairs = pairs[:N_PAIRS]
+    model, tok, sae, _ = setup()
+    pairs = bench_pairs()[:N_PAIRS]
     cfg = TrainConfig(method="yapo", layer=sae.layer, **TRAIN_KW)
     schedule = batch_schedule(len(pairs), BATCH, 1, 0)
     naive = NaiveTrainer("yapo", model, tok, pairs, sae.layer, sae=sae)
@@ -246,7 +269,8 @@ def run_paired(on_step=None):
     lean = LeanObjective(runner, cache, cfg, sae)
     out = {"naive": 0.0, "lean": 0.0, "lean_cache": 0.0, "naive_losses": [], "lean_losses": [],
            "naive_peak_mib": 0.0, "lean_peak_mib": 0.0, "lean_cache_mib": 0.0, "split_mlp": runner.split_mlp,
-           "cache_pairs_per_pass": CACHE_BATCHES * BATCH, "steps_done": 0, "pairs_done": 0, "steps": len(schedule)}
+           "cache_pairs_per_pass": CACHE_BATCHES * BATCH, "steps_done": 0, "pairs_done": 0, "steps": len(schedule),
+           "data": DATA, "pairs": len(pairs), "sae_weights_hash": sae.weights_hash()}
     state = {}
     for name in ("naive", "lean"):
         v = torch.zeros(sae.d_sae, requires_grad=True)
@@ -298,17 +322,20 @@ def _paired_summary(out):
 
 def test_trainer_epoch_paired(benchmark):
     setup()
-    partial = RESULTS_DIR / f"trainer_paired_{N_PAIRS}.partial.json"
+    key = "paired" if DATA == "hallucination" else f"paired_{DATA}"
+    partial = RESULTS_DIR / f"trainer_{key}_{N_PAIRS}.partial.json"
 
     def on_step(out):  # a run cut short still leaves its numbers so far
+        from yapo_fast.atomic import write_text_atomic
+
         RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-        partial.write_text(json.dumps(_paired_summary(out), indent=1))
+        write_text_atomic(partial, json.dumps(_paired_summary(out), indent=1))
 
     out = benchmark.pedantic(run_paired, kwargs={"on_step": on_step}, rounds=1, iterations=1)
-    RESULTS["paired"] = _paired_summary(out)
+    RESULTS[key] = _paired_summary(out)
     _write()
-    print(json.dumps({k: v for k, v in RESULTS["paired"].items() if "losses" not in k}, indent=2))
-    assert RESULTS["paired"]["final_loss_abs_diff"] <= 1e-4
+    print(json.dumps({k: v for k, v in RESULTS[key].items() if "losses" not in k}, indent=2))
+    assert RESULTS[key]["final_loss_abs_diff"] <= 1e-4
 
 
 def test_trainer_epoch_lean(benchmark):
@@ -335,31 +362,38 @@ def test_trainer_epoch_naive(benchmark):
 
 def test_trainer_ratio_and_flop_bound():
     """The measured ratio (interleaved run, and the end-to-end runs when they ran) against the
-    FLOP bound, and exactness (same final loss)."""
-    model, tok, sae, pairs = setup()
-    paired = RESULTS["paired"]
-    lean, naive = RESULTS.get("lean"), RESULTS.get("naive")
-    toks = tokenize_pairs(tok, pairs[:N_PAIRS])
-    lengths = [(len(t.prompt), len(t.chosen), len(t.rejected)) for t in toks]
-    l0 = _mean_l0(model, tok, sae, pairs)
+    FLOP bound over exactly the pairs that run covered, and exactness (same final loss).
+    YAPO_BENCH_PAIRED_FROM=<partial json> reads a paired run that was cut short."""
     from yapo_fast.train import batch_schedule
 
-    batches = [[lengths[i] for i in b] for _, b, _ in batch_schedule(len(lengths), BATCH, 1, 0)]
-    f = flops(model, sae, lengths, sae.layer, l0, batches)
-    per_200 = lambda s: s / N_PAIRS * 200  # noqa: E731  (seconds per epoch of 200 pairs, scaled)
+    model, tok, sae, pairs = setup()
+    src = os.environ.get("YAPO_BENCH_PAIRED_FROM")
+    paired = json.loads(Path(src).read_text()) if src else RESULTS["paired"]
+    lean, naive = RESULTS.get("lean"), RESULTS.get("naive")
+    n_total = paired.get("pairs", N_PAIRS)
+    done = batch_schedule(n_total, BATCH, 1, 0)[:paired.get("steps_done", 10**9)]
+    toks = tokenize_pairs(tok, pairs[:n_total])
+    lengths = [(len(t.prompt), len(t.chosen), len(t.rejected)) for t in toks]
+    batches = [[lengths[i] for i in b] for _, b, _ in done]
+    covered = [x for b in batches for x in b]
+    l0 = _mean_l0(model, tok, sae, pairs)
+    f = flops(model, sae, covered, sae.layer, l0, batches)
+    per_200 = lambda s: s / len(covered) * 200  # noqa: E731  (seconds per epoch of 200 pairs, scaled)
     RESULTS["ratio"] = {
+        "pairs_timed": len(covered), "of_pairs": n_total, "source": src or "paired",
         "measured_speedup_1_epoch_paired": paired["speedup"],
         "measured_speedup_steps_only_paired": paired["speedup_steps_only"],
         "flop_bound_1_epoch": f["ratio_1_epoch"], "flop_bound_2_epochs": f["ratio_2_epochs"],
-        "flop_bound_steps_only": f["ratio_steps_only"], "flop_bound_10_epochs": f["ratio_10_epochs"],
+        "flop_bound_10_epochs": f["ratio_10_epochs"], "flop_bound_steps_only": f["ratio_steps_only"],
         "flop_ratio_1_epoch_vs_padded_naive": f["ratio_1_epoch_vs_padded_naive"],
         "naive_seconds_per_200_pair_epoch": per_200(paired["naive"]),
         "lean_seconds_per_200_pair_epoch": per_200(paired["lean"]),
-        "final_loss_abs_diff": paired["final_loss_abs_diff"],
+        "final_loss_abs_diff": paired["final_loss_abs_diff"], "max_loss_abs_diff": paired.get("max_loss_abs_diff"),
+        "naive_peak_mib": paired.get("naive_peak_mib"), "lean_peak_mib": paired.get("lean_peak_mib"),
         "sae_mean_l0": l0, "gflops": {k: v / 1e9 for k, v in f.items() if not k.startswith("ratio")},
-        "mean_tokens": {"prompt": sum(x[0] for x in lengths) / len(lengths),
-                        "chosen": sum(x[1] for x in lengths) / len(lengths),
-                        "rejected": sum(x[2] for x in lengths) / len(lengths)},
+        "mean_tokens": {"prompt": sum(x[0] for x in covered) / len(covered),
+                        "chosen": sum(x[1] for x in covered) / len(covered),
+                        "rejected": sum(x[2] for x in covered) / len(covered)},
     }
     if lean and naive:
         RESULTS["ratio"]["measured_speedup_end_to_end"] = naive["seconds"] / lean["seconds"]
@@ -384,21 +418,65 @@ def _mean_l0(model, tok, sae, pairs):
 
 
 def test_trainer_profile():
-    """Where the lean trainer's time goes: torch profiler over a few steps (self CPU time by op)."""
-    from torch.profiler import ProfilerActivity, profile
+    """Where the lean trainer's time goes: torch profiler over one epoch of PROFILE_PAIRS pairs, by
+    phase (labels around the trainer's pieces) and by op (self CPU time)."""
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    from yapo_fast.train import cache as cache_mod
+    from yapo_fast.train import lean as lean_mod
+    from yapo_fast.train import trainer as trainer_mod
 
     model, tok, sae, pairs = setup()
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        yapo_fast.train("yapo", pairs[:8], model=model, tokenizer=tok, sae=sae, layer=sae.layer, progress=False,
-                        epochs=1, batch_size=BATCH)
+    n = int(os.environ.get("YAPO_BENCH_PROFILE_PAIRS", "8"))
+    layer = sae.layer
+
+    def labelled(fn, label):
+        def wrapper(*a, **k):
+            with record_function(label(*a, **k) if callable(label) else label):
+                return fn(*a, **k)
+        return wrapper
+
+    run_label = lambda self, h, pos, allowed, start, end, *a, **k: (  # noqa: E731
+        f"phase: layers 0..L (cache)" if start == 0 else
+        f"phase: layers L+1..N-1 {'prompt' if k.get('record') else 'responses'} ({'grad' if torch.is_grad_enabled() else 'no grad'})")
+    patches = [(lean_mod.DecoderRunner, "run", labelled(lean_mod.DecoderRunner.run, run_label)),
+               (lean_mod.DecoderRunner, "token_logprobs",
+                labelled(lean_mod.DecoderRunner.token_logprobs, "phase: final norm + LM head + log-softmax")),
+               (cache_mod, "sparse_codes", labelled(cache_mod.sparse_codes, "phase: SAE encode (cache)")),
+               (trainer_mod, "yapo_delta", labelled(trainer_mod.yapo_delta, "phase: YaPO delta")),
+               (trainer_mod, "assemble", labelled(trainer_mod.assemble, "phase: batch assembly"))]
+    saved = [(obj, name, getattr(obj, name)) for obj, name, _ in patches]
+    for obj, name, fn in patches:
+        setattr(obj, name, fn)
+    try:
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            t0 = time.perf_counter()
+            res = yapo_fast.train("yapo", pairs[:n], model=model, tokenizer=tok, sae=sae, layer=layer, progress=False,
+                                  epochs=1, batch_size=BATCH)
+            wall = time.perf_counter() - t0
+    finally:
+        for obj, name, fn in saved:
+            setattr(obj, name, fn)
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events)
+    phases = {e.key: e.cpu_time_total / 1e6 for e in events if e.key.startswith("phase:")}
+    step_s = sum(r["seconds"] for r in res.losses)
+    fwd_steps = sum(v for k, v in phases.items() if "(grad)" in k) + phases.get("phase: YaPO delta", 0.0)
     table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=18)
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    (RESULTS_DIR / "trainer_profile.txt").write_text(table)
-    total = sum(e.self_cpu_time_total for e in prof.key_averages())
-    RESULTS["profile_top"] = [{"op": e.key, "self_cpu_share": e.self_cpu_time_total / total}
-                              for e in sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:10]]
+    lines = [f"lean trainer, one epoch of {n} pairs (batch {BATCH}), wall {wall:.1f} s under the profiler: "
+             f"cache {res.cache_seconds:.1f} s, steps {step_s:.1f} s", "phases (CPU seconds, inclusive; "
+             "LM head counted in both the forward it belongs to and its own line):"]
+    lines += [f"  {k}: {v:.2f}" for k, v in sorted(phases.items(), key=lambda kv: -kv[1])]
+    lines += [f"  backward (steps, autograd; = step time - step forward): {max(step_s - fwd_steps, 0):.2f}", "", table]
+    (RESULTS_DIR / "trainer_profile.txt").write_text("\n".join(lines))
+    RESULTS["profile"] = {"pairs": n, "wall_s": wall, "cache_s": res.cache_seconds, "steps_s": step_s,
+                          "phases_s": phases,
+                          "top_ops": [{"op": e.key, "self_cpu_share": e.self_cpu_time_total / total}
+                                      for e in sorted(events, key=lambda e: -e.self_cpu_time_total)[:10]]}
+    RESULTS.pop("profile_top", None)
     _write()
-    print(table)
+    print("\n".join(lines))
 
 
 CURVE_LR = float(os.environ.get("YAPO_BENCH_CURVE_LR", "5e-3"))
@@ -501,19 +579,9 @@ def test_trainer_flop_bound_blend():
     """The FLOP ratio on cultural (BLEnD) sets: the shipped preference pairs (question -> answer) and
     a multiple-choice form (question + 4 options -> the correct letter vs a wrong one), whose long
     prompts and one-token answers gain most from prompt sharing."""
-    from yapo_fast import blend
-    from yapo_fast.data import PreferencePair
-
     model, tok, sae, halluc = setup()
     country = "UK"
-    sets = {"pairs": blend.preference_pairs(country, "localized")[:200]}
-    mc = []
-    for item in blend.mcq_items(country, "localized", split="train")[:200]:
-        prompt = item.question + "\n" + "\n".join(f"{L}. {o}" for L, o in zip("ABCD", item.options)) + \
-            "\nAnswer with the letter of the correct option."
-        wrong = next(L for L in "ABCD" if L != item.answer)
-        mc.append(PreferencePair(prompt, item.answer, wrong))
-    sets["multiple_choice"] = mc
+    sets = blend_sets(country)
     RESULTS["blend_flops"] = {}
     from yapo_fast.train import batch_schedule
 
@@ -531,8 +599,23 @@ def test_trainer_flop_bound_blend():
     print(json.dumps(RESULTS["blend_flops"], indent=2))
 
 
+def _slim(v):
+    return {kk: vv for kk, vv in v.items() if "losses" not in kk} if isinstance(v, dict) else v
+
+
+_LOADED = {k: json.dumps(_slim(v), default=str) for k, v in RESULTS.items()}
+
+
 def _write():
+    """Merge this process's new results into trainer.json (other bench processes may have written
+    other keys since this one started)."""
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    slim = {k: ({kk: vv for kk, vv in v.items() if "losses" not in kk} if isinstance(v, dict) else v)
-            for k, v in RESULTS.items()}
-    (RESULTS_DIR / "trainer.json").write_text(json.dumps(slim, indent=2, default=str))
+    path = RESULTS_DIR / "trainer.json"
+    current = json.loads(path.read_text()) if path.exists() else {}
+    for k, v in RESULTS.items():
+        if json.dumps(_slim(v), default=str) != _LOADED.get(k):
+            current[k] = _slim(v)
+    current.pop("profile_top", None)  # superseded by "profile"
+    from yapo_fast.atomic import write_text_atomic
+
+    write_text_atomic(path, json.dumps(current, indent=2, default=str))
