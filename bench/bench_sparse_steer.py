@@ -114,6 +114,44 @@ def test_decode(benchmark, record, T, support, path):
     record(MODULE, benchmark.group, path, benchmark)
 
 
+def test_decode_interleaved_crossover(bench_threads):
+    """The CPU dispatch rule's source: torch path vs numba kernel at decode shapes, timed
+    INTERLEAVED (torch, numba, torch, ...) in one loop, as in a model's forward where the steer
+    sits between torch ops (each path alone looks better for numba: caches stay warm). Writes
+    bench/results/bench_sparse_steer_decode_interleaved.md (us, median [min])."""
+    lines = ["# decode crossover, torch path vs numba kernel, interleaved (us, median [min]; "
+             f"threads={bench_threads}; jumprelu, d_model {D_MODEL}, d_sae {D_SAE}, n = support/2)", "",
+             "| support | n | T | torch | numba | numba / torch | default |", "|---|---|---|---|---|---|---|"]
+    from yapo_fast.kernels.sparse_steer_backend import default_cpu_backend
+    for support in (16, 64, 256, 1024, 4096):
+        for T in (1, 2, 4, 8, 16):
+            if support == 4096 and T > 8:
+                continue
+            _, h, _, prepared = setup("jumprelu", T, support)
+            fns = {b: (lambda b=b: sparse_steer(h, prepared, backend=b)) for b in ("torch", "numba")}
+            times = {b: [] for b in fns}
+            for f in fns.values():
+                for _ in range(5):
+                    f()
+            for _ in range(200 if support <= 256 else 40):
+                for b, f in fns.items():
+                    t0 = time.perf_counter()
+                    f()
+                    times[b].append(time.perf_counter() - t0)
+            med = {b: sorted(v)[len(v) // 2] * 1e6 for b, v in times.items()}
+            low = {b: min(v) * 1e6 for b, v in times.items()}
+            lines.append(f"| {support} | {prepared.n_dependent} | {T} | {med['torch']:.1f} [{low['torch']:.1f}] | "
+                         f"{med['numba']:.1f} [{low['numba']:.1f}] | {med['numba'] / med['torch']:.2f} "
+                         f"[{low['numba'] / low['torch']:.2f}] | "
+                         f"{default_cpu_backend('sparse_steer', (T, D_MODEL, prepared.n_dependent))} |")
+    out = Path(__file__).parent / "results" / "bench_sparse_steer_decode_interleaved.md"
+    out.parent.mkdir(exist_ok=True)
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text("\n".join(lines) + "\n")
+    tmp.replace(out)
+    print("\n".join(lines))
+
+
 # ---- GPU (when one is lent) ---------------------------------------------------------------------
 HAS_CUDA = torch.cuda.is_available()
 gpu_only = pytest.mark.skipif(not HAS_CUDA, reason="no CUDA GPU on this machine: the GPU benchmark needs one "

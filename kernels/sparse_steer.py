@@ -139,7 +139,8 @@ def sparse_steer(h: torch.Tensor, prepared, *, slot_index: torch.Tensor | None =
 
 
 class SparseSteerFunction(torch.autograd.Function):
-    """Forward through the chosen backend; backward in torch on the gathered tensors.
+    """Forward through the chosen backend; backward in Triton after a Triton forward (see
+    _backward_triton), else in torch on the gathered tensors.
 
     With a_i = m*v_i, z_i = pre_i on active latents (0 elsewhere), g the upstream gradient:
       d h'/d h   = g + sum_dep -1[active_i and z_i + a_i <= 0] * (g . W_dec[i]) * W_enc[:, i]

@@ -2,14 +2,16 @@
 chosen by device and shape from the measurements in bench/README.md.
 
 Why these defaults (bench/README.md, measured on the 2-core CPU box, one thread, d_model 576):
-- fused steer, decode shapes: at T <= 8 tokens with T * n <= 32 (n = dependent entries, the
-  vector's negative part) the numba kernel wins: it is ~5 us of work and ~20 us of call
-  overhead (numpy views of the prepared vector cached on it), against ~45-55 us for the torch
-  path's op dispatch (e.g. T 1, n 8: 43 vs 56 us; T 4, n 8: 56 vs 64 us; T 1, n 32: 51 vs 59 us,
-  interleaved with the torch path in one process). Beyond that MKL's matmuls win, by 1.2-5x at
-  T 8..64 (numba's per-token encode is a plain loop; torch's is a gemm).
+- fused steer, decode shapes: at T <= 8 tokens with n <= 512 dependent entries (the vector's
+  negative part) and T * n <= 2048, the numba kernel wins: a few us of work plus ~20 us of call
+  overhead (numpy views of the prepared vector are cached on it), against ~45-55 us of op
+  dispatch for the torch path. Timed interleaved (torch, numba, torch, ... as in a forward), us
+  median: T 1 n 8: 77 vs 105; T 4 n 32: 107 vs 142; T 4 n 128: 85 vs 110; T 2 n 512: 154 vs
+  195; each path alone the gap is wider (T 1 n 8: 29 vs 48). Beyond, the torch path's gemms win
+  (T 16 n 128: 1.20x, T 8 n 512: 1.11x, T 16 n 512: 1.29x slower in numba), since numba's encode
+  is a plain loop per token block.
 - fused steer, everything else: the torch path on the gathered tensors (two MKL matmuls +
-  elementwise) beat the numba kernel at every other measured shape (T 1..4096, support 16..4096).
+  elementwise) beat the numba kernel at every larger measured shape (T up to 4096, support up to 4096).
 - TopK threshold: the chunked torch matmul + topk beat the numba kernel by several x everywhere.
 numba stays selectable (YAPO_FAST_KERNEL=numba) and tested. CUDA: Triton."""
 
@@ -43,14 +45,16 @@ def pick_backend(device: torch.device, dtype: torch.dtype, *, op: str, shape=Non
     return default_cpu_backend(op, shape)
 
 
-NUMBA_MAX_TOKENS = 8  # decode shapes only (see the module docstring)
-NUMBA_MAX_WORK = 32  # T * max(n, 1): above it the torch path's matmuls win
+# The numba region (module docstring; bench/results/bench_sparse_steer_decode_interleaved.md).
+NUMBA_MAX_TOKENS = 8
+NUMBA_MAX_DEPENDENT = 512
+NUMBA_MAX_WORK = 2048  # T * n
 
 
 def default_cpu_backend(op: str, shape) -> str:
     # Measured, not guessed: see the module docstring and bench/README.md (decode table).
     if op == "sparse_steer" and shape is not None:
         tokens, _, n = shape
-        if tokens <= NUMBA_MAX_TOKENS and tokens * max(n, 1) <= NUMBA_MAX_WORK:
+        if tokens <= NUMBA_MAX_TOKENS and n <= NUMBA_MAX_DEPENDENT and tokens * n <= NUMBA_MAX_WORK:
             return "numba"
     return "torch"

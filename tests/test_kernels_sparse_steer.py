@@ -162,18 +162,19 @@ def test_env_var_forces_backend(monkeypatch):
 
 def test_default_cpu_backend_follows_the_measured_rule(monkeypatch):
     """CPU default (kernels/sparse_steer_backend.py, numbers in bench/README.md): numba at decode
-    shapes (T <= 8, T * n <= 32), the torch path elsewhere; YAPO_FAST_KERNEL still forces."""
+    shapes (T <= 8, n <= 512, T * n <= 2048), the torch path elsewhere; YAPO_FAST_KERNEL forces."""
     import yapo_fast.kernels.sparse_steer_numba as numba_path
     monkeypatch.delenv("YAPO_FAST_KERNEL", raising=False)
     calls = []
     real_torch, real_numba = sparse_steer_module().steer_one, numba_path.steer_numba_prepared
     monkeypatch.setattr("yapo_fast.kernels.sparse_steer.steer_one", lambda *a: calls.append("torch") or real_torch(*a))
     monkeypatch.setattr(numba_path, "steer_numba_prepared", lambda *a: calls.append("numba") or real_numba(*a))
-    sae = random_sae("jumprelu", d_in=64, d_sae=300, seed=2)
-    small = prepare_sparse_steer(sae, random_latent(300, 16, "mixed", seed=1), 1.0)  # n = 8
-    large = prepare_sparse_steer(sae, random_latent(300, 200, "mixed", seed=1), 1.0)  # n = 100
-    for T, prepared, want in ((1, small, "numba"), (4, small, "numba"), (8, small, "torch"), (1, large, "torch"),
-                              (300, small, "torch")):
+    sae = random_sae("jumprelu", d_in=64, d_sae=1200, seed=2)
+    small = prepare_sparse_steer(sae, random_latent(1200, 16, "mixed", seed=1), 1.0)  # n = 8
+    mid = prepare_sparse_steer(sae, random_latent(1200, 600, "mixed", seed=1), 1.0)  # n = 300
+    large = prepare_sparse_steer(sae, random_latent(1200, 1100, "mixed", seed=1), 1.0)  # n = 550
+    for T, prepared, want in ((1, small, "numba"), (8, small, "numba"), (9, small, "torch"), (300, small, "torch"),
+                              (4, mid, "numba"), (8, mid, "torch"), (1, large, "torch")):
         h = hidden(T, 64, seed=T)
         calls.clear()
         got = sparse_steer(h, prepared)

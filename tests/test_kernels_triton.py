@@ -115,7 +115,7 @@ def test_slots_inplace_and_grads():
     h2 = h.clone()
     assert sparse_steer(h2, prepared[1], inplace=True, backend="triton") is h2
     torch.testing.assert_close(h2, sparse_steer(h, prepared[1], backend="torch"), rtol=1e-6, atol=1e-5)
-    # Gradients: triton forward + torch backward equal the torch path's.
+    # Gradients: the Triton forward + Triton backward equal autograd through the reference.
     v = random_latent(96, 40, "mixed", seed=40).to(DEVICE).requires_grad_()
     hg = h.clone().requires_grad_()
     sparse_steer(hg, prepare_sparse_steer(sae, v, -2.0), backend="triton").pow(2).sum().backward()
