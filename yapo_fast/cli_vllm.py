@@ -146,6 +146,10 @@ def cmd_generate(args) -> None:
     from .model import resolve_model_path
 
     prompts = read_prompts(args.prompts)
+    if args.multiplier is not None:  # refused before minutes of engine start-up
+        from .errors import check_multiplier
+
+        check_multiplier(args.multiplier, "--multiplier")
     vector = sae = None
     if args.vector:
         from .sae import load_sae
