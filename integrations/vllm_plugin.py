@@ -12,7 +12,9 @@ once; it is idempotent. Before any model is built it:
 3. salts vLLM's compile-cache key, so a graph compiled without the op is never served;
 4. maps each scheduled token to its request's vector slot in the model runner's
    ``_prepare_inputs`` (the batch order and per-request token counts vLLM itself uses, so it is
-   correct under chunked prefill and mixed prefill/decode batches);
+   correct under chunked prefill and mixed prefill/decode batches): a request's arguments are
+   parsed once, the per-token map is one repeat_interleave into a persistent buffer, and only
+   when some request of the step is steered;
 5. salts each steered request's prefix-cache key (Request.cache_salt) by vector and multiplier;
 6. validates per-request steering arguments in the front end (bad names -> HTTP 400);
 7. adds ``yapo_fast_rpc`` to vLLM workers, which ``yapo_fast.patch`` reaches via collective_rpc.
@@ -185,13 +187,15 @@ def _patch_model_runner() -> None:
 
     @functools.wraps(orig_prepare)
     def _prepare_inputs(self, scheduler_output, num_scheduled_tokens, *args, **kwargs):
+        STATE.forget_requests(getattr(scheduler_output, "finished_req_ids", ()) or ())
         if STATE.active:
             reqs = self.requests
-            specs = []
-            for rid in self.input_batch.req_ids:
-                sp = getattr(reqs.get(rid), "sampling_params", None)
-                specs.append(STATE.spec_for(getattr(sp, "extra_args", None)))
-            STATE.build_plan(specs, num_scheduled_tokens)
+
+            def extra_args_of(rid):  # called once per request (then cached by id)
+                return getattr(getattr(reqs.get(rid), "sampling_params", None), "extra_args", None)
+
+            req_ids = self.input_batch.req_ids[: len(num_scheduled_tokens)]
+            STATE.build_plan_ids(STATE.request_slots(req_ids, extra_args_of), num_scheduled_tokens)
         else:
             STATE.clear_plan()
         return orig_prepare(self, scheduler_output, num_scheduled_tokens, *args, **kwargs)

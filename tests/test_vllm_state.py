@@ -113,3 +113,113 @@ def test_vector_payload_sends_an_sae_once():
     dense = yapo_fast.SteeringVector.from_dense(torch.randn(64), method="bipo", layer=1)
     v, s = vllm_vectors.from_payload(vllm_vectors.to_payload(dense))
     assert s is None and torch.equal(v.dense(), dense.dense())
+
+
+def _naive_token_slots(slot_ids, counts):
+    """The per-token map written the slow, obvious way (one Python step per token)."""
+    out = []
+    for s, c in zip(slot_ids, counts):
+        out += [s] * c
+    return out
+
+
+@pytest.mark.parametrize("layout", ["segments", "stacked"])  # CPU default / CUDA default
+def test_many_slots_one_layer_equal_reference_and_naive_map(layout):
+    """8 yapo vectors + a dense one + unsteered requests, chunked-prefill-like counts: each token
+    gets exactly its request's vector (the reference per request), by tensor-built indices."""
+    torch.manual_seed(1)
+    d, layer = 48, 3
+    sae = random_sae("jumprelu", d_in=d, d_sae=80, layer=layer, seed=5)
+    st = SteerState()
+    st.sparse_layout = layout
+    latents = [random_latent(80, 10, "mixed", seed=20 + i) for i in range(8)]
+    for i, lat in enumerate(latents):
+        st.register(f"v{i}", yapo_fast.SteeringVector.from_latent(lat, layer=layer, sae=sae), sae)
+    dense = torch.randn(d)
+    st.register("c", yapo_fast.SteeringVector.from_dense(dense, method="bipo", layer=layer))
+    names = ["v3", None, "v0", "c", "v7", "v3", None, "v5", "c", "v1"]
+    counts = [5, 1, 1, 9, 1, 2, 3, 1, 1, 4]
+    args = [{"yapo": {"vector": n}} if n else None for n in names]
+    calls = []
+
+    def extra_args_of(rid):
+        calls.append(rid)
+        return args[int(rid)]
+
+    rids = [str(i) for i in range(len(names))]
+    ids = st.request_slots(rids, extra_args_of)
+    st.build_plan_ids(ids, counts)
+    assert st.request_slots(rids, extra_args_of) == ids and calls == rids  # parsed once per request
+    token = _naive_token_slots([s + 1 for s in ids], counts)
+    lp = st.plan[layer]
+    sparse_ids = sorted({s for s in ids if s >= 0 and st.slot_list[s].sparse is not None})
+    assert len(sparse_ids) == 5
+    remap = {sid: j for j, sid in enumerate(sparse_ids)}
+    if layout == "stacked":
+        (stack, idx), = lp.sparse
+        assert stack.n_slots == 5  # only the vectors present in this batch
+        assert idx.tolist() == [remap.get(t - 1, -1) for t in token]
+    else:
+        (order, runs), = lp.segments
+        assert [b - a for _, a, b in runs] == [sum(1 for t in token if t - 1 == sid) for sid in sparse_ids]
+        assert order.tolist() == sorted((i for i, t in enumerate(token) if t - 1 in remap),
+                                        key=lambda i: remap[token[i] - 1])
+    dense_row = {t - 1 for t in token if t and st.slot_list[t - 1].dense_add is not None}
+    assert lp.dense_index.tolist() == [1 if (t - 1) in dense_row else 0 for t in token]
+    T = sum(counts)
+    hidden, residual = torch.randn(T + 2, d), torch.randn(T + 2, d)
+    h = hidden + residual
+    out = st.apply(hidden, residual, layer)
+    pos = 0
+    for name, c in zip(names, counts):
+        rows = slice(pos, pos + c)
+        if name is None:
+            assert torch.equal(out[rows], h[rows])
+        elif name == "c":
+            assert torch.equal(out[rows], h[rows] + dense)
+        else:
+            want = sparse_steer_reference(h[rows], sae, latents[int(name[1:])], 1.0)
+            torch.testing.assert_close(out[rows], want, rtol=1e-5, atol=1e-5)
+        pos += c
+    assert torch.equal(out[T:], h[T:])
+    # finished requests leave the cache; a registry change invalidates it (ids are renumbered)
+    st.forget_requests(["0", "1"])
+    assert "0" not in st._requests and "2" in st._requests
+    st.unregister("v0")
+    assert st._requests == {} and all(s.id == i for i, s in enumerate(st.slot_list))
+
+
+@pytest.mark.parametrize("which", ["yapo", "bipo"])
+def test_one_vector_for_the_whole_batch_needs_no_index(which):
+    """yapo_fast.patch's case (every request on one vector): no per-token index is built, and the
+    result is the single-vector op's, exactly the reference / the dense add."""
+    torch.manual_seed(2)
+    d, layer = 40, 1
+    sae = random_sae("topk", d_in=d, d_sae=64, layer=layer, seed=9, k=8)
+    lat = random_latent(64, 12, "mixed", seed=3)
+    dense = torch.randn(d)
+    vec = (yapo_fast.SteeringVector.from_latent(lat, layer=layer, sae=sae) if which == "yapo"
+           else yapo_fast.SteeringVector.from_dense(dense, method="bipo", layer=layer))
+    st = SteerState()
+    st.register("g", vec, sae if which == "yapo" else None, 1.5)
+    st.set_global("g", None)
+    counts = [3, 1, 1, 6]
+    st.build_plan_ids(st.request_slots(list("abcd"), lambda rid: None), counts)
+    lp = st.plan[layer]
+    assert lp.uniform is not None and lp.sparse == [] and lp.dense_index is None
+    T = sum(counts)
+    hidden, residual = torch.randn(T + 1, d), torch.randn(T + 1, d)
+    h = hidden + residual
+    out = st.apply(hidden, residual, layer)
+    want = (sparse_steer_reference(h[:T], sae, lat, 1.5) if which == "yapo" else h[:T] + 1.5 * dense)
+    torch.testing.assert_close(out[:T], want, rtol=1e-5, atol=1e-5)
+    assert torch.equal(out[T:], h[T:])
+    assert torch.equal(st.apply(hidden, residual, layer + 1), h)  # another layer: untouched
+    # an explicitly unsteered request in the batch: back to per-token indices, still exact
+    st.set_global("g", None)
+    ids = st.request_slots(list("ab"), lambda rid: None if rid == "a" else {"yapo": None})
+    st.build_plan_ids(ids, [2, 2])
+    assert st.plan[layer].uniform is None
+    out = st.apply(hidden[:4], residual[:4], layer)
+    torch.testing.assert_close(out[:2], want[:2], rtol=1e-5, atol=1e-5)
+    assert torch.equal(out[2:], h[2:4])
