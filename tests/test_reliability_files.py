@@ -371,19 +371,35 @@ def test_interrupted_model_conversion_leaves_no_model(tmp_path, monkeypatch):
     assert list(models.iterdir()) == []  # neither the model directory nor a temporary
 
 
-def _write_forever(path: str, seed: int) -> None:
+def _slow_disk_save_file(tensors, filename, metadata=None):
+    """safetensors' save_file on a slow disk: half the bytes, a pause, the rest (so that kills
+    land inside writes, where a non-atomic writer would leave a partial file)."""
+    import safetensors.torch
+
+    blob = safetensors.torch.save(tensors, metadata=metadata)
+    with open(filename, "wb") as f:
+        f.write(blob[: len(blob) // 2])
+        f.flush()
+        time.sleep(0.03)
+        f.write(blob[len(blob) // 2:])
+
+
+def _write_forever(path: str, writer: int) -> None:
+    import safetensors.torch
+
     torch.set_num_threads(1)
-    i = 0
+    safetensors.torch.save_file = _slow_disk_save_file
+    i = 1000 * writer  # versions name their writer: i // 1000
     while True:
         i += 1
-        SteeringVector.from_dense(torch.full((1 << 20,), float(i)), method="bipo", layer=0,
+        SteeringVector.from_dense(torch.full((1 << 19,), float(i)), method="bipo", layer=0,
                                   info={"i": i}).save(path)
 
 
 def test_kill_9_during_writes_leaves_old_or_new_never_partial(tmp_path):
-    """A writer saving a 4 MiB vector in a loop is killed with SIGKILL at 12 seeded random moments:
-    every time the file is absent or a complete vector, and the next write sweeps what the dead
-    writer left behind."""
+    """A writer saving a 2 MiB vector in a loop (on a 'slow disk': a pause mid-file) is killed with
+    SIGKILL at 12 seeded random moments: every time the file is absent or a complete vector, and
+    the temporaries of the dead writers are swept."""
     ctx = multiprocessing.get_context("fork")
     path = tmp_path / "v.safetensors"
     rng = random.Random(8)
@@ -391,7 +407,7 @@ def test_kill_9_during_writes_leaves_old_or_new_never_partial(tmp_path):
     for kill in range(12):
         proc = ctx.Process(target=_write_forever, args=(str(path), kill), daemon=True)
         proc.start()
-        time.sleep(rng.uniform(0.05, 0.6))
+        time.sleep(rng.uniform(0.05, 1.0))
         os.kill(proc.pid, signal.SIGKILL)
         proc.join()
         if path.exists():
@@ -402,7 +418,9 @@ def test_kill_9_during_writes_leaves_old_or_new_never_partial(tmp_path):
 
         swept += len(remove_stale_temporaries(path))
     assert _no_temporaries(tmp_path) == []
-    assert len(seen_versions) >= 2  # the kills landed at different points of the write loop
+    print(f"12 kills: {swept} mid-write (their temporaries swept), versions seen {sorted(seen_versions)}")
+    assert len({i // 1000 for i in seen_versions}) >= 2
+    assert swept >= 3  # kills that landed inside a write (the temporary they left was swept)  # complete files from several killed writers
     SteeringVector.from_dense(torch.ones(4), method="bipo", layer=0).save(path)
     assert load_vector(path).d_model == 4 and _no_temporaries(tmp_path) == []
 
