@@ -45,10 +45,12 @@ def _per_slot(prepared):
     return (p.const[None], p.enc_cols[None], p.enc_bias[None], p.thresholds[None], p.coef[None], p.dec_rows[None])
 
 
-def _topk_cut(x2d, prepared, backend):
+def _topk_cut(x2d, prepared, requested):
+    """The per-token TopK cut. `requested` is the caller's backend= (None: the threshold op picks
+    its own measured default, e.g. torch on CPU even when the steer itself runs on numba)."""
     if prepared.kind != "topk" or prepared.coef.shape[-1] == 0:
         return None
-    tk_backend = "torch" if backend == "reference" else backend
+    tk_backend = "torch" if requested == "reference" else requested
     kth, nxt = topk_threshold(x2d, prepared.topk_W_enc, prepared.topk_b_enc, prepared.k, backend=tk_backend)
     return topk_cut(kth, nxt).to(prepared.const.dtype)
 
@@ -109,6 +111,7 @@ def _check(h, prepared, slot_index, out, inplace):
 def sparse_steer(h: torch.Tensor, prepared, *, slot_index: torch.Tensor | None = None, out: torch.Tensor | None = None,
                  inplace: bool = False, backend: str | None = None) -> torch.Tensor:
     _check(h, prepared, slot_index, out, inplace)
+    requested = backend
     backend = pick_backend(h.device, prepared.const.dtype if h.dtype != torch.float64 else torch.float64,
                            op="sparse_steer", shape=(h.numel() // max(h.shape[-1], 1), prepared.d_model,
                                                      prepared.coef.shape[-1]), forced=backend)
@@ -119,7 +122,7 @@ def sparse_steer(h: torch.Tensor, prepared, *, slot_index: torch.Tensor | None =
             raise YapoFastError("gradients are supported for a single PreparedSteer, not a PreparedSlots batch")
         if inplace or out is not None:
             raise YapoFastError("in-place / out= steering is not differentiable; call without them to train")
-        return SparseSteerFunction.apply(h, prepared.values, prepared, backend)
+        return SparseSteerFunction.apply(h, prepared.values, prepared, backend, requested)
     if backend == "reference":
         raise YapoFastError("backend='reference' needs the SAE itself: call sparse_steer_reference(h, sae, latent, m)")
     target = h if inplace else (out if out is not None else torch.empty_like(h))
@@ -131,10 +134,10 @@ def sparse_steer(h: torch.Tensor, prepared, *, slot_index: torch.Tensor | None =
     slot = None if slot_index is None else slot_index.reshape(-1)
     if out2d is None:  # non-contiguous target: compute into a buffer, then copy
         buf = torch.empty_like(x2d)
-        _run(backend, x2d, buf, slot, prepared, _topk_cut(x2d, prepared, backend))
+        _run(backend, x2d, buf, slot, prepared, _topk_cut(x2d, prepared, requested))
         target.copy_(buf.view(h.shape))
     else:
-        _run(backend, x2d, out2d, slot, prepared, _topk_cut(x2d, prepared, backend))
+        _run(backend, x2d, out2d, slot, prepared, _topk_cut(x2d, prepared, requested))
     return target
 
 
@@ -149,12 +152,12 @@ class SparseSteerFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, h, values, prepared, backend):
+    def forward(ctx, h, values, prepared, backend, requested):
         x2d = h.reshape(-1, h.shape[-1]).contiguous()
         out2d = torch.empty_like(x2d)
         if backend == "reference" or x2d.dtype == torch.float64:
             backend = "torch"
-        cut = _topk_cut(x2d, prepared, backend)
+        cut = _topk_cut(x2d, prepared, requested)
         _run(backend, x2d, out2d, None, prepared, cut)
         ctx.prepared, ctx.backend = prepared, backend
         ctx.save_for_backward(h, cut)
@@ -186,7 +189,7 @@ class SparseSteerFunction(torch.autograd.Function):
             grad_v[p.dep_pos] = m * (gd * passes.to(cdt)).sum(0)
             grad_v[p.const_pos] = m * (p.const_dec_rows @ g.sum(0))
             grad_v = grad_v.to(p.values.dtype)
-        return grad_h, grad_v, None, None
+        return grad_h, grad_v, None, None, None
 
 
 def _backward_triton(ctx, h, x, g, cut):
@@ -205,4 +208,4 @@ def _backward_triton(ctx, h, x, g, cut):
         # Constant entries (a > 0): dv = m * sum_t g_t . W_dec[i], independent of h; a column sum + matvec.
         grad_v[p.const_pos] = p.multiplier * (p.const_dec_rows.float() @ g.float().sum(0))
         grad_v = grad_v.to(p.values.dtype)
-    return grad_h, grad_v, None, None
+    return grad_h, grad_v, None, None, None

@@ -180,6 +180,17 @@ def test_default_cpu_backend_follows_the_measured_rule(monkeypatch):
         got = sparse_steer(h, prepared)
         assert calls == [want], (T, prepared.n_dependent, calls)
         assert_matches(got, sparse_steer(h, prepared, backend="torch" if want == "numba" else "numba"), torch.float32)
+    # TopK at a decode shape: the steer runs on numba, the k-th-largest op on ITS measured default
+    # (torch; its numba kernel is ~10x slower), not on the steer's backend.
+    import yapo_fast.kernels.topk_threshold as threshold_module
+    real_threshold = threshold_module.topk_threshold_torch
+    monkeypatch.setattr(threshold_module, "topk_threshold_torch", lambda *a: calls.append("topk torch") or real_threshold(*a))
+    topk_sae = random_sae("topk", d_in=64, d_sae=300, k=16, seed=3)
+    v = random_latent(300, 16, "mixed", seed=2)
+    calls.clear()
+    got = sparse_steer(hidden(1, 64), prepare_sparse_steer(topk_sae, v, 1.0))
+    assert calls == ["topk torch", "numba"]
+    assert_matches(got, sparse_steer_reference(hidden(1, 64), topk_sae, v, 1.0), torch.float32)
     monkeypatch.setenv("YAPO_FAST_KERNEL", "torch")
     calls.clear()
     sparse_steer(hidden(1, 64), small)
