@@ -333,6 +333,16 @@ def test_trainer_epoch_paired(benchmark):
 
     out = benchmark.pedantic(run_paired, kwargs={"on_step": on_step}, rounds=1, iterations=1)
     RESULTS[key] = _paired_summary(out)
+    if DATA != "hallucination":  # the FLOP ratio of exactly these pairs (the hallucination one: -k ratio)
+        from yapo_fast.train import batch_schedule
+
+        model, tok, sae, halluc = setup()
+        toks = tokenize_pairs(tok, bench_pairs()[:N_PAIRS])
+        lengths = [(len(t.prompt), len(t.chosen), len(t.rejected)) for t in toks]
+        batches = [[lengths[i] for i in b] for _, b, _ in batch_schedule(len(lengths), BATCH, 1, 0)]
+        f = flops(model, sae, lengths, sae.layer, _mean_l0(model, tok, sae, halluc), batches)
+        RESULTS[key].update({f"flop_{k}": v for k, v in f.items() if k.startswith("ratio")})
+        RESULTS[key]["mean_tokens"] = [sum(x[i] for x in lengths) / len(lengths) for i in range(3)]
     _write()
     print(json.dumps({k: v for k, v in RESULTS[key].items() if "losses" not in k}, indent=2))
     assert RESULTS[key]["final_loss_abs_diff"] <= 1e-4
@@ -517,6 +527,38 @@ def early_stopping_from_log(steps, evals, patience=2):
                                      "best_heldout_accuracy": max(accs)}}
 
 
+def plot_curves(curves: dict, evals: dict, path, title: str):
+    """Loss per step (thin) and its 5-step mean (thick) per method; held-out accuracy and loss."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    colors = {"yapo": "tab:blue", "bipo": "tab:red"}
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(10, 3.6))
+    for method, recs in curves.items():
+        c = colors.get(method)
+        steps, ls = [r["step"] for r in recs], [r["loss"] for r in recs]
+        ax.plot(steps, ls, lw=0.7, alpha=0.45, color=c)
+        ax.plot(steps, [sum(ls[max(0, i - 4): i + 1]) / min(5, i + 1) for i in range(len(ls))], lw=1.8, color=c,
+                label=f"{method} (5-step mean; thin: per step)")
+        ev = evals.get(method) or []
+        ax2.plot([e["step"] for e in ev], [e["heldout_loss"] for e in ev], marker="o", color=c,
+                 label=f"{method}: loss (accuracy " + ", ".join(f"{e['heldout_accuracy']:.2f}" for e in ev) + ")")
+    ax.axhline(0.3, color="grey", lw=0.8, ls="--")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("bi-directional DPO loss (batch)")
+    ax.set_title(title, fontsize=8)
+    ax.legend(fontsize=7)
+    ax2.set_xlabel("optimizer step (end of each epoch)")
+    ax2.set_ylabel("held-out DPO loss at m=+1")
+    ax2.set_title("held-out pairs", fontsize=8)
+    ax2.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def test_trainer_convergence_yapo_vs_bipo():
     """Loss curves of YaPO and BiPO on the same pairs and split (lean trainer), steps to reach loss
     0.3, held-out preference accuracy after every epoch (early stopping read off the same run)."""
@@ -542,31 +584,9 @@ def test_trainer_convergence_yapo_vs_bipo():
         for method in curves:
             f.writelines(json.dumps({"method": method, **r}) + "\n" for r in curves[method] + evals[method])
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(10, 3.6))
-    for method, recs in curves.items():
-        ax.plot([r["step"] for r in recs], [r["loss"] for r in recs], lw=0.8, alpha=0.5, label=f"{method} (step)")
-        ls = [r["loss"] for r in recs]
-        ax.plot([r["step"] for r in recs], [sum(ls[max(0, i - 4): i + 1]) / min(5, i + 1) for i in range(len(ls))],
-                lw=1.8, label=f"{method} (5-step mean)")
-        ax2.plot([e["step"] for e in evals[method]], [e["heldout_accuracy"] for e in evals[method]], marker="o",
-                 label=method)
-    ax.axhline(0.3, color="grey", lw=0.8, ls="--")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("bi-directional DPO loss (batch)")
-    n_train = len(curves["yapo"]) // CURVE_EPOCHS * BATCH
-    ax.set_title(f"BiPO hallucination, ~{n_train} train pairs, lr {CURVE_LR:g}, warm-up {CURVE_WARMUP}", fontsize=9)
-    ax.legend(fontsize=8)
-    ax2.set_xlabel("optimizer step")
-    ax2.set_ylabel("held-out preference accuracy (m=+1)")
-    ax2.set_ylim(0, 1.02)
-    ax2.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(RESULTS_DIR / "trainer_curves.png", dpi=120)
+    plot_curves(curves, evals, RESULTS_DIR / "trainer_curves.png",
+                f"BiPO hallucination, {len(curves['yapo']) // CURVE_EPOCHS * BATCH} train pairs, batch {BATCH}, "
+                f"lr {CURVE_LR:g}, warm-up {CURVE_WARMUP}, cosine")
     out["settings"] = {"lr": CURVE_LR, "warmup_steps": CURVE_WARMUP, "epochs": CURVE_EPOCHS, "pairs": CURVE_PAIRS,
                        "holdout": CURVE_HOLDOUT, "batch_size": BATCH, "seed": 0, "sae": sae.name,
                        "sae_weights_hash": sae.weights_hash(), "torch_threads": torch.get_num_threads()}
