@@ -22,11 +22,18 @@ SEED = 20260108
 
 def test_kill_9_at_random_points_then_resume_equals_the_uninterrupted_run(tmp_path):
     t0 = time.time()
-    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), str(tmp_path), str(SEED)],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=600,
-                          env=dict(os.environ, OMP_NUM_THREADS="1"))
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), str(tmp_path), str(SEED)],
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"), start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=600)
+    finally:  # the driver and any child it forked: nothing outlives the test
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    assert proc.returncode == 0, stdout[-3000:] + stderr[-6000:]
+    report = json.loads(stdout.strip().splitlines()[-1])
     for kind, want in KILLS.items():
         r = report[kind]
         assert r["kills"] >= want, r
