@@ -20,8 +20,10 @@ def steer_coef(x, enc_cols, enc_bias, thresholds, coef, cut):
     active = pre > thresholds
     if cut is not None:
         active &= pre >= cut[:, None]
-    # z = pre where active, else 0; max(a, -0) = 0 because a <= 0, so inactive -> 0.
-    return torch.where(active, torch.maximum(coef, -pre), 0.0)
+    # z = pre where active, else 0; max(a, -0) = 0 because a <= 0, so inactive -> 0 (times the
+    # mask: +-0, the same sums). Not torch.where(..., 0.0): on CPU it costs ~2x the three ops here
+    # (86 vs 41 us at T 512, n 32; ~7% of the headline's floor).
+    return torch.maximum(coef, -pre).mul_(active)
 
 
 def steer_one(x, out, const, enc_cols, enc_bias, thresholds, coef, dec_rows, cut):
