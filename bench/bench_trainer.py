@@ -14,7 +14,8 @@ within minutes, which makes back-to-back end-to-end timings meaningless). Knobs:
 about an hour of one core on a quiet machine), YAPO_BENCH_CACHE_BATCHES (training batches per lean
 cache pass in the paired run; 2 = 8 pairs), YAPO_BENCH_LAYER (layer of the random SAE when none is
 shipped; 15), YAPO_BENCH_CURVE_PAIRS / _EPOCHS / _LR / _WARMUP / _HOLDOUT (loss curves and held-out
-accuracy), YAPO_BENCH_THREADS (torch threads; default: torch's). Run the paired bench with
+accuracy), YAPO_BENCH_DATA (paired run on hallucination, blend_mc or blend_pairs), YAPO_BENCH_PAIRED_FROM
+(ratio of a paired run cut short, from its partial file), YAPO_BENCH_PROFILE_PAIRS, YAPO_BENCH_THREADS (torch threads; default: torch's). Run the paired bench with
 MALLOC_MMAP_THRESHOLD_=65536 for its per-trainer peak memory (see PhasePeak).
 
 Results: bench/results/trainer.json (timings, ratios, FLOP bound, peak memory, profile summary),
