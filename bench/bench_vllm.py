@@ -1,36 +1,45 @@
-"""Serving throughput of the vLLM plugin on the default model (SmolLM2-135M-Instruct, CPU, float32),
-every ratio measured in one run:
+"""Serving throughput of the vLLM plugin on the default model (SmolLM2-135M-Instruct, CPU, float32).
 
-- output tokens/s of the patched engine (YaPO with negative entries; BiPO) vs the same engine
-  unsteered, batch 64 and 256, 128 new tokens (EOS ignored, greedy);
-- per-request vectors: 1 shared, 8 and 64 distinct vectors in one batch (extra_args) vs unsteered;
-- transformers `generate` + yapo_fast.steer (what users do today) at the same batch sizes.
+Engine (one vLLM engine, prefix caching off so every configuration does the same prefill work),
+rounds of interleaved configurations (A/B/A/B: background load hits all alike); medians over rounds:
+- batch 64 and 256, 128 new tokens (EOS ignored, greedy): unsteered; ``yapo_fast.patch`` with a YaPO
+  vector (64 entries, 32 negative) and with a BiPO vector;
+- per-request vectors (batch 64 by default): 1 vector shared by all requests, 8 and 64 distinct
+  vectors in one batch (extra_args);
+- transformers ``generate`` (what users do today), unsteered and with ``yapo_fast.steer`` (the same
+  YaPO vector), at the same batch sizes, each in a fresh process between the engine's rounds.
+Ratios: patched / unsteered and per-request K / per-request 1 within the engine; vLLM / transformers.
 
-    .venv/bin/pytest bench/bench_vllm.py -s -p no:cacheprovider        # or, without pytest:
-    .venv/bin/python bench/bench_vllm.py engine OUT.json               # the vLLM half only
+    nice -n 10 .venv/bin/python bench/bench_vllm.py engine bench/results/vllm.json   # the whole run
+    .venv/bin/pytest bench/bench_vllm.py -s -p no:cacheprovider -k serving          # same, via pytest
 
-Knobs: YAPO_BENCH_BATCHES (default "64,256"), YAPO_BENCH_NEW_TOKENS (128), YAPO_BENCH_HF_BATCHES
-(default "64"; transformers at 256 takes many minutes on 2 cores), YAPO_BENCH_REPEATS (2: best of N,
-alternating steered/unsteered runs so background load hits both alike), YAPO_FAST_LAYERS (which
-layers carry the op; default all 30).
-Results: bench/results/vllm.json.
+Knobs: YAPO_BENCH_BATCHES ("64,256"), YAPO_BENCH_PER_REQUEST_BATCHES ("64"), YAPO_BENCH_HF_BATCHES
+("64,256"; "" skips transformers), YAPO_BENCH_NEW_TOKENS (128), YAPO_BENCH_ROUNDS (2),
+YAPO_BENCH_PLAN (e.g. "64:unsteered,patched_yapo;256:unsteered,patched_yapo": batches and configs),
+YAPO_FAST_LAYERS (layers carrying the op; default all 30). Results (raw samples, medians, ratios)
+are rewritten after every measurement, so a stopped run keeps what it measured.
+The op alone per decode step (CPU, and the Triton path on CUDA): ``-k op_``, see below.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
-BATCHES = [int(x) for x in os.environ.get("YAPO_BENCH_BATCHES", "64,256").split(",")]
-HF_BATCHES = [int(x) for x in os.environ.get("YAPO_BENCH_HF_BATCHES", "64").split(",") if x]
+BATCHES = [int(x) for x in os.environ.get("YAPO_BENCH_BATCHES", "64,256").split(",") if x]
+PER_REQUEST_BATCHES = [int(x) for x in os.environ.get("YAPO_BENCH_PER_REQUEST_BATCHES", "64").split(",") if x]
+HF_BATCHES = [int(x) for x in os.environ.get("YAPO_BENCH_HF_BATCHES", "64,256").split(",") if x]
 NEW_TOKENS = int(os.environ.get("YAPO_BENCH_NEW_TOKENS", "128"))
-REPEATS = int(os.environ.get("YAPO_BENCH_REPEATS", "2"))
+ROUNDS = int(os.environ.get("YAPO_BENCH_ROUNDS", "2"))
+PLAN = os.environ.get("YAPO_BENCH_PLAN", "")  # overrides the batch/config lists: "64:cfg,cfg;256:cfg"
 LAYER = 15
 RESULTS = Path(__file__).parent / "results" / "vllm.json"
 
@@ -63,6 +72,36 @@ def prompts(n: int) -> list[str]:
     return [qs[i % len(qs)] for i in range(n)]
 
 
+def summarize(res: dict) -> None:
+    """Medians over rounds, and the ratios, from res["samples"][batch][config] = [tok/s, ...]."""
+    med = {b: {k: statistics.median(v) for k, v in runs.items()} for b, runs in res["samples"].items()}
+    res["median_tok_s"] = med
+    ratios = {}
+    for b, m in med.items():
+        r = ratios[b] = {}
+        base = m.get("unsteered")
+        for k, v in m.items():
+            if base and k != "unsteered" and not k.startswith("hf_"):
+                r[f"{k}/unsteered"] = v / base
+        for k in ("per_request_8", "per_request_64"):
+            if k in m and "per_request_1" in m:
+                r[f"{k}/per_request_1"] = m[k] / m["per_request_1"]
+        if base and "hf_unsteered" in m:
+            r["vllm_unsteered/hf_unsteered"] = base / m["hf_unsteered"]
+        if "patched_yapo" in m and "hf_steered" in m:
+            r["vllm_patched_yapo/hf_steered"] = m["patched_yapo"] / m["hf_steered"]
+        if "hf_steered" in m and "hf_unsteered" in m:
+            r["hf_steered/hf_unsteered"] = m["hf_steered"] / m["hf_unsteered"]
+    res["ratios"] = ratios
+
+
+def _save(res: dict, out_path: str) -> None:
+    summarize(res)
+    tmp = Path(out_path).with_suffix(".tmp")
+    tmp.write_text(json.dumps(res, indent=2))
+    tmp.replace(out_path)
+
+
 def engine_main(out_path: str) -> None:
     import tempfile
 
@@ -74,11 +113,16 @@ def engine_main(out_path: str) -> None:
     tmp = Path(tempfile.mkdtemp(prefix="yapo-bench-vllm-"))
     sae, yapo_paths, bipo_path = make_vectors(tmp)
     t0 = time.time()
+    # Prefix caching off: with it, repeated unsteered runs would reuse their prompts' KV while
+    # patch() (which resets the cache) and salted per-request runs recompute theirs.
     llm = LLM(model=str(yapo_fast.model.default_model_dir()), dtype="float32", max_model_len=512,
-              max_num_seqs=max(BATCHES), gpu_memory_utilization=0.3, seed=0)
-    res: dict = {"startup_s": time.time() - t0, "new_tokens": NEW_TOKENS, "runs": {}}
+              max_num_seqs=max(BATCHES + PER_REQUEST_BATCHES), gpu_memory_utilization=0.3, seed=0,
+              enable_prefix_caching=False)
+    res: dict = {"startup_s": time.time() - t0, "new_tokens": NEW_TOKENS, "rounds": ROUNDS,
+                 "layers": os.environ.get("YAPO_FAST_LAYERS", "all"), "samples": {},
+                 "command": " ".join([sys.executable] + sys.argv)}
     tok = llm.get_tokenizer()
-    texts = [format_prompt(tok, p) for p in prompts(max(BATCHES))]
+    texts = [format_prompt(tok, p) for p in prompts(max(BATCHES + PER_REQUEST_BATCHES))]
     yapo = yapo_fast.load_vector(yapo_paths[0])
     bipo = yapo_fast.load_vector(bipo_path)
     for i, p in enumerate(yapo_paths):
@@ -95,43 +139,68 @@ def engine_main(out_path: str) -> None:
     def distinct(k):
         return lambda i: {"yapo": {"vector": f"v{i % k}"}}
 
+    def patched(vec, **kw):
+        def run(batch):
+            with yapo_fast.patch(llm, vec, 1.0, **kw):
+                return timed(batch)
+        return run
+
+    configs = {"unsteered": lambda b: timed(b), "patched_yapo": patched(yapo, sae=sae), "patched_bipo": patched(bipo)}
+    per_request = {f"per_request_{k}": (lambda b, k=k: timed(b, distinct(k))) for k in (1, 8, 64)}
+    every = {**configs, **per_request}
+    if PLAN:  # "64:unsteered,patched_yapo;256:unsteered" (a time-boxed run on a loaded machine)
+        plan = [(int(b), [n.strip() for n in names.split(",")]) for b, names in
+                (item.split(":") for item in PLAN.split(";") if item)]
+    else:
+        plan = [(b, [*(configs if b in BATCHES else []), *(per_request if b in PER_REQUEST_BATCHES else [])])
+                for b in sorted(set(BATCHES + PER_REQUEST_BATCHES))]
     timed(8)  # warm-up
-    for batch in BATCHES:
-        best: dict = {}
-        for _ in range(REPEATS):
-            for name, run in [
-                ("unsteered", lambda: timed(batch)),
-                ("patched_yapo", None), ("patched_bipo", None),
-                ("per_request_1", lambda: timed(batch, distinct(1))),
-                ("per_request_8", lambda: timed(batch, distinct(8))),
-                ("per_request_64", lambda: timed(batch, distinct(64))),
-            ]:
-                if name == "patched_yapo":
-                    with yapo_fast.patch(llm, yapo, 1.0, sae=sae):
-                        tps = timed(batch)
-                elif name == "patched_bipo":
-                    with yapo_fast.patch(llm, bipo, 1.0):
-                        tps = timed(batch)
-                else:
-                    tps = run()
-                best[name] = max(best.get(name, 0.0), tps)
-                print(f"batch {batch} {name}: {tps:.1f} output tok/s", flush=True)
-        res["runs"][str(batch)] = best
-    with open(out_path, "w") as f:
-        json.dump(res, f, indent=2)
+
+    def record(r, b, name, tps):
+        res["samples"].setdefault(str(b), {}).setdefault(name, []).append(tps)
+        print(f"round {r} batch {b} {name}: {tps:.1f} output tok/s", flush=True)
+        _save(res, out_path)
+
+    # Rounds inside each batch size: configurations alternate (A/B/C, A/B/C), so a batch size's
+    # ratios are complete after its own rounds even when a long run is stopped later.
+    for b, names in plan:
+        for r in range(ROUNDS):
+            for name in names:
+                record(r, b, name, every[name](b))
+    for b in HF_BATCHES:  # transformers in a fresh process (no vLLM import there), engine idle
+        for r in range(ROUNDS):
+            for steered in (False, True):
+                record(r, b, "hf_steered" if steered else "hf_unsteered", hf_subprocess(b, steered))
 
 
-def hf_tokens_per_s(batch: int) -> float:
+def hf_subprocess(batch: int, steered: bool) -> float:
+    env = dict(os.environ)
+    proc = subprocess.run([sys.executable, __file__, "hf", str(batch), "steered" if steered else "unsteered"],
+                          capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        raise RuntimeError(f"transformers run failed:\n{proc.stderr[-4000:]}")
+    return float(proc.stdout.strip().splitlines()[-1])
+
+
+def hf_tokens_per_s(batch: int, steered: bool) -> float:
+    """transformers generate (greedy, 128 new tokens forced), unsteered or with yapo_fast.steer."""
+    import contextlib
+    import tempfile
+
     import yapo_fast
     from yapo_fast.chat import format_prompt
 
     model, tok = yapo_fast.load_model(None, dtype=torch.float32)
     tok.padding_side = "left"
-    with __import__("tempfile").TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp:
         sae, paths, _ = make_vectors(Path(tmp), n_extra=1)
         vec = yapo_fast.load_vector(paths[0])
-    enc = tok([format_prompt(tok, p) for p in prompts(batch)], return_tensors="pt", padding=True)
-    with torch.no_grad(), yapo_fast.steer(model, vec, 1.0, sae=sae):
+    enc = tok([format_prompt(tok, p) for p in prompts(batch)], return_tensors="pt", padding=True,
+              add_special_tokens=False)
+    ctx = yapo_fast.steer(model, vec, 1.0, sae=sae) if steered else contextlib.nullcontext()
+    with torch.no_grad(), ctx:
+        model.generate(**{k: v[:2] for k, v in enc.items()}, max_new_tokens=2, do_sample=False,
+                       pad_token_id=tok.pad_token_id)  # warm-up (first-call allocations, hooks)
         t = time.perf_counter()
         out = model.generate(**enc, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False,
                              pad_token_id=tok.pad_token_id)
@@ -139,29 +208,117 @@ def hf_tokens_per_s(batch: int) -> float:
     return (out.shape[1] - enc["input_ids"].shape[1]) * batch / dt
 
 
+@pytest.mark.skipif(os.environ.get("YAPO_BENCH_SERVING") != "1",
+                    reason="the serving run takes about an hour on 2 cores: set YAPO_BENCH_SERVING=1")
 def test_vllm_serving_throughput():
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    engine_out = RESULTS.with_name("vllm_engine.json")
-    proc = subprocess.run([sys.executable, __file__, "engine", str(engine_out)], capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr[-5000:]
-    res = json.loads(engine_out.read_text())
-    res["transformers_steered"] = {str(b): hf_tokens_per_s(b) for b in HF_BATCHES}
-    summary = {}
-    for b, runs in res["runs"].items():
-        base = runs["unsteered"]
-        summary[b] = {f"{k}/unsteered": v / base for k, v in runs.items() if k != "unsteered"}
-        summary[b]["per_request_8/per_request_1"] = runs["per_request_8"] / runs["per_request_1"]
-        summary[b]["per_request_64/per_request_1"] = runs["per_request_64"] / runs["per_request_1"]
-        if b in res["transformers_steered"]:
-            summary[b]["patched_yapo/transformers_steered"] = runs["patched_yapo"] / res["transformers_steered"][b]
-    res["ratios"] = summary
-    RESULTS.write_text(json.dumps(res, indent=2))
-    print(json.dumps(res, indent=2))
+    proc = subprocess.run([sys.executable, __file__, "engine", str(RESULTS)])
+    assert proc.returncode == 0
+    print(json.dumps(json.loads(RESULTS.read_text())["ratios"], indent=2))
+
+
+# ---- the op alone, per decode step (no engine) ------------------------------------------------
+# What the plugin adds to one forward pass: at each layer carrying the op, the custom-op call
+# (hidden + residual, steered where this step's plan says so) plus the zeros that the next layer's
+# fused add-norm then adds, and once per step the plan (slot lookup, repeat_interleave, gathers).
+# CPU: torch path, default model shapes. CUDA (where a GPU exists): the Triton path at serving
+# shapes, d_model 576 (4608-wide SAE) and a 7B-class 4096 (16384-wide SAE); skipped without CUDA.
+# Vectors: 64 entries, 32 negative (JumpReLU). T single-token requests (a decode step).
+#     bash scripts/bench.sh bench/bench_vllm.py -k op_
+OP_MODULE = "bench_vllm_op"
+N_LAYERS = 30
+OP_CASES = ["installed_30_no_vector", "installed_1_no_vector", "patch", "per_request_8", "per_request_64",
+            "plan_only_per_request_64"]
+
+
+def _op_state(device, d_model, d_sae, n_vectors):
+    import yapo_fast
+    from yapo_fast.integrations.vllm_state import SteerState
+
+    sae = yapo_fast.SAE.random("jumprelu", d_model, d_sae, layer=LAYER, seed=1)
+    st = SteerState()
+    st.device = torch.device(device)
+    for i in range(n_vectors):
+        g = torch.Generator().manual_seed(100 + i)
+        latent = torch.zeros(d_sae)
+        ids = torch.randperm(d_sae, generator=g)[:64]
+        latent[ids[:32]] = 1.0 + torch.rand(32, generator=g)
+        latent[ids[32:]] = -(0.5 + torch.rand(32, generator=g))
+        st.register(f"v{i}", yapo_fast.SteeringVector.from_latent(latent, layer=LAYER, sae=sae), sae)
+    return st
+
+
+class _OpState:
+    state = None
+
+
+def _bench_steer_layer(hidden: torch.Tensor, residual: torch.Tensor, layer: int) -> torch.Tensor:
+    return _OpState.state.apply(hidden, residual, layer)
+
+
+# Registered as the plugin registers its op (vLLM's direct_register_custom_op: a schema and a backend
+# kernel, no autograd wrapper; vLLM itself is not imported here), so the timing includes the dispatcher.
+_bench_lib = torch.library.Library("yapo_fast_bench", "FRAGMENT")
+_bench_lib.define("steer_layer(Tensor hidden, Tensor residual, int layer) -> Tensor")
+for _key in ("CPU", "CUDA"):
+    _bench_lib.impl("steer_layer", _bench_steer_layer, _key)
+
+
+def op_step_fn(device: str, T: int, d_model: int, d_sae: int, case: str):
+    """A callable doing the op's work for one decode step of T single-token requests (see OP_CASES):
+    installed_30_no_vector / installed_1_no_vector: op on all 30 layers / only the vector's layer,
+    nothing steered; patch: one vector for every request; per_request_K: K distinct vectors;
+    plan_only_per_request_64: the per-step plan alone."""
+    n_vec = {"patch": 1, "per_request_8": 8, "per_request_64": 64, "plan_only_per_request_64": 64}.get(case, 0)
+    st = _op_state(device, d_model, d_sae, n_vec)
+    hidden = torch.randn(T, d_model, device=device)
+    residual = torch.randn(T, d_model, device=device)
+    rids = [f"r{i}" for i in range(T)]
+    counts = torch.ones(T, dtype=torch.int64).numpy()
+    args = {r: {"yapo": {"vector": f"v{i % n_vec}"}} for i, r in enumerate(rids)} if n_vec else {}
+    if case == "patch":
+        st.set_global("v0", 1.0)
+        args = {}
+    layers = [] if case.startswith("plan_only") else [LAYER] if case == "installed_1_no_vector" else range(N_LAYERS)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+
+    def step():
+        _OpState.state = st
+        if n_vec:
+            st.build_plan_ids(st.request_slots(rids, args.get), counts)
+        out = None
+        for layer in layers:
+            out = torch.ops.yapo_fast_bench.steer_layer(hidden, residual, layer)
+            torch.zeros_like(residual)
+        sync()
+        return out
+
+    return step, st
+
+
+def _op_params():
+    cpu = [("cpu", T, 576, 4608, c) for T in (64, 256) for c in OP_CASES]
+    gpu = [("cuda", T, d, w, c) for T in (64, 256) for d, w in ((576, 4608), (4096, 16384)) for c in OP_CASES]
+    return cpu + gpu
+
+
+@pytest.mark.parametrize("device,T,d_model,d_sae,case", _op_params())
+def test_op_per_decode_step(benchmark, record, device, T, d_model, d_sae, case):
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("no CUDA device: the Triton path's time per decode step needs a GPU (none on this machine)")
+    if device == "cpu":
+        torch.set_num_threads(int(os.environ.get("YAPO_BENCH_THREADS", "1")))
+    step, st = op_step_fn(device, T, d_model, d_sae, case)
+    ref = step()  # warm-up: prepares slots, stacks, kernels
+    if case in ("patch", "per_request_8", "per_request_64"):
+        assert st.plan and st.plan[LAYER] is not None and ref is not None  # the timed step really steers
+    benchmark.group = f"op per decode step, {device}, T={T}, d_model={d_model}, d_sae={d_sae}, {N_LAYERS} layers"
+    benchmark.pedantic(step, rounds=30, iterations=1, warmup_rounds=2)
+    record(OP_MODULE, benchmark.group, case, benchmark)
 
 
 if __name__ == "__main__":
     if sys.argv[1:2] == ["engine"]:
         engine_main(sys.argv[2])
     elif sys.argv[1:2] == ["hf"]:
-        for b in [int(x) for x in sys.argv[2].split(",")]:
-            print(f"transformers + yapo_fast.steer, batch {b}: {hf_tokens_per_s(b):.1f} output tok/s", flush=True)
+        print(hf_tokens_per_s(int(sys.argv[2]), sys.argv[3] == "steered"), flush=True)
