@@ -6,10 +6,10 @@ Why these defaults (bench/README.md, measured on the 2-core CPU box, one thread,
   negative part) and T * n <= 2048, the numba kernel wins: a few us of work plus ~20 us of call
   overhead (numpy views of the prepared vector are cached on it), against ~45-55 us of op
   dispatch for the torch path. Timed interleaved (torch, numba, torch, ... as in a forward), us
-  median: T 1 n 8: 77 vs 105; T 4 n 32: 107 vs 142; T 4 n 128: 85 vs 110; T 2 n 512: 154 vs
-  195; each path alone the gap is wider (T 1 n 8: 29 vs 48). Beyond, the torch path's gemms win
-  (T 16 n 128: 1.20x, T 8 n 512: 1.11x, T 16 n 512: 1.29x slower in numba), since numba's encode
-  is a plain loop per token block.
+  median, numba vs torch: T 1 n 8: 40 vs 51; T 4 n 32: 52 vs 65; T 4 n 128: 79 vs 98; T 2 n 512:
+  180 vs 226; T 8 n 128: 116 vs 116 (a tie, numba's); each path alone the gap is wider (T 1 n 8:
+  30 vs 43). Beyond, the torch path's gemms win (T 16 n 128: 1.20x, T 8 n 512: 1.19x, T 16 n 512:
+  1.55x slower in numba), since numba's encode is a plain loop per token block.
 - fused steer, everything else: the torch path on the gathered tensors (two MKL matmuls +
   elementwise) beat the numba kernel at every larger measured shape (T up to 4096, support up to 4096).
 - TopK threshold: the chunked torch matmul + topk beat the numba kernel by several x everywhere.
