@@ -28,6 +28,9 @@ def main():
     from yapo_fast.sae_train import load_activation_chunks, train_on_activations
 
     dirs = sorted(Path(args.cache_root).iterdir())
+    # caches are kept per text source (…-L15-corpus-…, …-L15-chat-…): compare layers on one source
+    if any("-corpus-" in d.name for d in dirs):
+        dirs = [d for d in dirs if "-corpus-" in d.name]
     by_layer = {int(re.search(r"-L(\d+)-", d.name).group(1)): d for d in dirs}
     # the chunks every layer has (they were written together)
     common = set.intersection(*[{p.name for p in d.glob("chunk_*.safetensors")} for d in by_layer.values()])

@@ -12,8 +12,10 @@ from yapo_fast.sae import DEFAULT_SAE_DIR
 
 # what README "The shipped SAE" reports for the fixed prompt below (held-out numbers are in
 # yapo_fast/assets/saes/<name>/eval.json); the test asserts the SAE still explains at least this
-FIXED_PROMPT_FVE = {"default": 0.72,  # measured 0.733 (94 tokens), mean L0 44
-                    "topk": 0.69}  # measured 0.705, k = 32
+FIXED_PROMPT_FVE = {"default": 0.85,  # measured 0.867 (94 tokens), mean L0 91
+                    "topk": 0.78}  # measured 0.792, k = 32
+# the targets for held-out text, which eval.json reports (yapo-fast sae eval)
+HELDOUT_TARGETS = {"variance_explained": 0.7, "mean_l0": 128, "dead_fraction": 0.10}
 
 FIXED_PROMPT = (
     "Is it true that the Great Wall of China is visible from the Moon with the naked eye?",
@@ -79,3 +81,8 @@ def test_shipped_sae_reconstructs_a_fixed_prompt(fixed_prompt_acts, prefix):
     # reported held-out numbers travel with the SAE
     report = json.loads((shipped(prefix) / "eval.json").read_text())
     assert report["layer"] == sae.layer and report["kind"] == sae.kind
+    assert report["sae_name"] == sae.name and report["d_sae"] == sae.d_sae
+    assert report["variance_explained"] >= HELDOUT_TARGETS["variance_explained"], report
+    assert report["mean_l0"] <= HELDOUT_TARGETS["mean_l0"], report
+    assert report["dead_fraction"] <= HELDOUT_TARGETS["dead_fraction"], report
+    assert report["tokens"] >= 4000 and report["text"]["mixture"] == sae.metadata["text_mixture"]

@@ -129,6 +129,9 @@ def run_eval(args) -> dict:
     from .text_source import TextMixture, token_sequences
 
     t0 = time.time()
+    if args.threads < 1:
+        raise YapoFastError(f"--threads {args.threads}: need at least 1")
+    torch.set_num_threads(args.threads)  # 1 by default: see `sae train --threads`
     sae = load_sae(args.sae)
     layer = sae.layer if args.layer is None else args.layer
     model, tok = load_model(args.model)
@@ -161,6 +164,7 @@ def add_eval_parser(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--forward-batch", type=int, default=8)
     p.add_argument("--no-loss", action="store_true", help="skip the LM loss (two full forwards per batch)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1, as for sae train)")
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--out", default=None, help="write the metrics as JSON here")
     p.set_defaults(func=run_eval)
