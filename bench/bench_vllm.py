@@ -11,7 +11,7 @@ rounds of interleaved configurations (A/B/A/B: background load hits all alike); 
 Ratios: patched / unsteered and per-request K / per-request 1 within the engine; vLLM / transformers.
 
     nice -n 10 .venv/bin/python bench/bench_vllm.py engine bench/results/vllm.json   # the whole run
-    .venv/bin/pytest bench/bench_vllm.py -s -p no:cacheprovider -k serving          # same, via pytest
+    bash scripts/bench.sh bench/bench_vllm.py -s -k serving                           # same, via pytest
 
 Knobs: YAPO_BENCH_BATCHES ("64,256"), YAPO_BENCH_PER_REQUEST_BATCHES ("64"), YAPO_BENCH_HF_BATCHES
 ("64,256"; "" skips transformers), YAPO_BENCH_NEW_TOKENS (128), YAPO_BENCH_ROUNDS (2),
@@ -208,9 +208,8 @@ def hf_tokens_per_s(batch: int, steered: bool) -> float:
     return (out.shape[1] - enc["input_ids"].shape[1]) * batch / dt
 
 
-@pytest.mark.skipif(os.environ.get("YAPO_BENCH_SERVING") != "1",
-                    reason="the serving run takes about an hour on 2 cores: set YAPO_BENCH_SERVING=1")
 def test_vllm_serving_throughput():
+    """The whole serving run (about an hour on 2 cores; not in scripts/bench.sh's default set)."""
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     proc = subprocess.run([sys.executable, __file__, "engine", str(RESULTS)])
     assert proc.returncode == 0

@@ -23,6 +23,7 @@ from ..errors import YapoFastError, check_multiplier
 
 GLOBAL_NAME = "__patch__"  # the engine-wide vector of yapo_fast.patch(llm, vector)
 UNSET = object()  # request carries no yapo arguments
+MAX_SLOTS = 1024  # prepared (vector, multiplier) pairs kept per worker
 
 
 def parse_request_args(extra_args) -> "object | None | tuple[str, float | None]":
@@ -123,6 +124,7 @@ class SteerState:
         self.num_tokens = 0
         self.device = torch.device("cpu")
         self.sparse_layout: str | None = None  # "segments" | "stacked"; None: by device (tests force one)
+        self._generation = 0  # bumped whenever slot ids change
         self._requests: dict[str, int] = {}  # request id -> slot id (-1 unsteered), for this registry
         self._req_buf = torch.empty(0, dtype=torch.int64)  # per-request slot id + 1 (0 = unsteered)
         self._token_buf = torch.empty(0, dtype=torch.int64)  # per-token slot id + 1, on self.device
@@ -150,6 +152,7 @@ class SteerState:
 
     def _renumber(self) -> None:
         """Slot ids changed (or what a request maps to): drop every cache keyed by them."""
+        self._generation += 1
         self.slot_list = list(self.slots.values())
         for i, slot in enumerate(self.slot_list):
             slot.id = i
@@ -176,7 +179,7 @@ class SteerState:
         key = (name, m)
         slot = self.slots.get(key)
         if slot is None:
-            if len(self.slots) >= 1024:  # many distinct multipliers: keep the slot table bounded
+            if len(self.slots) >= MAX_SLOTS:  # many distinct multipliers: keep the slot table bounded
                 self.slots.clear()
                 self._renumber()
             slot = self._prepare(key, nv, m)
@@ -239,14 +242,19 @@ class SteerState:
         """Slot id (-1 unsteered) of each request, in batch order. A request's arguments are
         parsed once (cached by request id until the registry changes); `extra_args_of(req_id)`
         is only called for requests not seen yet."""
-        cache = self._requests
-        out = []
-        for rid in req_ids:
-            s = cache.get(rid)
-            if s is None:
-                s = cache[rid] = self.slot_id_for(extra_args_of(rid))
-            out.append(s)
-        return out
+        if len(self._requests) > max(4096, 4 * len(req_ids)):  # finished ids we were never told about
+            self._requests = {rid: self._requests[rid] for rid in req_ids if rid in self._requests}
+        for _ in range(2):
+            generation, cache, out = self._generation, self._requests, []
+            for rid in req_ids:
+                s = cache.get(rid)
+                if s is None:
+                    s = cache[rid] = self.slot_id_for(extra_args_of(rid))
+                out.append(s)
+            if generation == self._generation:
+                return out
+            # a new slot overflowed the slot table and renumbered every slot: map again (once)
+        raise YapoFastError(f"one step asks for more than {MAX_SLOTS} distinct (vector, multiplier) pairs")
 
     def forget_requests(self, req_ids) -> None:
         for rid in req_ids:

@@ -223,3 +223,27 @@ def test_one_vector_for_the_whole_batch_needs_no_index(which):
     out = st.apply(hidden[:4], residual[:4], layer)
     torch.testing.assert_close(out[:2], want[:2], rtol=1e-5, atol=1e-5)
     assert torch.equal(out[2:], h[2:4])
+
+
+def test_slot_table_overflow_remaps_the_step(monkeypatch):
+    """More distinct (vector, multiplier) pairs than the slot table holds: the table is rebuilt and
+    the step's requests are mapped again, never to stale slot ids."""
+    from yapo_fast.integrations import vllm_state
+
+    monkeypatch.setattr(vllm_state, "MAX_SLOTS", 3)
+    st = SteerState()
+    dense = torch.randn(8)
+    st.register("c", yapo_fast.SteeringVector.from_dense(dense, method="bipo", layer=0))
+    args = {f"r{i}": {"yapo": {"vector": "c", "multiplier": float(i + 1)}} for i in range(3)}
+    st.slot("c", 9.0), st.slot("c", 8.0)  # earlier requests' pairs fill the table
+    generation = st._generation
+    ids = st.request_slots(["r0", "r1", "r2"], args.get)  # r1's pair overflows it: rebuilt mid-step
+    assert st._generation > generation
+    assert [st.slot_list[i].key for i in ids] == [("c", 1.0), ("c", 2.0), ("c", 3.0)]
+    st.build_plan_ids(ids, [1, 1, 1])
+    hidden, residual = torch.randn(3, 8), torch.zeros(3, 8)
+    out = st.apply(hidden, residual, 0)
+    torch.testing.assert_close(out, hidden + torch.tensor([[1.0], [2.0], [3.0]]) * dense)
+    with pytest.raises(YapoFastError, match="distinct"):
+        st.request_slots([f"q{i}" for i in range(4)],
+                         lambda rid: {"yapo": {"vector": "c", "multiplier": 10.0 + int(rid[1:])}})
