@@ -191,3 +191,14 @@ def test_split_mlp_layers_equal_whole_layers_with_gradient(llama):
     finally:
         del layer.forward
     assert DecoderRunner(llama).split_mlp
+
+
+def test_chunked_lm_head_without_grad_equals_one_pass(llama, monkeypatch):
+    runner = DecoderRunner(llama)
+    g = torch.Generator().manual_seed(0)
+    h, targets = torch.randn(11, 64, generator=g), torch.randint(0, 128, (11,), generator=g)
+    whole = runner.token_logprobs(h, targets)  # autograd on: one pass
+    monkeypatch.setattr(DecoderRunner, "LOGIT_ROWS", 4)
+    with torch.no_grad():
+        chunked = runner.token_logprobs(h, targets)  # 4 + 4 + 3 positions
+    torch.testing.assert_close(chunked, whole.detach(), rtol=1e-6, atol=1e-6)

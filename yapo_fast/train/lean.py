@@ -147,8 +147,15 @@ class DecoderRunner:
                 return False
         return True
 
+    LOGIT_ROWS = 256  # without autograd, the LM head runs on this many positions at a time
+
     def token_logprobs(self, h, targets):
-        """log p(targets) from final hidden states h (M, d): norm, LM head, log-softmax."""
+        """log p(targets) from final hidden states h (M, d): norm, LM head, log-softmax. Without
+        autograd (the cache pass) in chunks of positions, so that the (M x vocab) logits never
+        exist at once: the same values, a bounded peak memory."""
+        if not torch.is_grad_enabled() and h.shape[0] > self.LOGIT_ROWS:
+            return torch.cat([self.token_logprobs(h[i:i + self.LOGIT_ROWS], targets[i:i + self.LOGIT_ROWS])
+                              for i in range(0, h.shape[0], self.LOGIT_ROWS)])
         logits = self.lm_head(self.norm(h)).float()
         return -F.cross_entropy(logits, targets, reduction="none")
 
