@@ -55,6 +55,9 @@ def test_trained_sae_loads_with_sae_lens_and_yapo_fast(trained, name, kind, widt
     assert sae.kind == kind and sae.layer == 1 and sae.d_sae == width
     assert sae.metadata["text_mixture"] == "corpus=0.6,chat=0.4"
     assert sae.metadata["text_stats"]["tokens_by_source"]["chat"] > 0
+    # the model's own answers (16 for a non-default model) are recorded with the file they came from
+    assert sae.metadata["chat_answers"]["prompts_answered"] == 16
+    assert sae.metadata["chat_answers"]["file"].endswith("chat_answers.jsonl")
     assert sae.metadata["train"]["seed"] == 0
     if kind == "topk":
         assert sae.k == 8

@@ -86,3 +86,16 @@ def test_shipped_sae_reconstructs_a_fixed_prompt(fixed_prompt_acts, prefix):
     assert report["mean_l0"] <= HELDOUT_TARGETS["mean_l0"], report
     assert report["dead_fraction"] <= HELDOUT_TARGETS["dead_fraction"], report
     assert report["tokens"] >= 4000 and report["text"]["mixture"] == sae.metadata["text_mixture"]
+
+
+@pytest.mark.parametrize("prefix", ["default", "topk"])
+def test_shipped_sae_names_the_shipped_answers_it_was_trained_on(prefix):
+    """The chat part of the training text used the default model's own answers shipped in
+    assets/data/chat_answers: the metadata's record (count + content hash) matches that file."""
+    from yapo_fast.sae_train import _answers_record
+    from yapo_fast.text_source import SHIPPED_ANSWERS, load_answers
+
+    meta = load_sae(shipped(prefix)).metadata
+    assert meta["chat_answers"] == _answers_record(load_answers(SHIPPED_ANSWERS), SHIPPED_ANSWERS)
+    assert meta["chat_answers"]["prompts_answered"] == 160
+    assert meta["text_stats"]["tokens_by_source"]["chat"] > 0.25 * sum(meta["text_stats"]["tokens_by_source"].values())

@@ -304,17 +304,39 @@ ANSWERED_PROMPTS = 16  # prompts a non-default model answers itself for the chat
 def chat_answers_for(model, tokenizer, model_arg, work_dir: Path, split: str = "train", progress: bool = True) -> dict:
     """The model's own answers to chat prompts: the shipped file for the default model (used as is),
     generated once and cached in the work dir for any other model."""
-    from .model import DEFAULT_MODEL
     from .text_source import SHIPPED_ANSWERS, interleaved_chat_prompts, load_answers, write_answers
 
-    if model_arg in (None, "default", DEFAULT_MODEL):
+    path = chat_answers_path(model_arg, work_dir)
+    if path == SHIPPED_ANSWERS:
         return load_answers(SHIPPED_ANSWERS)
-    path = work_dir / "chat_answers.jsonl"
     prompts = interleaved_chat_prompts(split)[:ANSWERED_PROMPTS]
     answers = load_answers(path)
     if any(p not in answers for p in prompts):
         answers = write_answers(model, tokenizer, prompts, path, progress=progress)
     return answers
+
+
+def chat_answers_path(model_arg, work_dir: Path) -> Path:
+    """Where a model's own chat answers live: shipped for the default model, else in the work dir."""
+    from .model import DEFAULT_MODEL
+    from .text_source import SHIPPED_ANSWERS
+
+    return SHIPPED_ANSWERS if model_arg in (None, "default", DEFAULT_MODEL) else Path(work_dir) / "chat_answers.jsonl"
+
+
+def _answers_record(answers: dict[str, str], path: Path) -> dict:
+    """What the metadata says about the answers the chat source used (file, count, content hash)."""
+    import hashlib
+
+    from .text_source import chat_prompts
+
+    used = sorted((p, answers[p]) for p in chat_prompts("train") if p in answers)
+    try:
+        shown = str(path.relative_to(Path(__file__).resolve().parent))  # yapo_fast/<...> for the shipped file
+    except ValueError:
+        shown = str(path)
+    return {"file": shown, "prompts_answered": len(used),
+            "sha256_of_used": hashlib.sha256(json.dumps(used).encode()).hexdigest()[:16]}
 
 
 def _digest(sequences: list[list[int]]) -> str:
@@ -394,6 +416,7 @@ def run_train(args) -> Path:
         "yapo_fast_kind": args.kind,
         "text_mixture": str(mixture),
         "text_stats": text_stats,
+        **({"chat_answers": _answers_record(answers, chat_answers_path(args.model, work))} if answers is not None else {}),
         "train": {"seed": args.seed, "tokens": len(acts), "samples": args.samples or len(acts),
                   "batch_size": args.batch_size, "lr": args.lr, "width": d_sae, "k": args.k,
                   "target_l0": args.target_l0, "l0_coefficient": args.l0_coefficient,
