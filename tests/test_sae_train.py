@@ -198,3 +198,21 @@ def test_text_mixture_and_detokenize():
     with pytest.raises(YapoFastError, match="at least one share"):
         TextMixture.parse("corpus=0,chat=0")
     assert detokenize("Hello , world ( yes ) ; it 's 1 @,@ 000 .") == "Hello, world (yes); it's 1,000."
+
+
+def test_answers_command_writes_greedy_answers_and_resumes(trained, tmp_path):
+    from yapo_fast.text_source import interleaved_chat_prompts, load_answers
+
+    out = tmp_path / "answers.jsonl"
+    cmd = ["sae", "answers", "--model", str(trained / "m"), "--split", "heldout", "--limit", "3",
+           "--max-new-tokens", "4", "--batch-size", "2", "--quiet", "--out", str(out)]
+    assert main(cmd) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["prompt"] for r in rows] == interleaved_chat_prompts("heldout")[:3]
+    # a run killed after its first batch: the rerun keeps that answer and appends the rest
+    out.write_text(out.read_text().splitlines(keepends=True)[0] + '{"prompt": "torn')
+    assert main(cmd) == 0
+    again = load_answers(out)
+    assert list(again) == [r["prompt"] for r in rows] and again[rows[0]["prompt"]] == rows[0]["answer"]
+    # greedy: the same answers again
+    assert [again[r["prompt"]] for r in rows] == [r["answer"] for r in rows]
