@@ -4,9 +4,13 @@ SAE, train YaPO, BiPO and CAA vectors for one behaviour, evaluate them against n
 report and plots, and print a short table.
 
 Sizes are options; the defaults are sized for about 10 minutes on 2 CPU cores. Because a default
-run has only a few dozen optimizer steps, it uses a larger learning rate than the reference
-(5e-3 vs 5e-4) and a warm-up of 10% of the steps (the reference's 100 warm-up steps would be more
-than the whole run); `--lr` and `--warmup-steps` set them.
+run has only a few dozen optimizer steps, it uses a much larger learning rate than the reference
+(2e-2 vs 5e-4) and a warm-up of 10% of the steps (the reference's 100 warm-up steps would be more
+than the whole run); `--lr` and `--warmup-steps` set them. Why: AdamW moves each entry of v by
+about lr per step, so after T steps |v_i| <= lr*T. At lr 5e-3 and 32 steps (the previous default)
+the BiPO vector had norm ~1 against a residual-stream norm of ~170 at layer 15 and the YaPO entries
+were ~0.01 against feature activations of ~1: both too small to move the model. At 2e-2 (and 48
+steps) BiPO reaches norm ~7 and the DPO loss falls from 0.69 to ~0.35 (README, evaluation).
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from tqdm.auto import tqdm
 
 from .errors import YapoFastError
 
-DEFAULTS = dict(behaviour="hallucination", pairs=64, epochs=2, batch_size=4, lr=5e-3, warmup_steps=None,
+DEFAULTS = dict(behaviour="hallucination", pairs=64, epochs=2, batch_size=4, lr=2e-2, warmup_steps=None,
                 ab_items=60, mmlu_per_subject=4, mmlu_shots=1, prompts=4, max_new_tokens=32,
                 multiplier=1.0, methods=("yapo", "bipo", "caa"), out="runs/main", seed=0)
 
