@@ -57,7 +57,7 @@ def plot_steering_curves(results: dict, out_dir: Path) -> list[Path]:
         fig, ax = _figure(results, f"Steering curve: {behaviour} (A/B, n={entry['n']})", names, entry["data"],
                           size=(11, 4.6))
         ax.remove()
-        left, right = fig.subplots(1, 2)
+        left, right = fig.subplots(1, 2, gridspec_kw={"wspace": 0.3})
         fig.suptitle(f"Steering curves: {behaviour} (A/B, n={entry['n']})")
         for name, pts in entry["curves"].items():
             xs = [p["multiplier"] for p in pts]
