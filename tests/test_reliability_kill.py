@@ -24,7 +24,7 @@ def test_kill_9_at_random_points_then_resume_equals_the_uninterrupted_run(tmp_pa
     t0 = time.time()
     proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), str(tmp_path), str(SEED)],
                             cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=dict(os.environ, OMP_NUM_THREADS="1"), start_new_session=True)
+                            env=dict(os.environ, OMP_NUM_THREADS="1", TQDM_DISABLE="1"), start_new_session=True)
     try:
         stdout, stderr = proc.communicate(timeout=600)
     finally:  # the driver and any child it forked: nothing outlives the test
@@ -48,6 +48,9 @@ def test_kill_9_at_random_points_then_resume_equals_the_uninterrupted_run(tmp_pa
 # the driver (python tests/test_reliability_kill.py WORKDIR SEED); prints one JSON line
 # ------------------------------------------------------------------------------------------------
 def _fork_run(fn) -> int:
+    import threading
+
+    assert threading.active_count() == 1, f"the driver must fork single-threaded: {threading.enumerate()}"
     pid = os.fork()
     if pid == 0:  # child: run, then leave without pytest/atexit machinery
         code = 0
@@ -61,6 +64,21 @@ def _fork_run(fn) -> int:
             code = 1
         os._exit(code)
     return pid
+
+
+def _wait(pid: int, what: str, limit: float = 240.0) -> int:
+    """waitpid with a deadline, so a stuck child fails the test with its name instead of a bare
+    600 s timeout of the whole driver."""
+    deadline = time.monotonic() + limit
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return os.waitstatus_to_exitcode(status)
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            raise RuntimeError(f"{what} did not finish within {limit:.0f} s (stuck child)")
+        time.sleep(0.05)
 
 
 def _fresh_tqdm_lock() -> None:
@@ -94,8 +112,7 @@ def _attempts(fn, *, duration: float, kills: int, rng: random.Random, checkpoint
             raise RuntimeError("a child failed on its own (see its traceback above)")
     resumes = checkpoint.exists()
     pid = _fork_run(fn)
-    _, status = os.waitpid(pid, 0)
-    if os.waitstatus_to_exitcode(status) != 0:
+    if _wait(pid, "the final resumed run") != 0:
         raise RuntimeError("the final resumed run failed (see its traceback above)")
     return hit, resumes
 
@@ -103,8 +120,7 @@ def _attempts(fn, *, duration: float, kills: int, rng: random.Random, checkpoint
 def _timed(fn) -> float:
     t = time.perf_counter()
     pid = _fork_run(fn)
-    _, status = os.waitpid(pid, 0)
-    if os.waitstatus_to_exitcode(status) != 0:
+    if _wait(pid, "the uninterrupted run") != 0:
         raise RuntimeError("the uninterrupted run failed")
     return time.perf_counter() - t
 
@@ -221,6 +237,13 @@ def _driver(work: Path, seed: int) -> None:
     import torch
 
     torch.set_num_threads(1)  # before anything runs: forked children then never meet an OpenMP pool
+    # Fork only from a single-threaded driver: tqdm's monitor thread (started by the first bar the
+    # driver itself shows) was alive at 22 of 51 forks and a child then hung once in a loaded CI run.
+    # Bars are off (TQDM_DISABLE, set by the test) and the monitor can never start.
+    from tqdm import auto, std
+
+    for cls in {std.tqdm, auto.tqdm}:
+        cls.monitor_interval = 0
     _fresh_tqdm_lock()
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     rng = random.Random(seed)
