@@ -161,11 +161,12 @@ def engine_main(out_path: str) -> None:
         print(f"round {r} batch {b} {name}: {tps:.1f} output tok/s", flush=True)
         _save(res, out_path)
 
-    # Rounds inside each batch size: configurations alternate (A/B/C, A/B/C), so a batch size's
-    # ratios are complete after its own rounds even when a long run is stopped later.
+    # Rounds inside each batch size, so a batch size's ratios are complete after its own rounds
+    # even when a long run is stopped later. Configurations alternate A/B/C then C/B/A: a load that
+    # drifts during a round favours no configuration over the pair of rounds.
     for b, names in plan:
         for r in range(ROUNDS):
-            for name in names:
+            for name in (names if r % 2 == 0 else names[::-1]):
                 record(r, b, name, every[name](b))
     for b in HF_BATCHES:  # transformers in a fresh process (no vLLM import there), engine idle
         for r in range(ROUNDS):
