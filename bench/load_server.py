@@ -20,16 +20,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import random
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from loopback_server import loopback_server  # noqa: E402
 
 PROMPTS = ["Tell me about the moon.", "What should I cook tonight?", "Give me one tip for learning to swim."]
 
@@ -172,42 +171,14 @@ def make_vectors(tmp: Path) -> list[str]:
 
 @contextmanager
 def own_server(tmp: Path, *, max_num_seqs: int, start_timeout_s: float = 1200):
-    import httpx
-
-    vectors = make_vectors(tmp)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cli = Path(sys.executable).with_name("yapo-fast")
-    cmd = [str(cli), "serve", "--port", str(port), "--max-model-len", "512", "--max-num-seqs", str(max_num_seqs)]
-    for v in vectors:
-        cmd += ["--vector", v]
-    log_path = tmp / "server.log"
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=tmp, start_new_session=True,
-                                env=dict(os.environ, VLLM_LOGGING_LEVEL="WARNING"))
-        base = f"http://127.0.0.1:{port}"
-        try:
-            deadline = time.time() + start_timeout_s
-            while True:
-                if proc.poll() is not None:
-                    raise SystemExit(f"server exited with {proc.returncode}:\n{log_path.read_text()[-4000:]}")
-                try:
-                    if httpx.get(f"{base}/health", timeout=2).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                if time.time() > deadline:
-                    raise SystemExit(f"server did not start in {start_timeout_s}s")
-                time.sleep(2)
+    args = ["--max-model-len", "512", "--max-num-seqs", str(max_num_seqs)]
+    for v in make_vectors(tmp):
+        args += ["--vector", v]
+    try:
+        with loopback_server(args, tmp, start_timeout_s=start_timeout_s) as base:
             yield base
-        finally:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
-                try:
-                    proc.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    os.killpg(proc.pid, signal.SIGKILL)
+    except RuntimeError as e:  # the server's own failure, with its log tail
+        raise SystemExit(str(e)) from None
 
 
 def table(s: dict) -> str:

