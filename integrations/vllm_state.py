@@ -201,8 +201,10 @@ class SteerState:
 
     def _remap(self, ids: tuple, first: int, fill: int, dtype) -> torch.Tensor:
         """Lookup table (slot id + 1) -> position of that slot among `ids` (+ first); `fill` for
-        every other slot and for 0 (unsteered)."""
-        remap = torch.full((len(self.slot_list) + 1,), fill, dtype=dtype)
+        every other slot and for 0 (unsteered). Sized for every slot id the table can ever hold,
+        not the slots of today: the cached table is reused in later steps, after slots of other
+        vectors or layers were added, whose ids then appear in the per-token index."""
+        remap = torch.full((MAX_SLOTS + 1,), fill, dtype=dtype)
         remap[torch.tensor(ids, dtype=torch.int64) + 1] = torch.arange(first, first + len(ids), dtype=dtype)
         return remap.to(self.device)
 

@@ -247,3 +247,20 @@ def test_slot_table_overflow_remaps_the_step(monkeypatch):
     with pytest.raises(YapoFastError, match="distinct"):
         st.request_slots([f"q{i}" for i in range(4)],
                          lambda rid: {"yapo": {"vector": "c", "multiplier": 10.0 + int(rid[1:])}})
+
+
+def test_cached_tables_cover_slots_added_in_later_steps():
+    """A layer's dense table is cached by its slots; a later step that adds a slot of another
+    layer puts that slot's id in the per-token index, which the cached table must still map
+    (it used to be sized by the slots of the first step: 'index 2 is out of bounds')."""
+    st = SteerState()
+    vc, vd = torch.randn(8), torch.randn(8)
+    st.register("c", yapo_fast.SteeringVector.from_dense(vc, method="bipo", layer=0))
+    st.register("d", yapo_fast.SteeringVector.from_dense(vd, method="bipo", layer=1))
+    args = {"r0": {"yapo": {"vector": "c"}}, "r1": None, "r2": {"yapo": {"vector": "c"}}, "r3": {"yapo": {"vector": "d"}}}
+    st.build_plan_ids(st.request_slots(["r0", "r1"], args.get), [1, 1])  # caches layer 0's table for slot c
+    hidden, residual = torch.randn(2, 8), torch.zeros(2, 8)
+    torch.testing.assert_close(st.apply(hidden, residual, 0), hidden + torch.stack([vc, torch.zeros(8)]))
+    st.build_plan_ids(st.request_slots(["r2", "r3"], args.get), [1, 1])  # slot d is new, on layer 1
+    torch.testing.assert_close(st.apply(hidden, residual, 0), hidden + torch.stack([vc, torch.zeros(8)]))
+    torch.testing.assert_close(st.apply(hidden, residual, 1), hidden + torch.stack([torch.zeros(8), vd]))
