@@ -10,6 +10,7 @@ torch), so the test stays within about a minute and a half for 20+ kills."""
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -93,7 +94,8 @@ def _fresh_tqdm_lock() -> None:
         cls.set_lock(threading.RLock())
 
 
-def _attempts(fn, *, duration: float, kills: int, rng: random.Random, checkpoint: Path, max_attempts: int = 60):
+def _attempts(fn, *, duration: float, kills: int, rng: random.Random, checkpoint: Path, run_dir: Path,
+              max_attempts: int = 60):
     """Start fn in a child, SIGKILL it after a random fraction of `duration`; repeat until `kills`
     kills have hit a live child; then let a last child finish. Returns (kills that hit, whether
     the last child started from a checkpoint left by a killed one)."""
@@ -110,6 +112,8 @@ def _attempts(fn, *, duration: float, kills: int, rng: random.Random, checkpoint
             hit += 1
         elif os.waitstatus_to_exitcode(status) != 0:
             raise RuntimeError("a child failed on its own (see its traceback above)")
+        else:  # it finished before its kill: start the run over, or every later attempt is a no-op
+            shutil.rmtree(run_dir)
     resumes = checkpoint.exists()
     pid = _fork_run(fn)
     if _wait(pid, "the final resumed run") != 0:
@@ -150,7 +154,7 @@ def _trainer_part(work: Path, rng: random.Random) -> dict:
         ref_dir, dir_ = work / f"trainer-{method}-ref", work / f"trainer-{method}-killed"
         duration = _timed(run(ref_dir / "v.safetensors", method))
         hit, resumes = _attempts(run(dir_ / "v.safetensors", method), duration=duration, kills=kills, rng=rng,
-                                 checkpoint=dir_ / "v.ckpt.safetensors")
+                                 checkpoint=dir_ / "v.ckpt.safetensors", run_dir=dir_)
         result["kills"] += hit
         result["resumed_mid_run"] += resumes
         result["runs"] += 1
@@ -220,7 +224,7 @@ def _sae_part(work: Path, rng: random.Random) -> dict:
         ref_dir, dir_ = work / f"sae-{kind}-ref", work / f"sae-{kind}-killed"
         duration = _timed(run(ref_dir, kind))
         hit, resumes = _attempts(run(dir_, kind), duration=duration, kills=kills, rng=rng,
-                                 checkpoint=dir_ / "ck" / "latest")
+                                 checkpoint=dir_ / "ck" / "latest", run_dir=dir_)
         result["kills"] += hit
         result["resumed_mid_run"] += resumes
         result["runs"] += 1
