@@ -1,6 +1,6 @@
 """The Triton kernels against the references: on the CPU under TRITON_INTERPRET=1 (float32, small
 shapes: checks the logic, not speed), and on a CUDA GPU when one exists (tests marked gpu,
-skipped with a reason elsewhere).
+deselected with a reason elsewhere: see conftest.py).
 
 TRITON_INTERPRET must be set before the kernel modules are imported (triton.jit reads it when
 decorating), so it is set here, the kernels imported, and the previous value restored; an
@@ -29,8 +29,6 @@ from yapo_fast.kernels.topk_threshold import topk_threshold  # noqa: E402
 from yapo_fast.kernels.topk_threshold_reference import topk_threshold_reference  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
-gpu = pytest.mark.skipif(not HAS_CUDA, reason="no CUDA GPU on this machine: the compiled Triton path needs one "
-                         "(its logic is covered by the TRITON_INTERPRET tests in this file)")
 
 
 @pytest.fixture(autouse=True)
@@ -197,11 +195,7 @@ def test_single_pass_slots(variant, kind):
             assert_matches(got[t:t + 1], sparse_steer_reference(h[t:t + 1], sae, v, m), torch.float32)
 
 
-interpreter_only = pytest.mark.skipif(HAS_CUDA, reason="records stores through the Triton interpreter; on a CUDA "
-                                      "machine the kernels are compiled (CI, without CUDA, runs this test)")
-
-
-@interpreter_only
+@pytest.mark.interpreter_only
 @pytest.mark.parametrize("variant,in_place", [("rows", False), ("rows", True), ("tiles", False)])
 def test_single_pass_writes_each_output_once_and_nothing_else(variant, in_place):
     """One launch, and the only memory written is h' itself, each element exactly once: no (T, n)
@@ -219,7 +213,6 @@ def test_single_pass_writes_each_output_once_and_nothing_else(variant, in_place)
 
 
 # ---- compiled on a real GPU: bigger shapes and bfloat16 ----------------------------------------
-@gpu
 @pytest.mark.gpu
 @pytest.mark.parametrize("kind", SAE_KINDS)
 @pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16))
@@ -233,7 +226,6 @@ def test_gpu_steer_matches_reference(kind, dtype, T, d_model, d_sae, support):
     assert_matches(got, sparse_steer_reference(h, sae, v, -1.5), dtype)
 
 
-@gpu
 @pytest.mark.gpu
 @pytest.mark.parametrize("variant", ("rows", "tiles"))
 @pytest.mark.parametrize("kind", SAE_KINDS)
@@ -249,7 +241,6 @@ def test_gpu_single_pass_variants_in_place(variant, kind, T, support):
     assert_matches(x, want, torch.float32)
 
 
-@gpu
 @pytest.mark.gpu
 def test_gpu_topk_threshold_matches_reference():
     sae = random_sae("topk", d_in=2304, d_sae=16384, k=64, seed=3).to("cuda")

@@ -1,6 +1,7 @@
 """The Triton backward of the fused sparse steer (d/dh and d/dv, kernels/sparse_steer_triton_backward.py)
 against torch autograd through THE reference: on the CPU under TRITON_INTERPRET=1 (float32, small
-odd shapes), and compiled on a CUDA GPU when one exists (marked gpu, skipped with a reason elsewhere).
+odd shapes), and compiled on a CUDA GPU when one exists (marked gpu; deselected where there is none:
+see conftest.py).
 
 TRITON_INTERPRET must be set before the kernel modules are imported: see test_kernels_triton.py."""
 
@@ -23,8 +24,6 @@ from yapo_fast.kernels.topk_threshold_reference import topk_cut  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if HAS_CUDA else "cpu"
-gpu = pytest.mark.skipif(not HAS_CUDA, reason="no CUDA GPU on this machine: the compiled Triton path needs one "
-                         "(its logic is covered by the TRITON_INTERPRET tests in this file)")
 MULTIPLIERS = (-2.0, -1.0, -0.5, 0.0, 1.0, 2.0)
 TOL = dict(rtol=1e-4, atol=1e-4)
 
@@ -139,7 +138,6 @@ def test_backward_kernels_per_slot(kind):
 
 
 # ---- compiled on a real GPU: bigger shapes and bfloat16 inputs --------------------------------
-@gpu
 @pytest.mark.gpu
 @pytest.mark.parametrize("kind", SAE_KINDS)
 @pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16))

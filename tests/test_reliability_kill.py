@@ -208,14 +208,15 @@ def _sae_part(work: Path, rng: random.Random) -> dict:
     sequences = [torch.randint(1, 128, (int(n),), generator=g).tolist()
                  for n in torch.randint(12, 40, (64,), generator=g)]  # 4 activation chunks of 16 sequences
 
-    def run(folder: Path, kind: str):
+    def run(folder: Path, kind: str, log=None):
         def fn():
             chunks = collect_activations(model, {1: folder / "acts"}, sequences, pad_id=0, batch_size=8,
                                          progress=False)
             acts = load_activation_chunks(chunks[1])
             trained = train_on_activations(acts, kind=kind, d_sae=96, k=6, target_l0=6, total_samples=64 * 24,
                                            batch_size=64, seed=3, checkpoint_dir=folder / "ck",
-                                           checkpoint_every=64 * 4, metadata={"hook_name": "blocks.1.hook_resid_post"})
+                                           checkpoint_every=64 * 4, metadata={"hook_name": "blocks.1.hook_resid_post"},
+                                           log=log)
             save_sae(trained, folder / "sae")
         return fn
 
@@ -234,7 +235,39 @@ def _sae_part(work: Path, rng: random.Random) -> dict:
         acts_ref = sorted(p.name for p in (ref_dir / "acts").iterdir())
         result["equal"] -= acts_ref != sorted(p.name for p in (dir_ / "acts").iterdir())
         result["leftovers"] += _leftovers(dir_, lambda p: p.parts[0] in ("acts", "ck", "sae"))
+        result["resumed_mid_run"] += _count_resumes_sae(work / f"sae-{kind}-fixed", ref_dir, kind, run)
     return result
+
+
+def _count_resumes_sae(folder: Path, ref_dir: Path, kind: str, run) -> int:
+    """Kill as soon as the first checkpoint is on disk (a deterministic point: the random kills
+    above may all land before it on a loaded machine), then check that the resumed run says it
+    continued that checkpoint and ends with the uninterrupted run's weights."""
+    import torch
+
+    from yapo_fast import load_sae
+
+    marker = folder / "ck" / "latest" / "yapo_fast_resume.json"
+    pid = _fork_run(run(folder, kind))
+    deadline = time.monotonic() + 240
+    while not marker.exists() and time.monotonic() < deadline:
+        if os.waitpid(pid, os.WNOHANG)[0]:
+            raise RuntimeError("the run ended before writing its first checkpoint")
+        time.sleep(0.002)
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    if (folder / "sae").exists():
+        return 0  # it finished before the kill landed: no resume to check
+
+    def note(message: str) -> None:
+        (folder / "resume.log").write_text(message)
+
+    if _wait(_fork_run(run(folder, kind, log=note)), "the resumed run after the fixed kill") != 0:
+        raise RuntimeError("the resumed run after the fixed kill failed (see its traceback above)")
+    ref, got = load_sae(ref_dir / "sae"), load_sae(folder / "sae")
+    same = all(torch.equal(getattr(ref, n), getattr(got, n)) for n in ("W_enc", "W_dec", "b_enc", "b_dec"))
+    resumed = (folder / "resume.log").exists() and "resuming from checkpoint" in (folder / "resume.log").read_text()
+    return int(same and resumed)
 
 
 def _driver(work: Path, seed: int) -> None:
