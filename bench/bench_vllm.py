@@ -14,7 +14,7 @@ Ratios: patched / unsteered and per-request K / per-request 1 within the engine;
     bash scripts/bench.sh bench/bench_vllm.py -s -k serving                           # same, via pytest
 
 Knobs: YAPO_BENCH_BATCHES ("64,256"), YAPO_BENCH_PER_REQUEST_BATCHES ("64"), YAPO_BENCH_HF_BATCHES
-("64,256"; "" skips transformers), YAPO_BENCH_NEW_TOKENS (128), YAPO_BENCH_ROUNDS (2),
+("64,256"; "" skips transformers), YAPO_BENCH_HF_ROUNDS (= ROUNDS), YAPO_BENCH_NEW_TOKENS (128), YAPO_BENCH_ROUNDS (2),
 YAPO_BENCH_PLAN (e.g. "64:unsteered,patched_yapo;256:unsteered,patched_yapo": batches and configs),
 YAPO_FAST_LAYERS (layers carrying the op; default all 30). Results (raw samples, medians, ratios)
 are rewritten after every measurement, so a stopped run keeps what it measured.
@@ -39,6 +39,7 @@ PER_REQUEST_BATCHES = [int(x) for x in os.environ.get("YAPO_BENCH_PER_REQUEST_BA
 HF_BATCHES = [int(x) for x in os.environ.get("YAPO_BENCH_HF_BATCHES", "64,256").split(",") if x]
 NEW_TOKENS = int(os.environ.get("YAPO_BENCH_NEW_TOKENS", "128"))
 ROUNDS = int(os.environ.get("YAPO_BENCH_ROUNDS", "2"))
+HF_ROUNDS = int(os.environ.get("YAPO_BENCH_HF_ROUNDS", str(ROUNDS)))  # a transformers run at 256 is ~15 min
 PLAN = os.environ.get("YAPO_BENCH_PLAN", "")  # overrides the batch/config lists: "64:cfg,cfg;256:cfg"
 LAYER = 15
 RESULTS = Path(__file__).parent / "results" / "vllm.json"
@@ -169,7 +170,7 @@ def engine_main(out_path: str) -> None:
             for name in (names if r % 2 == 0 else names[::-1]):
                 record(r, b, name, every[name](b))
     for b in HF_BATCHES:  # transformers in a fresh process (no vLLM import there), engine idle
-        for r in range(ROUNDS):
+        for r in range(HF_ROUNDS):
             for steered in (False, True):
                 record(r, b, "hf_steered" if steered else "hf_unsteered", hf_subprocess(b, steered))
 

@@ -61,6 +61,10 @@ def test_trained_sae_loads_with_sae_lens_and_yapo_fast(trained, name, kind, widt
     assert sae.metadata["train"]["seed"] == 0
     if kind == "topk":
         assert sae.k == 8
+    # unit-norm decoder rows (JumpReLU folded by sae-lens; TopK trained so): a latent's value is the
+    # length of its edit in the residual stream, the scale YaPO's learning rate assumes
+    torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(width), rtol=0, atol=1e-4)
+    assert sae.metadata["W_dec_rows_unit_norm"] is True
     # the same reconstruction from both loaders
     h = torch.randn(5, 64) + sae.b_dec
     ours = sae.decode(sae.encode(h))

@@ -54,6 +54,16 @@ def test_topk_sae_is_shipped_for_the_same_layer():
     assert sum(f.stat().st_size for f in path.iterdir()) <= 25 * 2**20
 
 
+@pytest.mark.parametrize("prefix", ["default", "topk"])
+def test_shipped_sae_has_unit_norm_decoder_rows(prefix):
+    """Folded (sae-lens fold_W_dec_norm): each latent's value is the length of its edit in the
+    residual stream, so a YaPO vector's entries are on one scale, as with Gemma Scope's SAEs."""
+    sae = load_sae(shipped(prefix))
+    norms = sae.W_dec.float().norm(dim=1)
+    assert (norms - 1).abs().max().item() < 1e-2, (norms.min().item(), norms.max().item())  # bf16 storage
+    assert sae.metadata["W_dec_rows_unit_norm"] is True
+
+
 @pytest.fixture(scope="module")
 def fixed_prompt_acts():
     from yapo_fast import load_model

@@ -288,10 +288,21 @@ def train_on_activations(acts: torch.Tensor, *, kind: str, d_sae: int, k: int | 
         from sae_lens import SAE as SaeLensSAE
 
         loaded = SaeLensSAE.load_from_disk(tmp)
-        if getattr(loaded.cfg, "rescale_acts_by_decoder_norm", False):
+        rescaled = getattr(loaded.cfg, "rescale_acts_by_decoder_norm", False)
+        if kind != "topk" or rescaled:
+            # Unit-norm decoder rows (sae-lens's fold: W_enc, b_enc and the JumpReLU threshold
+            # scaled by the row norm, W_dec divided by it; the SAE computes the same function).
+            # Then a latent's value is the length of its edit in the residual stream and every
+            # entry of a steering vector moves h equally per unit, as with Gemma Scope's SAEs
+            # that YaPO's learning rate was set for; unfolded rows here span 1.6-14 (median 5.5).
+            # A TopK SAE is folded only when it ranks by z*|W_dec| (rescale flag): otherwise
+            # rescaling latents would change which k win.
             loaded.fold_W_dec_norm()
             loaded.cfg.rescale_acts_by_decoder_norm = False
         out = from_sae_lens(loaded)
+        # recorded as measured (sae-lens's TopK trainer keeps its decoder rows at unit norm itself)
+        norms = out.W_dec.norm(dim=1)
+        out.metadata["W_dec_rows_unit_norm"] = bool(torch.allclose(norms, torch.ones_like(norms), atol=1e-3))
     return out
 
 
