@@ -56,7 +56,26 @@ def _engine_shape(llm) -> tuple[int, int]:
     return int(cfg.get_hidden_size()), int(getattr(hf, "num_hidden_layers"))
 
 
+def _refuse_cuda_graphs(llm) -> None:
+    """A CUDA graph replays the kernels the op launched when it was captured (with no vector
+    active: one add), so a vector set later would never reach decode steps run from graphs: a
+    silent no-op. Refused until the op is made a graph-splitting op (not tested on a GPU yet)."""
+    cfg = getattr(getattr(llm, "llm_engine", None), "vllm_config", None)
+    if cfg is None:
+        return
+    device = str(getattr(getattr(cfg, "device_config", None), "device_type", "")
+                 or getattr(getattr(cfg, "device_config", None), "device", ""))
+    mode = getattr(getattr(cfg, "compilation_config", None), "cudagraph_mode", None)
+    enforce_eager = bool(getattr(getattr(cfg, "model_config", None), "enforce_eager", False))
+    if "cuda" in device and mode is not None and getattr(mode, "name", str(mode)) != "NONE" and not enforce_eager:
+        raise YapoFastError(f"this vLLM engine replays CUDA graphs (cudagraph_mode={getattr(mode, 'name', mode)}), "
+                            "which would keep the steering op as it was at capture time and ignore the vector: "
+                            "build the LLM with enforce_eager=True (or compilation_config={'cudagraph_mode': "
+                            "'NONE'}) to steer it")
+
+
 def _resolve(llm, vector, sae) -> SteeringVector:
+    _refuse_cuda_graphs(llm)
     if isinstance(vector, (str, os.PathLike)):
         vector = load_vector(vector)
     if not isinstance(vector, SteeringVector):

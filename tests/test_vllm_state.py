@@ -264,3 +264,27 @@ def test_cached_tables_cover_slots_added_in_later_steps():
     st.build_plan_ids(st.request_slots(["r2", "r3"], args.get), [1, 1])  # slot d is new, on layer 1
     torch.testing.assert_close(st.apply(hidden, residual, 0), hidden + torch.stack([vc, torch.zeros(8)]))
     torch.testing.assert_close(st.apply(hidden, residual, 1), hidden + torch.stack([torch.zeros(8), vd]))
+
+
+def test_patch_refuses_an_engine_that_replays_cuda_graphs():
+    """On a CUDA engine with CUDA graphs, a graph captured before patch() would replay the op as it
+    was (unsteered): patch and register_vector refuse with the fix instead of silently not steering.
+    CPU engines (no graphs) and eager CUDA engines pass this check."""
+    from types import SimpleNamespace
+
+    import yapo_fast
+    from yapo_fast.errors import YapoFastError
+    from yapo_fast.integrations.vllm_patch import _refuse_cuda_graphs
+
+    def engine(device, mode, eager=False):
+        cfg = SimpleNamespace(device_config=SimpleNamespace(device_type=device),
+                              compilation_config=SimpleNamespace(cudagraph_mode=SimpleNamespace(name=mode)),
+                              model_config=SimpleNamespace(enforce_eager=eager))
+        return SimpleNamespace(llm_engine=SimpleNamespace(vllm_config=cfg))
+
+    vec = yapo_fast.SteeringVector.from_dense(torch.ones(8), method="bipo", layer=1)
+    for call in (lambda llm: yapo_fast.patch(llm, vec), lambda llm: yapo_fast.register_vector(llm, "a", vec)):
+        with pytest.raises(YapoFastError, match="enforce_eager=True"):
+            call(engine("cuda", "FULL_AND_PIECEWISE"))
+    for ok in (engine("cpu", "NONE"), engine("cuda", "NONE"), engine("cuda", "PIECEWISE", eager=True)):
+        _refuse_cuda_graphs(ok)  # no error
