@@ -92,6 +92,29 @@ def test_disk_spilled_cache_gives_the_same_vector(tmp_path):
     assert torch.equal(a.vector.latent(), b.vector.latent())
 
 
+@pytest.mark.parametrize("method", ["yapo", "bipo"])
+def test_a_model_whose_weights_require_grad_gets_no_weight_gradients(method):
+    """transformers models come back from from_pretrained with requires_grad=True: training v must
+    neither compute weight gradients (wasted backward work) nor leave .grad on the caller's model,
+    and the model's flags are as they were afterwards. Same vector as with a frozen model."""
+    model, tok, sae = tiny_setup("jumprelu")
+    pairs = tiny_pairs(4)
+    kw = dict(tokenizer=tok, sae=sae if method == "yapo" else None, layer=LAYER, epochs=1, batch_size=2, lr=5e-2,
+              warmup_steps=1, progress=False)
+    frozen = yapo_fast.train(method, pairs, model=model, **kw)
+    model.requires_grad_(True)
+    seen = []
+    hooks = [p.register_hook(lambda g: seen.append(g.shape)) for p in model.parameters()]
+    try:
+        trainable = yapo_fast.train(method, pairs, model=model, **kw)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert seen == [] and all(p.grad is None for p in model.parameters())
+    assert all(p.requires_grad for p in model.parameters())
+    assert torch.equal(frozen.vector.values, trainable.vector.values)
+
+
 @pytest.mark.parametrize("pack_tokens", [1024, 6])
 def test_lean_forward_equals_the_model_on_prompt_plus_response(llama, pack_tokens):
     """forward_from_layer at layer 0 (embeddings in) on packed rows (all pairs in one row, or one

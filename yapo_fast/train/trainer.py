@@ -8,6 +8,8 @@ schedule. Checkpoints, the JSONL loss log and the per-epoch vector files live be
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import math
 import os
@@ -134,6 +136,31 @@ def _read_log(path: Path | None, upto: int) -> list[dict]:
     return records
 
 
+@contextlib.contextmanager
+def _no_weight_gradients(model):
+    """Only v is trained: a caller's model whose weights require grad (transformers' default after
+    from_pretrained) would otherwise make every backward also compute and accumulate weight
+    gradients (about twice the step's backward work, and .grad left on the caller's model).
+    Frozen for the call, restored after."""
+    params = [p for p in model.parameters() if p.requires_grad] if isinstance(model, torch.nn.Module) else []
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in params:
+            p.requires_grad_(True)
+
+
+def _weights_frozen(fn):
+    @functools.wraps(fn)
+    def wrapper(method, pairs, *, model=None, **kwargs):
+        with _no_weight_gradients(model):
+            return fn(method, pairs, model=model, **kwargs)
+    return wrapper
+
+
+@_weights_frozen
 def train(method: str, pairs, *, model=None, tokenizer=None, sae=None, layer: int | None = None, epochs: int = 1,
           batch_size: int = 4, lr: float = 5e-4, beta: float = 0.1, warmup_steps: int = 100, grad_clip: float = 1.0,
           seed: int = 0, system: str | None = None, out=None, resume: bool = True, checkpoint_every: int = 50,
