@@ -6,7 +6,7 @@ of the negative entries and coef @ dec_rows of the negative entries.
 Sweep: T 1..4096 x support 16..4096, JumpReLU and TopK (the reference only where it takes < ~2 s).
 Decode: T 1..8 (serving one token per request), the CPU default vs each backend forced: this is
 what the CPU dispatch rule (kernels/sparse_steer_backend.py) is read from.
-GPU (test_gpu_*, skipped with a reason without CUDA): d_model 2304, d_sae 65536, T 1..8192, fused
+GPU (test_gpu_*, deselected with the reason printed where there is no CUDA): d_model 2304, d_sae 65536, T 1..8192, fused
 Triton (default and each variant) vs torch eager and torch.compile of the reference, and as a
 fraction of the memory-bandwidth bound; table in bench/results/bench_sparse_steer_gpu.md.
 
@@ -153,9 +153,6 @@ def test_decode_interleaved_crossover(bench_threads):
 
 
 # ---- GPU (when one is lent) ---------------------------------------------------------------------
-HAS_CUDA = torch.cuda.is_available()
-gpu_only = pytest.mark.skipif(not HAS_CUDA, reason="no CUDA GPU on this machine: the GPU benchmark needs one "
-                              "(the Triton kernels' logic is tested under TRITON_INTERPRET in tests/)")
 GPU_D_MODEL, GPU_D_SAE, GPU_SUPPORT, GPU_K = 2304, 65536, 64, 64
 GPU_T = (1, 8, 64, 256, 1024, 8192)
 GPU_PATHS = ("reference", "reference_compiled", "fused", "fused_rows", "fused_tiles")
@@ -224,8 +221,7 @@ def write_gpu_table():
     tmp.replace(GPU_RESULTS_FILE)
 
 
-@gpu_only
-@pytest.mark.gpu
+@pytest.mark.gpu  # deselected where there is no CUDA GPU (tests/machine_marks.py)
 @pytest.mark.parametrize("kind", ("jumprelu", "topk"))
 @pytest.mark.parametrize("T", GPU_T)
 @pytest.mark.parametrize("path", GPU_PATHS)

@@ -20,6 +20,12 @@ THREADS = int(os.environ.get("YAPO_BENCH_THREADS", "1"))
 RESULTS: "dict[str, dict[str, dict[str, float]]]" = defaultdict(lambda: defaultdict(dict))
 
 
+def pytest_collection_modifyitems(config, items):
+    from machine_marks import deselect_unrunnable  # tests/ (on the path: pyproject's pythonpath)
+
+    deselect_unrunnable(config, items)  # GPU benchmarks on a CPU machine: left out, with the reason
+
+
 @pytest.fixture(scope="module")
 def bench_threads():
     before = torch.get_num_threads(), numba.get_num_threads()
@@ -45,6 +51,9 @@ def _fmt_ms(s):
 
 
 def pytest_terminal_summary(terminalreporter):
+    from machine_marks import report_left_out
+
+    report_left_out(terminalreporter)
     if not RESULTS:
         return
     out_dir = Path(__file__).parent / "results"
