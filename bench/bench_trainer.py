@@ -3,7 +3,7 @@ measured in the same run on the default model (SmolLM2-135M-Instruct, CPU, float
 shipped SAE (a calibrated random JumpReLU SAE at layer 15 when none is shipped).
 
     YAPO_BENCH_THREADS=1 .venv/bin/pytest bench/bench_trainer.py -s -p no:cacheprovider -k "paired or ratio or blend"
-    YAPO_BENCH_THREADS=1 .venv/bin/pytest bench/bench_trainer.py -s -p no:cacheprovider -k "profile or convergence or step_forward"
+    YAPO_BENCH_THREADS=1 .venv/bin/pytest bench/bench_trainer.py -s -p no:cacheprovider -k "profile or convergence or step_forward or peak_memory"
     (the end-to-end runs: -k "lean or naive"; slow on a loaded machine)
 
 The primary measurement is test_trainer_epoch_paired: one epoch of both trainers, step by step in
@@ -490,6 +490,61 @@ def test_trainer_profile():
     RESULTS.pop("profile_top", None)
     _write()
     print("\n".join(lines))
+
+
+def test_trainer_lean_peak_memory_by_phase():
+    """The lean trainer alone over the paired bench's epoch (YAPO_BENCH_PAIRS pairs): peak resident
+    memory of its cache passes and of its steps, apart, each above the level it started from (run
+    with MALLOC_MMAP_THRESHOLD_=65536, see PhasePeak), plus the bytes the cache holds."""
+    from yapo_fast.train import TrainConfig, batch_schedule, make_optimizer
+    from yapo_fast.train.cache import ExampleCache, build_cache
+    from yapo_fast.train.lean import DecoderRunner
+    from yapo_fast.train.trainer import LeanObjective
+
+    model, tok, sae, _ = setup()
+    pairs = bench_pairs()[:N_PAIRS]
+    cfg = TrainConfig(method="yapo", layer=sae.layer, **TRAIN_KW)
+    schedule = batch_schedule(len(pairs), BATCH, 1, 0)
+    runner = DecoderRunner(model)
+    toks = tokenize_pairs(tok, pairs)
+    cache = ExampleCache()
+    lean = LeanObjective(runner, cache, cfg, sae)
+    v = torch.zeros(sae.d_sae, requires_grad=True)
+    opt, sched = make_optimizer(v, cfg, len(schedule))
+    mem = PhasePeak()
+    out = {"pairs": len(pairs), "cache_pass_mib": 0.0, "cache_pass_worst": None, "step_mib": 0.0, "step_worst": None,
+           "cache_pairs_per_pass": CACHE_BATCHES * BATCH, "sae_weights_hash": sae.weights_hash(),
+           "malloc_mmap_threshold": os.environ.get("MALLOC_MMAP_THRESHOLD_")}
+
+    def n_tokens(ids):
+        return sum(len(toks[i].prompt) + len(toks[i].chosen) + len(toks[i].rejected) for i in ids)
+
+    try:
+        for k, (_, batch, d) in enumerate(schedule):
+            if batch[0] not in cache:
+                todo = [i for _, b, _ in schedule[k:k + CACHE_BATCHES] for i in b]
+                mem.start()
+                part = build_cache(runner, toks, todo, sae.layer, sae=sae, batch_size=len(todo), progress=False)
+                cache.entries.update(part.entries)
+                cache.memory_bytes += part.memory_bytes
+                peak = mem.above_start() / 2**20
+                if peak > out["cache_pass_mib"]:
+                    out["cache_pass_mib"], out["cache_pass_worst"] = peak, {"step": k, "tokens": n_tokens(todo)}
+            mem.start()
+            loss = lean.loss_sum(batch, v, d) / len(batch)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+            peak = mem.above_start() / 2**20
+            if peak > out["step_mib"]:
+                out["step_mib"], out["step_worst"] = peak, {"step": k, "tokens": n_tokens(batch)}
+    finally:
+        mem.close()
+    out["cache_held_mib"] = cache.memory_bytes / 2**20
+    RESULTS["lean_peak_memory_by_phase"] = out
+    _write()
+    print(json.dumps(out, indent=2))
 
 
 def test_trainer_step_forward_vs_backward(benchmark):
