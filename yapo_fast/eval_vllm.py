@@ -12,6 +12,7 @@ compile time (minutes on a CPU) is far more than it saves.
 from __future__ import annotations
 
 import os
+import time
 
 from .chat import format_prompt
 from .errors import YapoFastError
@@ -42,11 +43,19 @@ def make_vllm_generate_fn(model_path: str | os.PathLike, tokenizer, sae=None, *,
     def generate_fn(prompts, vector, multiplier, max_new_tokens):
         texts = [format_prompt(tokenizer, p) for p in prompts]
         params = SamplingParams(temperature=0.0, max_tokens=max_new_tokens)
-        if vector is None or multiplier == 0:
+        def timed():
+            t0 = time.perf_counter()
             outs = llm.generate(texts, params, use_tqdm=False)
+            # the generation alone: patch() (sending the vector and, once, its SAE to the workers)
+            # is a one-time cost per vector, not a cost per token
+            generate_fn.last_generate_seconds = time.perf_counter() - t0
+            return outs
+
+        if vector is None or multiplier == 0:
+            outs = timed()
         else:
             with patch(llm, vector, multiplier, sae=sae if vector.is_sparse else None):
-                outs = llm.generate(texts, params, use_tqdm=False)
+                outs = timed()
         return [o.outputs[0].text.strip() for o in outs]
 
     generate_fn.engine = llm

@@ -43,9 +43,12 @@ def _timed_generate(model, tok, prompts, vector, multiplier, sae, max_new_tokens
     t0 = time.perf_counter()
     texts = generate(model, tok, prompts, vector, multiplier, sae=sae, max_new_tokens=max_new_tokens,
                      generate_fn=generate_fn)
-    seconds = time.perf_counter() - t0
+    total = time.perf_counter() - t0
+    # tokens/s of the generation itself; the vLLM path reports it without patch()'s one-time set-up
+    seconds = getattr(generate_fn, "last_generate_seconds", None) or total
     n_tokens = sum(len(tok(t, add_special_tokens=False)["input_ids"]) for t in texts)
-    return texts, {"seconds": seconds, "tokens": n_tokens, "tokens_per_s": n_tokens / max(seconds, 1e-9)}
+    return texts, {"seconds": seconds, "setup_seconds": total - seconds, "tokens": n_tokens,
+                   "tokens_per_s": n_tokens / max(seconds, 1e-9)}
 
 
 def vllm_generate_fn(model_path, tokenizer, sae, print_fn=print):
