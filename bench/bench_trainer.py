@@ -247,6 +247,30 @@ class PhasePeak:
         self._stop.set()
 
 
+def lean_cache_pass(runner, toks, cache, schedule, k, sae) -> list[int] | None:
+    """The lean trainer's cache pass where step k's pairs are not cached yet: the pairs of
+    CACHE_BATCHES training batches from step k on, in one pass (as yapo_fast.train does). Returns
+    the pairs it cached (None: nothing to do)."""
+    from yapo_fast.train.cache import build_cache
+
+    if schedule[k][1][0] in cache:
+        return None
+    todo = [i for _, b, _ in schedule[k:k + CACHE_BATCHES] for i in b]
+    part = build_cache(runner, toks, todo, sae.layer, sae=sae, batch_size=len(todo), progress=False)
+    cache.entries.update(part.entries)
+    cache.memory_bytes += part.memory_bytes
+    return todo
+
+
+def optimizer_step(loss, v, opt, sched, cfg) -> None:
+    """The trainers' shared update: backward, clip, AdamW, cosine schedule."""
+    opt.zero_grad()
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_([v], cfg.grad_clip)
+    opt.step()
+    sched.step()
+
+
 def run_paired(on_step=None):
     """One epoch of both trainers, step by step in turn (naive step k, then the lean trainer's
     cache pass when its pairs are not cached yet, then its step k), so that both see the same
@@ -256,7 +280,7 @@ def run_paired(on_step=None):
     resident memory any of its steps (and cache passes) took above the level it started from, plus
     for the lean trainer the cache it holds (exact byte count)."""
     from yapo_fast.train import TrainConfig, batch_schedule, make_optimizer
-    from yapo_fast.train.cache import ExampleCache, build_cache
+    from yapo_fast.train.cache import ExampleCache
     from yapo_fast.train.lean import DecoderRunner
     from yapo_fast.train.trainer import LeanObjective
 
@@ -285,20 +309,12 @@ def run_paired(on_step=None):
                 mem.start()
                 t0 = time.perf_counter()
                 if name == "lean":
-                    if batch[0] not in cache:
-                        todo = [i for _, b, _ in schedule[k:k + CACHE_BATCHES] for i in b]
-                        part = build_cache(runner, toks, todo, sae.layer, sae=sae, batch_size=len(todo), progress=False)
-                        cache.entries.update(part.entries)
-                        cache.memory_bytes += part.memory_bytes
+                    if lean_cache_pass(runner, toks, cache, schedule, k, sae):
                         out["lean_cache"] += time.perf_counter() - t0
                     loss = lean.loss_sum(batch, v, d) / len(batch)
                 else:
                     loss = naive.loss(batch, v, d)
-                opt.zero_grad()
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_([v], cfg.grad_clip)
-                opt.step()
-                sched.step()
+                optimizer_step(loss, v, opt, sched, cfg)
                 out[name] += time.perf_counter() - t0
                 out[f"{name}_losses"].append(float(loss.detach()))
                 peak = mem.above_start() / 2**20
@@ -497,7 +513,7 @@ def test_trainer_lean_peak_memory_by_phase():
     memory of its cache passes and of its steps, apart, each above the level it started from (run
     with MALLOC_MMAP_THRESHOLD_=65536, see PhasePeak), plus the bytes the cache holds."""
     from yapo_fast.train import TrainConfig, batch_schedule, make_optimizer
-    from yapo_fast.train.cache import ExampleCache, build_cache
+    from yapo_fast.train.cache import ExampleCache
     from yapo_fast.train.lean import DecoderRunner
     from yapo_fast.train.trainer import LeanObjective
 
@@ -521,21 +537,14 @@ def test_trainer_lean_peak_memory_by_phase():
 
     try:
         for k, (_, batch, d) in enumerate(schedule):
-            if batch[0] not in cache:
-                todo = [i for _, b, _ in schedule[k:k + CACHE_BATCHES] for i in b]
-                mem.start()
-                part = build_cache(runner, toks, todo, sae.layer, sae=sae, batch_size=len(todo), progress=False)
-                cache.entries.update(part.entries)
-                cache.memory_bytes += part.memory_bytes
+            mem.start()
+            todo = lean_cache_pass(runner, toks, cache, schedule, k, sae)
+            if todo:
                 peak = mem.above_start() / 2**20
                 if peak > out["cache_pass_mib"]:
                     out["cache_pass_mib"], out["cache_pass_worst"] = peak, {"step": k, "tokens": n_tokens(todo)}
             mem.start()
-            loss = lean.loss_sum(batch, v, d) / len(batch)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            sched.step()
+            optimizer_step(lean.loss_sum(batch, v, d) / len(batch), v, opt, sched, cfg)
             peak = mem.above_start() / 2**20
             if peak > out["step_mib"]:
                 out["step_mib"], out["step_worst"] = peak, {"step": k, "tokens": n_tokens(batch)}

@@ -63,12 +63,13 @@ def _refuse_cuda_graphs(llm) -> None:
     cfg = getattr(getattr(llm, "llm_engine", None), "vllm_config", None)
     if cfg is None:
         return
-    device = str(getattr(getattr(cfg, "device_config", None), "device_type", "")
-                 or getattr(getattr(cfg, "device_config", None), "device", ""))
+    device_config = getattr(cfg, "device_config", None)
+    device = str(getattr(device_config, "device_type", "") or getattr(device_config, "device", ""))
     mode = getattr(getattr(cfg, "compilation_config", None), "cudagraph_mode", None)
+    mode = None if mode is None else getattr(mode, "name", str(mode))
     enforce_eager = bool(getattr(getattr(cfg, "model_config", None), "enforce_eager", False))
-    if "cuda" in device and mode is not None and getattr(mode, "name", str(mode)) != "NONE" and not enforce_eager:
-        raise YapoFastError(f"this vLLM engine replays CUDA graphs (cudagraph_mode={getattr(mode, 'name', mode)}), "
+    if "cuda" in device and mode not in (None, "NONE") and not enforce_eager:
+        raise YapoFastError(f"this vLLM engine replays CUDA graphs (cudagraph_mode={mode}), "
                             "which would keep the steering op as it was at capture time and ignore the vector: "
                             "build the LLM with enforce_eager=True (or compilation_config={'cudagraph_mode': "
                             "'NONE'}) to steer it")

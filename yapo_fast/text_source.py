@@ -155,13 +155,13 @@ def write_answers(model, tokenizer, prompts: list[str], path: Path, *, batch_siz
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    done = load_answers(path)
     if path.exists() and path.stat().st_size:
         # a kill mid-write leaves a torn last line: cut it, or the next record would be glued to it
         data = path.read_bytes()
         if not data.endswith(b"\n"):
             with path.open("r+b") as f:
                 f.truncate(data.rfind(b"\n") + 1)
+    done = load_answers(path)
     todo = [p for p in dict.fromkeys(prompts) if p not in done]
     with path.open("a", encoding="utf-8") as f, tqdm(total=len(todo), desc="model answers", unit="prompt",
                                                     disable=not progress) as bar:

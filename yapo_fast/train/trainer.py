@@ -8,7 +8,6 @@ schedule. Checkpoints, the JSONL loss log and the per-epoch vector files live be
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
 import math
@@ -136,27 +135,21 @@ def _read_log(path: Path | None, upto: int) -> list[dict]:
     return records
 
 
-@contextlib.contextmanager
-def _no_weight_gradients(model):
+def _weights_frozen(train_fn):
     """Only v is trained: a caller's model whose weights require grad (transformers' default after
     from_pretrained) would otherwise make every backward also compute and accumulate weight
     gradients (about twice the step's backward work, and .grad left on the caller's model).
     Frozen for the call, restored after."""
-    params = [p for p in model.parameters() if p.requires_grad] if isinstance(model, torch.nn.Module) else []
-    for p in params:
-        p.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for p in params:
-            p.requires_grad_(True)
-
-
-def _weights_frozen(fn):
-    @functools.wraps(fn)
+    @functools.wraps(train_fn)
     def wrapper(method, pairs, *, model=None, **kwargs):
-        with _no_weight_gradients(model):
-            return fn(method, pairs, model=model, **kwargs)
+        params = [p for p in model.parameters() if p.requires_grad] if isinstance(model, torch.nn.Module) else []
+        for p in params:
+            p.requires_grad_(False)
+        try:
+            return train_fn(method, pairs, model=model, **kwargs)
+        finally:
+            for p in params:
+                p.requires_grad_(True)
     return wrapper
 
 
