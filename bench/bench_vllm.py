@@ -34,6 +34,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from yapo_fast.eval_vllm import kv_cache_bytes
+
 BATCHES = [int(x) for x in os.environ.get("YAPO_BENCH_BATCHES", "64,256").split(",") if x]
 PER_REQUEST_BATCHES = [int(x) for x in os.environ.get("YAPO_BENCH_PER_REQUEST_BATCHES", "64").split(",") if x]
 HF_BATCHES = [int(x) for x in os.environ.get("YAPO_BENCH_HF_BATCHES", "64,256").split(",") if x]
@@ -117,7 +119,7 @@ def engine_main(out_path: str) -> None:
     # Prefix caching off: with it, repeated unsteered runs would reuse their prompts' KV while
     # patch() (which resets the cache) and salted per-request runs recompute theirs.
     llm = LLM(model=str(yapo_fast.model.default_model_dir()), dtype="float32", max_model_len=512,
-              max_num_seqs=max(BATCHES + PER_REQUEST_BATCHES), gpu_memory_utilization=0.3, seed=0,
+              max_num_seqs=max(BATCHES + PER_REQUEST_BATCHES), kv_cache_memory_bytes=kv_cache_bytes(4), seed=0,
               enable_prefix_caching=False)
     res: dict = {"startup_s": time.time() - t0, "new_tokens": NEW_TOKENS, "rounds": ROUNDS,
                  "layers": os.environ.get("YAPO_FAST_LAYERS", "all"), "samples": {},

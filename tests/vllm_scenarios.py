@@ -13,6 +13,8 @@ import sys
 import time
 import traceback
 
+from yapo_fast.eval_vllm import kv_cache_bytes
+
 
 def main(job_path: str, out_path: str) -> None:
     from vllm import LLM, SamplingParams
@@ -24,7 +26,7 @@ def main(job_path: str, out_path: str) -> None:
     t0 = time.time()
     llm = LLM(model=job["model"], dtype="float32", max_model_len=256, max_num_seqs=16,
               max_num_batched_tokens=64, enable_chunked_prefill=True, enable_prefix_caching=True,
-              gpu_memory_utilization=0.3, seed=0)
+              kv_cache_memory_bytes=kv_cache_bytes(0.5), seed=0)
     out: dict = {"startup_s": time.time() - t0}
     n = job["max_tokens"]
     prompts = [{"prompt_token_ids": ids} for ids in job["prompt_ids"]]
@@ -110,7 +112,7 @@ def tensor_parallel(job_path: str, out_path: str) -> None:
     job = json.loads(open(job_path).read())
     llm = LLM(model=job["model"], dtype="float32", max_model_len=128, max_num_seqs=8, seed=0,
               tensor_parallel_size=job["tp"], distributed_executor_backend="mp", enforce_eager=True,
-              gpu_memory_utilization=job.get("memory", 0.05))
+              kv_cache_memory_bytes=kv_cache_bytes(0.125))
     prompts = [{"prompt_token_ids": ids} for ids in job["prompt_ids"]]
 
     def gen(extra=None):

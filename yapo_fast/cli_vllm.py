@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 from .errors import YapoFastError
+from .eval_vllm import kv_cache_bytes
 
 
 def _vllm():
@@ -48,7 +49,7 @@ def serve_command(args) -> list[str]:
     cmd = [sys.executable, "-m", "yapo_fast.integrations.vllm_serve", "serve", resolve_model_path(args.model),
            "--served-model-name", args.served_model_name, "--host", args.host, "--port", str(args.port),
            "--dtype", args.dtype, "--max-model-len", str(args.max_model_len),
-           "--max-num-seqs", str(args.max_num_seqs), "--gpu-memory-utilization", str(args.gpu_memory_utilization)]
+           "--max-num-seqs", str(args.max_num_seqs), "--kv-cache-memory-bytes", str(kv_cache_bytes(args.kv_cache_gib))]
     return cmd + list(args.vllm_args or []), value
 
 
@@ -162,7 +163,7 @@ def cmd_generate(args) -> None:
     from .integrations.vllm_patch import patch
 
     llm = LLM(model=resolve_model_path(args.model), dtype=args.dtype, max_model_len=args.max_model_len,
-              max_num_seqs=args.max_num_seqs, gpu_memory_utilization=args.gpu_memory_utilization, seed=args.seed)
+              max_num_seqs=args.max_num_seqs, kv_cache_memory_bytes=kv_cache_bytes(args.kv_cache_gib), seed=args.seed)
     m = None
     if vector is not None:
         m = vector.multiplier if args.multiplier is None else args.multiplier
@@ -180,8 +181,8 @@ def _engine_args(p) -> None:
     p.add_argument("--dtype", default="float32", help="vLLM dtype (float32 matches the transformers side)")
     p.add_argument("--max-model-len", type=int, default=2048)
     p.add_argument("--max-num-seqs", type=int, default=256)
-    p.add_argument("--gpu-memory-utilization", type=float, default=0.3,
-                   help="on CPU: the share of memory for vLLM's KV cache")
+    p.add_argument("--kv-cache-gib", type=float, default=1.0,
+                   help="vLLM's KV cache in GiB (explicit bytes: the same on any machine, unlike a memory share)")
 
 
 def register(sub) -> None:

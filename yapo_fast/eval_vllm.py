@@ -1,6 +1,6 @@
 """Generation through vLLM for the evaluation and the main job (transformers is the fallback).
 
-make_vllm_generate_fn builds one engine for the model (CPU share `memory_fraction`) and returns
+make_vllm_generate_fn builds one engine for the model (a KV cache of `kv_cache_gib` GiB) and returns
 generate_fn(prompts, vector, multiplier, max_new_tokens) -> texts: greedy, prompts through the
 chat template, the vector applied engine-wide with yapo_fast.patch (integrations/vllm_patch.py)
 for the batch and removed after it. The engine must be built in the main process of a script
@@ -18,6 +18,16 @@ from .chat import format_prompt
 from .errors import YapoFastError
 
 
+def kv_cache_bytes(gib: float) -> int:
+    """vLLM's KV cache as explicit bytes (kv_cache_memory_bytes). A share of memory
+    (gpu_memory_utilization, on the CPU a share of the NUMA node's RAM) starts on one machine and is
+    refused on another with less free memory; explicit bytes start the same everywhere they fit.
+    The default model needs ~46 KiB per token in float32 (30 layers x 3 KV heads x 64 x 2 x 4 B)."""
+    if not gib > 0:
+        raise YapoFastError(f"the KV cache size must be a positive number of GiB, got {gib!r}")
+    return int(gib * (1 << 30))
+
+
 def vllm_available() -> bool:
     try:
         import vllm  # noqa: F401
@@ -28,7 +38,7 @@ def vllm_available() -> bool:
     return True
 
 
-def make_vllm_generate_fn(model_path: str | os.PathLike, tokenizer, sae=None, *, memory_fraction: float = 0.3,
+def make_vllm_generate_fn(model_path: str | os.PathLike, tokenizer, sae=None, *, kv_cache_gib: float = 1.0,
                           max_model_len: int = 2048, eager: bool = True):
     if not vllm_available():
         raise YapoFastError("vLLM or the yapo-fast vLLM integration is not importable here: pip install "
@@ -37,7 +47,7 @@ def make_vllm_generate_fn(model_path: str | os.PathLike, tokenizer, sae=None, *,
 
     from .integrations.vllm_patch import patch
 
-    llm = LLM(model=str(model_path), dtype="float32", gpu_memory_utilization=memory_fraction,
+    llm = LLM(model=str(model_path), dtype="float32", kv_cache_memory_bytes=kv_cache_bytes(kv_cache_gib),
               max_model_len=max_model_len, seed=0, enforce_eager=eager)
 
     def generate_fn(prompts, vector, multiplier, max_new_tokens):
