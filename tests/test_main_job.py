@@ -8,7 +8,7 @@ from yapo_fast.cli import main
 from yapo_fast.integrations.sae_lens_loading import save_sae
 
 TINY = ["--pairs", "4", "--epochs", "1", "--batch-size", "2", "--ab-items", "4", "--mmlu-per-subject", "1",
-        "--mmlu-shots", "1", "--prompts", "2", "--max-new-tokens", "3"]
+        "--mmlu-shots", "1", "--prompts", "2", "--max-new-tokens", "3", "--heldout", "3", "--gen-prompts", "3"]
 
 
 def fake_vllm(monkeypatch, fail=False):
@@ -49,12 +49,17 @@ def test_main_job_end_to_end(tmp_path, capsys, monkeypatch):
     assert all(0 <= p["mean"] <= 1 for c in curves.values() for p in c)
     assert res["mmlu"]["n"] == 10 and set(res["mmlu"]["change"]) == {f"hallucination/{m}" for m in ("yapo", "bipo", "caa")}
     assert len(res["training"]["yapo"]["losses"]) == 2 and res["training"]["caa"]["losses"] == []
-    assert len(res["generations"]["hallucination"]["rows"]) == 2
+    margin = res["margin"]["hallucination"]
+    assert margin["n"] == 3 and set(margin["effects"]) == {"yapo", "bipo", "caa"}
+    assert all([e["multiplier"] for e in effs] == [-1, 1] for effs in margin["effects"].values())
+    scored = res["scored_generations"]["hallucination"]
+    assert len(scored["rows"]) == 3 and set(scored["rows"][0]["scores"]) == {
+        "unsteered", *(f"{m} m={s}1" for m in ("yapo", "bipo", "caa") for s in "-+")}
     tp = res["throughput"]
-    assert tp["engine"] == "vllm" and tp["yapo"]["tokens_per_s"] > 0 and tp["transformers"]["yapo"]["tokens_per_s"] > 0
-    assert tp["same_text_as_transformers"] == {"unsteered": 1.0, "yapo": 1.0, "bipo": 1.0, "caa": 1.0}
-    assert "same as HF" in printed
-    for name in ("steering_hallucination.png", "mmlu.png", "training_loss.png", "report.md"):
+    assert tp["engine"] == "vllm" and tp["yapo m=+1"]["tokens_per_s"] > 0 and tp["transformers"]["yapo m=-1"]["tokens_per_s"] > 0
+    assert set(tp["same_text_as_transformers"].values()) == {1.0} and len(tp["same_text_as_transformers"]) == 7
+    assert "margin m=-1" in printed and "gen m=+1" in printed and "vLLM text equal to transformers on 100%" in printed
+    for name in ("margin_hallucination.png", "steering_hallucination.png", "mmlu.png", "training_loss.png", "report.md"):
         assert (out / name).stat().st_size > 0
 
 

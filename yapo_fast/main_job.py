@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from .errors import YapoFastError
 
 DEFAULTS = dict(behaviour="hallucination", pairs=64, epochs=2, batch_size=4, lr=2e-2, warmup_steps=None,
-                ab_items=60, mmlu_per_subject=4, mmlu_shots=1, prompts=4, max_new_tokens=32,
+                heldout=40, gen_prompts=48, ab_items=0, mmlu_per_subject=4, mmlu_shots=1, prompts=4, max_new_tokens=32,
                 multiplier=1.0, methods=("yapo", "bipo", "caa"), out="runs/main", seed=0)
 
 
@@ -68,7 +68,8 @@ def vllm_generate_fn(model_path, tokenizer, sae, print_fn=print):
 
 def run_main(*, model=None, tokenizer=None, sae=None, behaviour: str = DEFAULTS["behaviour"],
              pairs: int = DEFAULTS["pairs"], epochs: int = DEFAULTS["epochs"], batch_size: int = DEFAULTS["batch_size"],
-             lr: float = DEFAULTS["lr"], warmup_steps: int | None = None, ab_items: int | None = DEFAULTS["ab_items"],
+             lr: float = DEFAULTS["lr"], warmup_steps: int | None = None, heldout: int = DEFAULTS["heldout"],
+             gen_prompts: int = DEFAULTS["gen_prompts"], ab_items: int | None = DEFAULTS["ab_items"],
              mmlu_per_subject: int | None = DEFAULTS["mmlu_per_subject"], mmlu_shots: int = DEFAULTS["mmlu_shots"],
              prompts: int = DEFAULTS["prompts"], max_new_tokens: int = DEFAULTS["max_new_tokens"],
              multiplier: float = DEFAULTS["multiplier"], multipliers=None, methods=DEFAULTS["methods"],
@@ -76,6 +77,8 @@ def run_main(*, model=None, tokenizer=None, sae=None, behaviour: str = DEFAULTS[
              print_fn=print) -> dict:
     """Run the main job; returns the results dict (also written to <out>/results.json)."""
     from .data import bipo_csv_path, load_pairs
+    from .eval_generation import SCORERS, scored_generations
+    from .eval_margin import margin_effects
     from .evaluate import MULTIPLIERS, evaluate
     from .model import load_model
     from .report import write_report
@@ -121,32 +124,50 @@ def run_main(*, model=None, tokenizer=None, sae=None, behaviour: str = DEFAULTS[
                             "pairs": len(train_pairs), "data": str(data), "losses": res.losses,
                             "vector": str(res.out) if res.out else None, "lr": lr, "warmup_steps": warm}
 
-    questions = [p.prompt for p in load_pairs(bipo_csv_path(behaviour, "test"), limit=prompts)]
-    results = evaluate(model, tokenizer, sae=sae, behaviour_vectors={behaviour: vectors},
-                       multipliers=MULTIPLIERS if multipliers is None else multipliers, ab_limit=ab_items,
-                       mmlu_per_subject=mmlu_per_subject, mmlu_shots=mmlu_shots, mmlu_multiplier=multiplier,
-                       progress=progress)
+    # Held-out items of the trained behaviour: the first `heldout` test pairs for the margin, the
+    # next `gen_prompts` test prompts for scored generation (none of them seen in training).
+    test_pairs = load_pairs(bipo_csv_path(behaviour, "test"), limit=heldout + gen_prompts)
+    margin_pairs, gen_questions = test_pairs[:heldout], [p.prompt for p in test_pairs[heldout:]]
+    ab_multipliers = MULTIPLIERS if multipliers is None else multipliers
+    results = evaluate(model, tokenizer, sae=sae, behaviour_vectors={behaviour: vectors}, multipliers=ab_multipliers,
+                       ab_limit=ab_items, mmlu_per_subject=mmlu_per_subject, mmlu_shots=mmlu_shots,
+                       mmlu_multiplier=multiplier, progress=progress,
+                       parts=("scale", "mmlu") + (("ab",) if ab_items else ()))
+    if not ab_items:
+        results["ab_skipped"] = {behaviour: "not run by default: the default model barely reads A/B options "
+                                            "(P(matching) ~0.5 unsteered); --ab-items N runs it"}
     results["training"] = training
+    both_ways = (-multiplier, multiplier)
+    effects, base = margin_effects(model, tokenizer, margin_pairs, vectors, multipliers=both_ways, sae=sae,
+                                   progress=progress, desc=f"{behaviour} margin")
+    results["margin"] = {behaviour: {"data": str(bipo_csv_path(behaviour, "test")), "n": len(margin_pairs),
+                                     "unsteered_mean": float(base.mean()), "effects": effects}}
 
-    # A batch with and without each vector, timed (vLLM when its integration is there).
+    # Greedy answers to held-out prompts, unsteered and steered both ways (vLLM when its integration
+    # is there), scored by the behaviour's scorer; the first `prompts` also through transformers.
     generate_fn, vllm_error = None, "disabled (--no-vllm)"
     if use_vllm:
         from .model import resolve_model_path
 
         path = model_path if model_path is not None else getattr(model.config, "_name_or_path", None)
         generate_fn, vllm_error = vllm_generate_fn(resolve_model_path(path), tokenizer, sae, print_fn)
-    rows = [{"prompt": q} for q in questions]
     throughput, hf_throughput, same_text = {}, {}, {}
-    for name, vec in tqdm((("unsteered", None), *vectors.items()), desc="generate", disable=not progress):
-        texts, stats = _timed_generate(model, tokenizer, questions, vec, multiplier, sae, max_new_tokens, generate_fn)
-        throughput[name] = stats
-        for row, text in zip(rows, texts):
-            row[name] = text
-        if generate_fn is not None:  # the same batch through transformers: a cross-check and the speed baseline
-            hf_texts, hf_throughput[name] = _timed_generate(model, tokenizer, questions, vec, multiplier, sae,
-                                                            max_new_tokens, None)
-            same_text[name] = sum(a == b for a, b in zip(texts, hf_texts)) / max(1, len(texts))
-    results["generations"][behaviour] = {"multiplier": multiplier, "rows": rows}
+
+    def gen(qs, vec, m):
+        key = "unsteered" if vec is None else f"{vec.method} m={m:+g}"
+        texts, throughput[key] = _timed_generate(model, tokenizer, qs, vec, m, sae, max_new_tokens, generate_fn)
+        if generate_fn is not None and prompts:  # the same prompts through transformers: a cross-check and the speed baseline
+            hf_texts, hf_throughput[key] = _timed_generate(model, tokenizer, qs[:prompts], vec, m, sae,
+                                                           max_new_tokens, None)
+            same_text[key] = sum(a == b for a, b in zip(texts, hf_texts)) / len(hf_texts)
+        return texts
+
+    if gen_questions and behaviour not in SCORERS:
+        results["scored_generations_skipped"] = {behaviour: f"no generation scorer for {behaviour!r} "
+                                                            f"(scored: {sorted(SCORERS)})"}
+    elif gen_questions:
+        scored = scored_generations(gen_questions, vectors, gen, behaviour, multipliers=both_ways)
+        results["scored_generations"] = {behaviour: scored}
     results["throughput"] = {"engine": "vllm" if generate_fn else "transformers", "vllm_error": vllm_error,
                              **throughput}
     if generate_fn is not None:
@@ -173,40 +194,57 @@ def run_main(*, model=None, tokenizer=None, sae=None, behaviour: str = DEFAULTS[
     return results
 
 
-def _point(curve, m, key="mean"):
-    return next((p.get(key, float("nan")) for p in curve if p["multiplier"] == m), float("nan"))
+def _ci(effect: dict | None, fmt: str) -> str:
+    """'+x±h' with the paired 95% CI half-width; '*' marks an interval that excludes 0."""
+    if not effect:
+        return "-"
+    half = (effect["delta_ci_high"] - effect["delta_ci_low"]) / 2
+    sig = "*" if effect["delta_ci_low"] > 0 or effect["delta_ci_high"] < 0 else " "
+    return f"{effect['delta']:+{fmt}}±{half:{fmt}}{sig}"
 
 
-def _effect(curve, m, baseline) -> str:
-    """Steered - unsteered at m, with the paired 95% CI half-width when the curve has it."""
-    delta = _point(curve, m, "delta")
-    if delta != delta:  # no paired effect recorded: the difference of the means
-        return f"{_point(curve, m) - baseline:+.3f}"
-    return f"{delta:+.3f}±{(_point(curve, m, 'delta_ci_high') - _point(curve, m, 'delta_ci_low')) / 2:.3f}"
+def _at(effects: list[dict], m: float) -> dict | None:
+    return next((e for e in effects if e["multiplier"] == m), None)
 
 
 def summary_table(results: dict, behaviour: str, multiplier: float) -> str:
-    ab = results["ab"][behaviour]
-    mm = results.get("mmlu") or {"change": {}, "accuracy": {"unsteered": {"accuracy": float("nan")}}}
+    """The main job's printed story: held-out margin and scored generations both ways, then costs."""
+    margin = results["margin"][behaviour]
+    scored = (results.get("scored_generations") or {}).get(behaviour)
+    mm = results.get("mmlu") or {"change": {}, "change_ci95": {}, "accuracy": {"unsteered": {"accuracy": float("nan")}}}
     tp = results.get("throughput", {})
-    hf = tp.get("transformers")
     scale = results.get("scale") or {}
-    lines = [f"{behaviour}: P(matching) unsteered {ab['baseline']:.3f} on {ab['n']} A/B items; "
-             f"MMLU unsteered {mm['accuracy']['unsteered']['accuracy']:.3f}; "
-             f"generation via {tp.get('engine', '?')}, unsteered {tp.get('unsteered', {}).get('tokens_per_s', 0):.1f} tok/s",
-             f"{'method':<8} {'effect m=+' + format(multiplier, 'g'):>14} {'effect m=-' + format(multiplier, 'g'):>14} "
-             f"{'edit/|h|':>9} {'MMLU change':>12} {'train s':>9} {'tok/s':>8}"
-             + (f" {'HF tok/s':>9} {'same as HF':>10}" if hf else "")]
-    for name, curve in ab["curves"].items():
-        change = mm["change"].get(f"{behaviour}/{name}", float("nan"))
+    m = abs(multiplier)
+    lines = [f"{behaviour}, effects against the unsteered model on held-out items (paired 95% CI; * excludes 0):",
+             f"  margin = change of log p(matching) - log p(not matching) in nats, {margin['n']} test pairs "
+             f"(unsteered mean {margin['unsteered_mean']:+.2f})"]
+    if scored:
+        n = len(scored["rows"])
+        lines.append(f"  gen = change of the share of greedy answers showing the behaviour, {n} test prompts "
+                     f"(unsteered {scored['unsteered_rate']:.2f}); rule: {scored['rule']}")
+    lines.append(f"  MMLU = accuracy change at m=+{m:g} ({mm.get('n', 0)} items, unsteered "
+                 f"{mm['accuracy']['unsteered']['accuracy']:.3f}); generation via {tp.get('engine', '?')}")
+    head = (f"{'method':<7}{'margin m=-' + format(m, 'g'):>16}{'margin m=+' + format(m, 'g'):>16}"
+            f"{'gen m=-' + format(m, 'g'):>14}{'gen m=+' + format(m, 'g'):>14}{'MMLU':>15}{'edit/|h|':>9}"
+            f"{'train s':>8}{'tok/s':>7}")
+    lines.append(head)
+    for name, effects in margin["effects"].items():
+        gen = (scored or {}).get("effects", {}).get(name, [])
+        ch = mm["change"].get(f"{behaviour}/{name}")
+        ci = (mm.get("change_ci95") or {}).get(f"{behaviour}/{name}")
+        mmlu = "-" if ch is None else _ci({"delta": ch, "delta_ci_low": ci[0], "delta_ci_high": ci[1]}, ".3f")
         secs = results.get("training", {}).get(name, {}).get("seconds", float("nan"))
-        tps = tp.get(name, {}).get("tokens_per_s", float("nan"))
+        tps = tp.get(f"{name} m=+{m:g}", {}).get("tokens_per_s", float("nan"))
         edit = scale.get(f"{behaviour}/{name}", {}).get("edit_ratio", float("nan"))
-        line = (f"{name:<8} {_effect(curve, multiplier, ab['baseline']):>14} "
-                f"{_effect(curve, -multiplier, ab['baseline']):>14} {edit:>9.3f} {change:>+12.3f} {secs:>9.1f} {tps:>8.1f}")
-        if hf:
-            line += f" {hf.get(name, {}).get('tokens_per_s', float('nan')):>9.1f} " \
-                    f"{tp['same_text_as_transformers'].get(name, float('nan')):>10.2f}"
+        lines.append(f"{name:<7}{_ci(_at(effects, -m), '.2f'):>16}{_ci(_at(effects, m), '.2f'):>16}"
+                     f"{_ci(_at(gen, -m), '.2f'):>14}{_ci(_at(gen, m), '.2f'):>14}{mmlu:>15}{edit:>9.3f}"
+                     f"{secs:>8.1f}{tps:>7.1f}")
+    if tp.get("unsteered"):
+        line = f"unsteered generation {tp['unsteered']['tokens_per_s']:.1f} tok/s"
+        if tp.get("same_text_as_transformers"):
+            same = tp["same_text_as_transformers"]
+            line += (f"; vLLM text equal to transformers on {sum(same.values()) / len(same):.0%} of the "
+                     f"cross-checked answers ({len(same)} settings)")
         lines.append(line)
     return "\n".join(lines)
 
@@ -223,10 +261,16 @@ def register_main(sub) -> None:
     p.add_argument("--batch-size", type=int, default=DEFAULTS["batch_size"])
     p.add_argument("--lr", type=float, default=DEFAULTS["lr"])
     p.add_argument("--warmup-steps", type=int, default=None, help="default: 10%% of the steps")
-    p.add_argument("--ab-items", type=int, default=DEFAULTS["ab_items"], help="A/B test items (0: all)")
+    p.add_argument("--heldout", type=int, default=DEFAULTS["heldout"],
+                   help="held-out test pairs for the preference margin (the first N of test.csv)")
+    p.add_argument("--gen-prompts", type=int, default=DEFAULTS["gen_prompts"],
+                   help="held-out test prompts generated unsteered and steered both ways, then scored (the next N)")
+    p.add_argument("--ab-items", type=int, default=DEFAULTS["ab_items"],
+                   help="A/B test items for steering curves (0: not run; the default model barely reads A/B options)")
     p.add_argument("--mmlu-per-subject", type=int, default=DEFAULTS["mmlu_per_subject"], help="0: all 20")
     p.add_argument("--mmlu-shots", type=int, default=DEFAULTS["mmlu_shots"])
-    p.add_argument("--prompts", type=int, default=DEFAULTS["prompts"], help="prompts generated with/without vectors")
+    p.add_argument("--prompts", type=int, default=DEFAULTS["prompts"],
+                   help="of the generated prompts, how many also go through transformers (cross-check and speed)")
     p.add_argument("--max-new-tokens", type=int, default=DEFAULTS["max_new_tokens"])
     p.add_argument("--multiplier", type=float, default=DEFAULTS["multiplier"])
     p.add_argument("--methods", default=",".join(DEFAULTS["methods"]))
@@ -237,7 +281,8 @@ def register_main(sub) -> None:
 
 def cmd_main(args) -> None:
     run_main(model=args.model, sae=args.sae, behaviour=args.behaviour, layer=args.layer, pairs=args.pairs, epochs=args.epochs,
-             batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup_steps, ab_items=args.ab_items or None,
+             batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup_steps, heldout=args.heldout,
+             gen_prompts=args.gen_prompts, ab_items=args.ab_items or None,
              mmlu_per_subject=args.mmlu_per_subject or None, mmlu_shots=args.mmlu_shots, prompts=args.prompts,
              max_new_tokens=args.max_new_tokens, multiplier=args.multiplier,
              methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()), out=args.out,

@@ -142,6 +142,68 @@ def plot_training(results: dict, out_dir: Path) -> list[Path]:
     return [_save(fig, out_dir / "training_loss.png")]
 
 
+def _half(e: dict) -> float:
+    return (e["delta_ci_high"] - e["delta_ci_low"]) / 2
+
+
+def _margin_lines(results: dict) -> list[str]:
+    lines = []
+    for behaviour, entry in (results.get("margin") or {}).items():
+        lines += [f"## Held-out preference margin: {behaviour}", "",
+                  f"Change of log p(matching) − log p(not matching) (nats, summed over the response) against the "
+                  f"unsteered model on the same {entry['n']} held-out pairs of `{entry['data']}` (unsteered mean "
+                  f"{entry['unsteered_mean']:+.2f}); paired 95% CI half-width in brackets; *moved*: the share of "
+                  "pairs whose margin moves the way the multiplier's sign asks.", "",
+                  "| vector | multiplier | effect (nats) | moved |", "|---|---|---|---|"]
+        for name, effects in entry["effects"].items():
+            for e in effects:
+                lines.append(f"| {name} | {e['multiplier']:+g} | {e['delta']:+.2f} (±{_half(e):.2f}) | {e['moved']:.2f} |")
+        lines.append("")
+    return lines
+
+
+def _scored_generation_lines(results: dict) -> list[str]:
+    lines = []
+    for behaviour, g in (results.get("scored_generations") or {}).items():
+        lines += [f"## Scored generations: {behaviour}", "",
+                  f"Greedy answers to {len(g['rows'])} held-out prompts, each scored 1 when it shows the trained "
+                  f"behaviour. Rule: {g['rule']}. Unsteered rate {g['unsteered_rate']:.2f}; effect = change of the "
+                  "rate, paired on the same prompts (95% CI half-width in brackets).", "",
+                  "| vector | multiplier | rate | effect |", "|---|---|---|---|"]
+        for name, effects in g["effects"].items():
+            for e in effects:
+                lines.append(f"| {name} | {e['multiplier']:+g} | {e['rate']:.2f} | {e['delta']:+.2f} (±{_half(e):.2f}) |")
+        lines += ["", "First answers, unsteered and steered both ways (score in brackets):", ""]
+        for row in g["rows"][:6]:
+            lines.append(f"**Prompt:** {row['prompt']}")
+            for key, score in row["scores"].items():
+                lines.append(f"- *{key}* [{score}]: {row[key]!s}".replace("\n", " "))
+            lines.append("")
+    return lines
+
+
+def plot_margin(results: dict, out_dir: Path) -> list[Path]:
+    """Per behaviour: held-out margin effect with its paired 95% CI, per vector, at each multiplier."""
+    paths = []
+    for behaviour, entry in (results.get("margin") or {}).items():
+        names = list(entry["effects"])
+        fig, ax = _figure(results, f"Held-out preference margin: {behaviour} (n={entry['n']})",
+                          [f"{behaviour}/{n}" for n in names], entry["data"])
+        ms = sorted({e["multiplier"] for effs in entry["effects"].values() for e in effs})
+        width = 0.8 / max(1, len(names))
+        for k, name in enumerate(names):
+            effs = {e["multiplier"]: e for e in entry["effects"][name]}
+            xs = [i + (k - (len(names) - 1) / 2) * width for i, m in enumerate(ms) if m in effs]
+            es = [effs[m] for m in ms if m in effs]
+            ax.bar(xs, [e["delta"] for e in es], width, yerr=[_half(e) for e in es], capsize=3, label=name)
+        ax.axhline(0, color="grey", lw=0.8)
+        ax.set_xticks(range(len(ms)), [f"m={m:+g}" for m in ms])
+        ax.set_ylabel("Δ log p(matching) − log p(not matching) [nats]")
+        ax.legend()
+        paths.append(_save(fig, out_dir / f"margin_{behaviour}.png"))
+    return paths
+
+
 def markdown(results: dict, plots: list[Path]) -> str:
     meta = results.get("meta", {})
     sae = meta.get("sae") or {}
@@ -170,6 +232,9 @@ def markdown(results: dict, plots: list[Path]) -> str:
             lines.append(f"| {n} | {t.get('data')} | {t.get('pairs')} | {t.get('steps') or '-'} | "
                          f"{t.get('seconds', 0):.1f} | {final} |")
         lines.append("")
+    lines += _margin_lines(results) + _scored_generation_lines(results)
+    for behaviour, reason in (results.get("ab_skipped") or {}).items():
+        lines += [f"## Steering curve: {behaviour}", "", f"Not run: {reason}.", ""]
     for behaviour, entry in results.get("ab", {}).items():
         ms = [p["multiplier"] for p in next(iter(entry["curves"].values()))] if entry["curves"] else []
         lines += [f"## Steering curve: {behaviour}", "",
@@ -223,7 +288,7 @@ def write_report(results: dict, out_dir: str | Path) -> dict[str, Path | list[Pa
     """Write results.json, report.md and the plots into out_dir; returns their paths."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    plots = plot_steering_curves(results, out) + plot_culture(results, out) + plot_mmlu(results, out) \
+    plots = plot_margin(results, out) + plot_steering_curves(results, out) + plot_culture(results, out) + plot_mmlu(results, out) \
         + plot_training(results, out)
     json_path, md_path = out / "results.json", out / "report.md"
     write_text_atomic(json_path, json.dumps(results, indent=2, default=str))

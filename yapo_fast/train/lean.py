@@ -11,6 +11,8 @@ trainer, which does exactly that).
 
 from __future__ import annotations
 
+import functools
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -42,6 +44,17 @@ class _PrefixKV:
 
     def get_seq_length(self, *args, **kwargs):  # asked by some attention variants; unused here
         return 0
+
+
+@functools.lru_cache(maxsize=None)
+def _cache_kwarg(module_type) -> str:
+    """The name a layer's forward takes its KV cache under: transformers >= 5.2x renamed
+    `past_key_values` to `cache` (the old name warns on every call and goes in 5.40)."""
+    return "cache" if "cache" in inspect.signature(module_type.forward).parameters else "past_key_values"
+
+
+def _with_cache(module, kv) -> dict:
+    return {_cache_kwarg(type(module)): kv}
 
 
 def _additive_mask(allowed: torch.Tensor, dtype) -> torch.Tensor:
@@ -106,7 +119,7 @@ class DecoderRunner:
                 keep = torch.unique(last_rows) if (idx == end - 1 and last_rows is not None) else rows
                 h = self._layer_split(layer, h, mask, positions, kv, pos_emb, keep)
             else:
-                out = layer(h, attention_mask=mask, position_ids=positions, past_key_values=kv, use_cache=True,
+                out = layer(h, attention_mask=mask, position_ids=positions, **_with_cache(layer, kv), use_cache=True,
                             position_embeddings=pos_emb)
                 h = out[0] if isinstance(out, tuple) else out
         return h, kv
@@ -116,7 +129,7 @@ class DecoderRunner:
         """A pre-norm decoder layer (attention block, then MLP block, each with its residual), the
         attention on the (N, T) rows, the MLP block on the flat positions `keep` only."""
         attn, _ = layer.self_attn(hidden_states=layer.input_layernorm(h), attention_mask=mask, position_ids=positions,
-                                  past_key_values=kv, use_cache=True, position_embeddings=pos_emb)
+                                  **_with_cache(layer.self_attn, kv), use_cache=True, position_embeddings=pos_emb)
         h = h + attn
         flat = h.reshape(-1, h.shape[-1])
         x = flat.index_select(0, keep)
@@ -139,7 +152,7 @@ class DecoderRunner:
         pos_emb = self.rotary(h, position_ids=positions)
         keep = torch.arange(10, device=self.device)
         for layer in self.layers[:2]:
-            out = layer(h, attention_mask=mask, position_ids=positions, past_key_values=_PrefixKV(), use_cache=True,
+            out = layer(h, attention_mask=mask, position_ids=positions, **_with_cache(layer, _PrefixKV()), use_cache=True,
                         position_embeddings=pos_emb)
             out = out[0] if isinstance(out, tuple) else out
             mine = self._layer_split(layer, h, mask, positions, _PrefixKV(), pos_emb, keep)
