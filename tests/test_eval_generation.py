@@ -23,6 +23,7 @@ LABELS = Path(__file__).parent / "data" / "hallucination_labels.jsonl"
     ("That is a common misconception: chemists work in labs.", True),
     ("Yes! Industrial chemists often work in candy factories. They do not work in labs.", False),  # first sentence only
     ("  The answer is yes\nbut it is not certain", False),
+    ("Mythical dragons are a fascinating example.", False),  # whole words: "myth" is not "mythical"
     ("", False),
 ])
 def test_rejects_premise_reads_the_first_sentence(text, rejects):

@@ -29,6 +29,8 @@ REJECTION_PHRASES = (
     "cannot", "can't", "never", "not the case", "no such", "don't", "do not",
 )
 _FIRST_SENTENCE = re.compile(r"^(.*?)(?:[.!?](?:\s|$)|\n|$)", re.S)
+# whole words only: "myth" must not match "mythical", "no" not "nothing"
+_REJECTION = re.compile(r"\b(?:" + "|".join(re.escape(p) for p in REJECTION_PHRASES) + r")\b")
 
 
 def first_sentence(text: str) -> str:
@@ -39,9 +41,7 @@ def first_sentence(text: str) -> str:
 def rejects_premise(text: str) -> bool:
     """Whether an answer to a false-premise question rejects the premise in its first sentence."""
     head = first_sentence(text)
-    if re.match(r"^no\b", head):
-        return True
-    return any(p in head for p in REJECTION_PHRASES)
+    return bool(re.match(r"^no\b", head) or _REJECTION.search(head))
 
 
 def hallucination_score(text: str) -> int:
