@@ -20,8 +20,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from helpers import random_latent, random_sae
+
 from yapo_fast.kernels.sparse_steer import prepare_sparse_steer, sparse_steer
 from yapo_fast.kernels.sparse_steer_reference import sparse_steer_reference
 
@@ -79,17 +79,25 @@ def test_headline_jumprelu_T512_support64(benchmark, record, path):
 
 
 # The reference only up to T=512: beyond, it takes seconds per call (three full d_sae products).
-SWEEP = [(kind, T, s, path) for kind in ("jumprelu", "topk") for T in (1, 64, 512, 4096) for s in (16, 256, 4096)
-         for path in ("reference", "fused", "unavoidable_matmuls") if not (path == "reference" and T > 512)]
+SWEEP = [
+    (kind, T, s, path)
+    for kind in ("jumprelu", "topk")
+    for T in (1, 64, 512, 4096)
+    for s in (16, 256, 4096)
+    for path in ("reference", "fused", "unavoidable_matmuls")
+    if not (path == "reference" and T > 512)
+]
 
 
 @pytest.mark.parametrize("kind,T,support,path", SWEEP)
 def test_sweep(benchmark, record, kind, T, support, path):
     sae, h, v, prepared = setup(kind, T, support)
     benchmark.group = f"sweep {kind} T={T} support={support}"
-    fn = {"reference": lambda: sparse_steer_reference(h, sae, v, 1.0),
-          "fused": lambda: sparse_steer(h, prepared),
-          "unavoidable_matmuls": floor_fn(h, prepared)}[path]
+    fn = {
+        "reference": lambda: sparse_steer_reference(h, sae, v, 1.0),
+        "fused": lambda: sparse_steer(h, prepared),
+        "unavoidable_matmuls": floor_fn(h, prepared),
+    }[path]
     t0 = time.perf_counter()
     fn()
     benchmark.pedantic(fn, rounds=rounds_for(time.perf_counter() - t0), iterations=1, warmup_rounds=1)
@@ -97,18 +105,24 @@ def test_sweep(benchmark, record, kind, T, support, path):
 
 
 # Decode shapes: one token per request (T 1..8); default backend vs each CPU backend forced.
-DECODE = [(T, s, path) for T in (1, 2, 4, 8) for s in (16, 64, 256, 4096)
-          for path in ("fused", "fused_torch", "fused_numba", "unavoidable_matmuls")]
+DECODE = [
+    (T, s, path)
+    for T in (1, 2, 4, 8)
+    for s in (16, 64, 256, 4096)
+    for path in ("fused", "fused_torch", "fused_numba", "unavoidable_matmuls")
+]
 
 
 @pytest.mark.parametrize("T,support,path", DECODE)
 def test_decode(benchmark, record, T, support, path):
     sae, h, v, prepared = setup("jumprelu", T, support)
     benchmark.group = f"decode jumprelu T={T} support={support}"
-    fn = {"fused": lambda: sparse_steer(h, prepared),
-          "fused_torch": lambda: sparse_steer(h, prepared, backend="torch"),
-          "fused_numba": lambda: sparse_steer(h, prepared, backend="numba"),
-          "unavoidable_matmuls": floor_fn(h, prepared)}[path]
+    fn = {
+        "fused": lambda: sparse_steer(h, prepared),
+        "fused_torch": lambda: sparse_steer(h, prepared, backend="torch"),
+        "fused_numba": lambda: sparse_steer(h, prepared, backend="numba"),
+        "unavoidable_matmuls": floor_fn(h, prepared),
+    }[path]
     fn()
     benchmark.pedantic(fn, rounds=200 if support <= 256 else 30, iterations=1, warmup_rounds=5)
     record(MODULE, benchmark.group, path, benchmark)
@@ -119,10 +133,15 @@ def test_decode_interleaved_crossover(bench_threads):
     INTERLEAVED (torch, numba, torch, ...) in one loop, as in a model's forward where the steer
     sits between torch ops (each path alone looks better for numba: caches stay warm). Writes
     bench/results/bench_sparse_steer_decode_interleaved.md (us, median [min])."""
-    lines = ["# decode crossover, torch path vs numba kernel, interleaved (us, median [min]; "
-             f"threads={bench_threads}; jumprelu, d_model {D_MODEL}, d_sae {D_SAE}, n = support/2)", "",
-             "| support | n | T | torch | numba | numba / torch | default |", "|---|---|---|---|---|---|---|"]
+    lines = [
+        "# decode crossover, torch path vs numba kernel, interleaved (us, median [min]; "
+        f"threads={bench_threads}; jumprelu, d_model {D_MODEL}, d_sae {D_SAE}, n = support/2)",
+        "",
+        "| support | n | T | torch | numba | numba / torch | default |",
+        "|---|---|---|---|---|---|---|",
+    ]
     from yapo_fast.kernels.sparse_steer_backend import default_cpu_backend
+
     for support in (16, 64, 256, 1024, 4096):
         for T in (1, 2, 4, 8, 16):
             if support == 4096 and T > 8:
@@ -140,10 +159,12 @@ def test_decode_interleaved_crossover(bench_threads):
                     times[b].append(time.perf_counter() - t0)
             med = {b: sorted(v)[len(v) // 2] * 1e6 for b, v in times.items()}
             low = {b: min(v) * 1e6 for b, v in times.items()}
-            lines.append(f"| {support} | {prepared.n_dependent} | {T} | {med['torch']:.1f} [{low['torch']:.1f}] | "
-                         f"{med['numba']:.1f} [{low['numba']:.1f}] | {med['numba'] / med['torch']:.2f} "
-                         f"[{low['numba'] / low['torch']:.2f}] | "
-                         f"{default_cpu_backend('sparse_steer', (T, D_MODEL, prepared.n_dependent))} |")
+            lines.append(
+                f"| {support} | {prepared.n_dependent} | {T} | {med['torch']:.1f} [{low['torch']:.1f}] | "
+                f"{med['numba']:.1f} [{low['numba']:.1f}] | {med['numba'] / med['torch']:.2f} "
+                f"[{low['numba'] / low['torch']:.2f}] | "
+                f"{default_cpu_backend('sparse_steer', (T, D_MODEL, prepared.n_dependent))} |"
+            )
     out = Path(__file__).parent / "results" / "bench_sparse_steer_decode_interleaved.md"
     out.parent.mkdir(exist_ok=True)
     tmp = out.with_suffix(".tmp")
@@ -193,8 +214,14 @@ def bytes_touched(prepared, h):
     encoder columns, decoder rows, bias/threshold/coefficient and the constant; for TopK also the
     whole encoder (the k-th largest pre-activation needs every latent)."""
     total = 2 * h.numel() * h.element_size()
-    for t in (prepared.enc_cols, prepared.dec_rows, prepared.const, prepared.enc_bias, prepared.thresholds,
-              prepared.coef):
+    for t in (
+        prepared.enc_cols,
+        prepared.dec_rows,
+        prepared.const,
+        prepared.enc_bias,
+        prepared.thresholds,
+        prepared.coef,
+    ):
         total += t.numel() * t.element_size()
     if prepared.kind == "topk":
         total += sum(t.numel() * t.element_size() for t in (prepared.topk_W_enc, prepared.topk_b_enc))
@@ -203,18 +230,28 @@ def bytes_touched(prepared, h):
 
 def write_gpu_table():
     bandwidth = copy_bandwidth()
-    lines = [f"# bench_sparse_steer GPU ({torch.cuda.get_device_name()}; d_model {GPU_D_MODEL}, d_sae {GPU_D_SAE}, "
-             f"support {GPU_SUPPORT} (half negative), h bfloat16)", "",
-             f"Copy bandwidth measured in this run: {bandwidth / 1e9:.0f} GB/s. bound = bytes touched / that.", "",
-             "| kind | T | " + " | ".join(f"{p} ms" for p in GPU_PATHS) + " | bound ms | fused vs eager | fused vs compiled "
-             "| bound / fused |", "|" + "---|" * (len(GPU_PATHS) + 6)]
+    lines = [
+        f"# bench_sparse_steer GPU ({torch.cuda.get_device_name()}; d_model {GPU_D_MODEL}, d_sae {GPU_D_SAE}, "
+        f"support {GPU_SUPPORT} (half negative), h bfloat16)",
+        "",
+        f"Copy bandwidth measured in this run: {bandwidth / 1e9:.0f} GB/s. bound = bytes touched / that.",
+        "",
+        "| kind | T | " + " | ".join(f"{p} ms" for p in GPU_PATHS) + " | bound ms | fused vs eager | fused vs compiled "
+        "| bound / fused |",
+        "|" + "---|" * (len(GPU_PATHS) + 6),
+    ]
     for (kind, T), times in sorted(GPU_RESULTS.items()):
         cells = [f"{times[p] * 1e3:.4f}" if p in times else "-" for p in GPU_PATHS]
         fused, bound = times.get("fused"), times.get("bound")
-        ratio = (lambda base: f"{times[base] / fused:.1f}x" if fused and base in times else "-")
+
+        def ratio(base, times=times, fused=fused):
+            return f"{times[base] / fused:.1f}x" if fused and base in times else "-"
+
         frac = f"{bound / fused:.2f}" if fused and bound else "-"
-        lines.append(f"| {kind} | {T} | " + " | ".join(cells) + f" | {bound * 1e3:.4f} | {ratio('reference')} | "
-                     f"{ratio('reference_compiled')} | {frac} |")
+        lines.append(
+            f"| {kind} | {T} | " + " | ".join(cells) + f" | {bound * 1e3:.4f} | {ratio('reference')} | "
+            f"{ratio('reference_compiled')} | {frac} |"
+        )
     GPU_RESULTS_FILE.parent.mkdir(exist_ok=True)
     tmp = GPU_RESULTS_FILE.with_suffix(".tmp")
     tmp.write_text("\n".join(lines) + "\n")
@@ -228,6 +265,7 @@ def write_gpu_table():
 def test_gpu(benchmark, kind, T, path):
     from yapo_fast.kernels.sparse_steer import _per_slot, _topk_cut
     from yapo_fast.kernels.sparse_steer_triton import ROWS_MAX_N, steer_triton
+
     sae = gpu_sae(kind)
     h = (2.0 * torch.randn(T, GPU_D_MODEL, generator=torch.Generator().manual_seed(T))).to("cuda", torch.bfloat16)
     v = random_latent(GPU_D_SAE, GPU_SUPPORT, "mixed", seed=GPU_SUPPORT).cuda()
@@ -242,9 +280,11 @@ def test_gpu(benchmark, kind, T, path):
         def fn():
             steer_triton(h, out, None, *tensors, _topk_cut(h, prepared, "triton"), variant=variant)
     else:
-        fn = {"reference": lambda: sparse_steer_reference(h, sae, v, 1.0),
-              "reference_compiled": lambda: compiled_reference()(h, sae, v, 1.0),
-              "fused": lambda: sparse_steer(h, prepared)}[path]
+        fn = {
+            "reference": lambda: sparse_steer_reference(h, sae, v, 1.0),
+            "reference_compiled": lambda: compiled_reference()(h, sae, v, 1.0),
+            "fused": lambda: sparse_steer(h, prepared),
+        }[path]
     fn()  # compile / autotune / allocator warm-up
     torch.cuda.synchronize()
     t0 = time.perf_counter()

@@ -9,8 +9,8 @@ Run: bash scripts/bench.sh bench/bench_topk_threshold.py   (see bench/README.md)
 
 import pytest
 import torch
-
 from helpers import random_latent, random_sae
+
 from yapo_fast.kernels.sparse_steer import prepare_sparse_steer
 from yapo_fast.kernels.topk_threshold import topk_threshold
 
@@ -27,8 +27,12 @@ def prepared():
     return _P["p"]
 
 
-CASES = [(T, path) for T in (1, 64, 512, 4096) for path in ("torch_matmul_topk", "fused", "fused_numba")
-         if not (path == "fused_numba" and T > 512)]
+CASES = [
+    (T, path)
+    for T in (1, 64, 512, 4096)
+    for path in ("torch_matmul_topk", "fused", "fused_numba")
+    if not (path == "fused_numba" and T > 512)
+]
 
 
 @pytest.mark.parametrize("T,path", CASES)
@@ -36,9 +40,11 @@ def test_topk_threshold(benchmark, record, T, path):
     p = prepared()
     x = 2.0 * torch.randn(T, D_MODEL, generator=torch.Generator().manual_seed(T))
     W, b = p.topk_W_enc, p.topk_b_enc
-    fn = {"torch_matmul_topk": lambda: torch.topk(torch.addmm(b, x, W), K + 1, dim=1),
-          "fused": lambda: topk_threshold(x, W, b, K),
-          "fused_numba": lambda: topk_threshold(x, W, b, K, backend="numba")}[path]
+    fn = {
+        "torch_matmul_topk": lambda: torch.topk(torch.addmm(b, x, W), K + 1, dim=1),
+        "fused": lambda: topk_threshold(x, W, b, K),
+        "fused_numba": lambda: topk_threshold(x, W, b, K, backend="numba"),
+    }[path]
     fn()  # warm-up (numba compile / cache load)
     benchmark.group = f"topk threshold T={T} k={K}"
     benchmark.pedantic(fn, rounds=3 if T >= 512 else 10, iterations=1, warmup_rounds=1)
@@ -62,8 +68,10 @@ def test_gpu_topk_threshold(benchmark, record, T, path):
     p = gpu_prepared()
     x = (2.0 * torch.randn(T, 2304, generator=torch.Generator().manual_seed(T))).cuda()
     W, b = p.topk_W_enc, p.topk_b_enc
-    fn = {"torch_matmul_topk": lambda: torch.topk(torch.addmm(b, x, W), K + 1, dim=1),
-          "fused": lambda: topk_threshold(x, W, b, K)}[path]
+    fn = {
+        "torch_matmul_topk": lambda: torch.topk(torch.addmm(b, x, W), K + 1, dim=1),
+        "fused": lambda: topk_threshold(x, W, b, K),
+    }[path]
     fn()  # compile / warm-up
     torch.cuda.synchronize()
     reps = 20 if T <= 256 else 3

@@ -33,7 +33,6 @@ import threading
 import time
 from pathlib import Path
 
-import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
@@ -50,7 +49,9 @@ CURVE_PAIRS = int(os.environ.get("YAPO_BENCH_CURVE_PAIRS", "12"))
 BATCH = 4
 RESULTS_DIR = Path(__file__).parent / "results"
 # Results of earlier runs (other -k selections) are kept and updated, not thrown away.
-RESULTS: dict = json.loads((RESULTS_DIR / "trainer.json").read_text()) if (RESULTS_DIR / "trainer.json").exists() else {}
+RESULTS: dict = (
+    json.loads((RESULTS_DIR / "trainer.json").read_text()) if (RESULTS_DIR / "trainer.json").exists() else {}
+)
 if os.environ.get("YAPO_BENCH_THREADS"):
     torch.set_num_threads(int(os.environ["YAPO_BENCH_THREADS"]))
 
@@ -61,8 +62,13 @@ def calibrated_random_sae(model, tok, pairs, layer: int, l0: float = 64.0):
     raw random thresholds would leave ~2000 latents active per token on real residual norms."""
     from yapo_fast.integrations.hf_hooks import capture_layer_output
 
-    sae = yapo_fast.SAE.random("jumprelu", model.config.hidden_size, 8 * model.config.hidden_size, layer=layer,
-                               name="random-jumprelu-calibrated")
+    sae = yapo_fast.SAE.random(
+        "jumprelu",
+        model.config.hidden_size,
+        8 * model.config.hidden_size,
+        layer=layer,
+        name="random-jumprelu-calibrated",
+    )
     toks = tokenize_pairs(tok, pairs[:16])
     states = []
     with torch.no_grad():
@@ -86,9 +92,18 @@ def setup():
     except yapo_fast.YapoFastError:
         sae = calibrated_random_sae(model, tok, pairs, RANDOM_SAE_LAYER)
         origin = "random (calibrated to L0 64)"
-    RESULTS["setup"] = {"model": yapo_fast.DEFAULT_MODEL, "sae": sae.name, "sae_origin": origin, "sae_kind": sae.kind,
-                        "d_sae": sae.d_sae, "layer": sae.layer, "pairs_timed": N_PAIRS, "batch_size": BATCH,
-                        "torch_threads": torch.get_num_threads(), "load_avg_at_start": os.getloadavg()}
+    RESULTS["setup"] = {
+        "model": yapo_fast.DEFAULT_MODEL,
+        "sae": sae.name,
+        "sae_origin": origin,
+        "sae_kind": sae.kind,
+        "d_sae": sae.d_sae,
+        "layer": sae.layer,
+        "pairs_timed": N_PAIRS,
+        "batch_size": BATCH,
+        "torch_threads": torch.get_num_threads(),
+        "load_avg_at_start": os.getloadavg(),
+    }
     return model, tok, sae, pairs
 
 
@@ -168,11 +183,16 @@ def flops(model, sae, token_lengths, layer, l0: float, batches=None) -> dict:
         fwd = layers(a - 1, T, keys) + last + 2 * q * keys + V * d * resp + l0 * d * T
         bwd = layers(a - 1, T, 2 * keys) + last + 4 * q * keys + V * d * resp + l0 * d * T
         lean_steps += fwd + bwd
-    out = {"naive": 2 * naive, "lean_cache": 2 * lean_cache, "lean_steps": 2 * lean_steps,
-           "lean": 2 * (lean_cache + lean_steps), "ratio_1_epoch": naive / (lean_cache + lean_steps),
-           "ratio_2_epochs": 2 * naive / (lean_cache + 2 * lean_steps),
-           "ratio_10_epochs": 10 * naive / (lean_cache + 10 * lean_steps),
-           "ratio_steps_only": naive / lean_steps}
+    out = {
+        "naive": 2 * naive,
+        "lean_cache": 2 * lean_cache,
+        "lean_steps": 2 * lean_steps,
+        "lean": 2 * (lean_cache + lean_steps),
+        "ratio_1_epoch": naive / (lean_cache + lean_steps),
+        "ratio_2_epochs": 2 * naive / (lean_cache + 2 * lean_steps),
+        "ratio_10_epochs": 10 * naive / (lean_cache + 10 * lean_steps),
+        "ratio_steps_only": naive / lean_steps,
+    }
     if batches is not None:
         padded = sum(2 * len(b) * naive_seq(max(P + max(Rc, Rr) for P, Rc, Rr in b)) for b in batches)
         out["naive_padded"] = 2 * padded
@@ -192,8 +212,9 @@ def run_naive():
 
 def run_lean():
     model, tok, sae, pairs = setup()
-    return yapo_fast.train("yapo", pairs[:N_PAIRS], model=model, tokenizer=tok, sae=sae, layer=sae.layer,
-                           progress=False, **TRAIN_KW)
+    return yapo_fast.train(
+        "yapo", pairs[:N_PAIRS], model=model, tokenizer=tok, sae=sae, layer=sae.layer, progress=False, **TRAIN_KW
+    )
 
 
 CACHE_BATCHES = int(os.environ.get("YAPO_BENCH_CACHE_BATCHES", "2"))  # training batches cached per cache pass
@@ -208,8 +229,12 @@ def blend_sets(country: str = "UK") -> dict:
 
     mc = []
     for item in blend.mcq_items(country, "localized", split="train")[:200]:
-        prompt = item.question + "\n" + "\n".join(f"{L}. {o}" for L, o in zip("ABCD", item.options)) + \
-            "\nAnswer with the letter of the correct option."
+        prompt = (
+            item.question
+            + "\n"
+            + "\n".join(f"{L}. {o}" for L, o in zip("ABCD", item.options))
+            + "\nAnswer with the letter of the correct option."
+        )
         wrong = next(L for L in "ABCD" if L != item.answer)
         mc.append(PreferencePair(prompt, item.answer, wrong))
     return {"pairs": blend.preference_pairs(country, "localized")[:200], "multiple_choice": mc}
@@ -255,7 +280,7 @@ def lean_cache_pass(runner, toks, cache, schedule, k, sae) -> list[int] | None:
 
     if schedule[k][1][0] in cache:
         return None
-    todo = [i for _, b, _ in schedule[k:k + CACHE_BATCHES] for i in b]
+    todo = [i for _, b, _ in schedule[k : k + CACHE_BATCHES] for i in b]
     part = build_cache(runner, toks, todo, sae.layer, sae=sae, batch_size=len(todo), progress=False)
     cache.entries.update(part.entries)
     cache.memory_bytes += part.memory_bytes
@@ -293,10 +318,24 @@ def run_paired(on_step=None):
     toks = tokenize_pairs(tok, pairs)
     cache = ExampleCache()
     lean = LeanObjective(runner, cache, cfg, sae)
-    out = {"naive": 0.0, "lean": 0.0, "lean_cache": 0.0, "naive_losses": [], "lean_losses": [],
-           "naive_peak_mib": 0.0, "lean_peak_mib": 0.0, "lean_cache_mib": 0.0, "split_mlp": runner.split_mlp,
-           "cache_pairs_per_pass": CACHE_BATCHES * BATCH, "steps_done": 0, "pairs_done": 0, "steps": len(schedule),
-           "data": DATA, "pairs": len(pairs), "sae_weights_hash": sae.weights_hash()}
+    out = {
+        "naive": 0.0,
+        "lean": 0.0,
+        "lean_cache": 0.0,
+        "naive_losses": [],
+        "lean_losses": [],
+        "naive_peak_mib": 0.0,
+        "lean_peak_mib": 0.0,
+        "lean_cache_mib": 0.0,
+        "split_mlp": runner.split_mlp,
+        "cache_pairs_per_pass": CACHE_BATCHES * BATCH,
+        "steps_done": 0,
+        "pairs_done": 0,
+        "steps": len(schedule),
+        "data": DATA,
+        "pairs": len(pairs),
+        "sae_weights_hash": sae.weights_hash(),
+    }
     state = {}
     for name in ("naive", "lean"):
         v = torch.zeros(sae.d_sae, requires_grad=True)
@@ -331,11 +370,15 @@ def run_paired(on_step=None):
 
 
 def _paired_summary(out):
-    return {**out, "speedup": out["naive"] / out["lean"],
-            "speedup_steps_only": out["naive"] / (out["lean"] - out["lean_cache"]),
-            "final_loss_abs_diff": abs(out["naive_losses"][-1] - out["lean_losses"][-1]),
-            "max_loss_abs_diff": max(abs(a - b) for a, b in zip(out["naive_losses"], out["lean_losses"])),
-            "malloc_mmap_threshold": os.environ.get("MALLOC_MMAP_THRESHOLD_"), "load_avg_after": os.getloadavg()}
+    return {
+        **out,
+        "speedup": out["naive"] / out["lean"],
+        "speedup_steps_only": out["naive"] / (out["lean"] - out["lean_cache"]),
+        "final_loss_abs_diff": abs(out["naive_losses"][-1] - out["lean_losses"][-1]),
+        "max_loss_abs_diff": max(abs(a - b) for a, b in zip(out["naive_losses"], out["lean_losses"])),
+        "malloc_mmap_threshold": os.environ.get("MALLOC_MMAP_THRESHOLD_"),
+        "load_avg_after": os.getloadavg(),
+    }
 
 
 def test_trainer_epoch_paired(benchmark):
@@ -372,10 +415,16 @@ def test_trainer_epoch_lean(benchmark):
         t0 = time.perf_counter()
         res = benchmark.pedantic(run_lean, rounds=1, iterations=1)
         seconds = time.perf_counter() - t0
-    RESULTS["lean"] = {"seconds": seconds, "cache_seconds": res.cache_seconds,
-                       "step_seconds": sum(r["seconds"] for r in res.losses), "steps": res.steps,
-                       "peak_rss_mib": mem.mib, "final_loss": res.losses[-1]["loss"],
-                       "losses": [r["loss"] for r in res.losses], "nnz_v": res.losses[-1]["nnz"]}
+    RESULTS["lean"] = {
+        "seconds": seconds,
+        "cache_seconds": res.cache_seconds,
+        "step_seconds": sum(r["seconds"] for r in res.losses),
+        "steps": res.steps,
+        "peak_rss_mib": mem.mib,
+        "final_loss": res.losses[-1]["loss"],
+        "losses": [r["loss"] for r in res.losses],
+        "nnz_v": res.losses[-1]["nnz"],
+    }
 
 
 def test_trainer_epoch_naive(benchmark):
@@ -384,8 +433,13 @@ def test_trainer_epoch_naive(benchmark):
         t0 = time.perf_counter()
         v, records = benchmark.pedantic(run_naive, rounds=1, iterations=1)
         seconds = time.perf_counter() - t0
-    RESULTS["naive"] = {"seconds": seconds, "steps": len(records), "peak_rss_mib": mem.mib,
-                        "final_loss": records[-1]["loss"], "losses": [r["loss"] for r in records]}
+    RESULTS["naive"] = {
+        "seconds": seconds,
+        "steps": len(records),
+        "peak_rss_mib": mem.mib,
+        "final_loss": records[-1]["loss"],
+        "losses": [r["loss"] for r in records],
+    }
 
 
 def test_trainer_ratio_and_flop_bound():
@@ -399,7 +453,7 @@ def test_trainer_ratio_and_flop_bound():
     paired = json.loads(Path(src).read_text()) if src else RESULTS["paired"]
     lean, naive = RESULTS.get("lean"), RESULTS.get("naive")
     n_total = paired.get("pairs", N_PAIRS)
-    done = batch_schedule(n_total, BATCH, 1, 0)[:paired.get("steps_done", 10**9)]
+    done = batch_schedule(n_total, BATCH, 1, 0)[: paired.get("steps_done", 10**9)]
     toks = tokenize_pairs(tok, pairs[:n_total])
     lengths = [(len(t.prompt), len(t.chosen), len(t.rejected)) for t in toks]
     batches = [[lengths[i] for i in b] for _, b, _ in done]
@@ -408,20 +462,29 @@ def test_trainer_ratio_and_flop_bound():
     f = flops(model, sae, covered, sae.layer, l0, batches)
     per_200 = lambda s: s / len(covered) * 200  # noqa: E731  (seconds per epoch of 200 pairs, scaled)
     RESULTS["ratio"] = {
-        "pairs_timed": len(covered), "of_pairs": n_total, "source": src or "paired",
+        "pairs_timed": len(covered),
+        "of_pairs": n_total,
+        "source": src or "paired",
         "measured_speedup_1_epoch_paired": paired["speedup"],
         "measured_speedup_steps_only_paired": paired["speedup_steps_only"],
-        "flop_bound_1_epoch": f["ratio_1_epoch"], "flop_bound_2_epochs": f["ratio_2_epochs"],
-        "flop_bound_10_epochs": f["ratio_10_epochs"], "flop_bound_steps_only": f["ratio_steps_only"],
+        "flop_bound_1_epoch": f["ratio_1_epoch"],
+        "flop_bound_2_epochs": f["ratio_2_epochs"],
+        "flop_bound_10_epochs": f["ratio_10_epochs"],
+        "flop_bound_steps_only": f["ratio_steps_only"],
         "flop_ratio_1_epoch_vs_padded_naive": f["ratio_1_epoch_vs_padded_naive"],
         "naive_seconds_per_200_pair_epoch": per_200(paired["naive"]),
         "lean_seconds_per_200_pair_epoch": per_200(paired["lean"]),
-        "final_loss_abs_diff": paired["final_loss_abs_diff"], "max_loss_abs_diff": paired.get("max_loss_abs_diff"),
-        "naive_peak_mib": paired.get("naive_peak_mib"), "lean_peak_mib": paired.get("lean_peak_mib"),
-        "sae_mean_l0": l0, "gflops": {k: v / 1e9 for k, v in f.items() if not k.startswith("ratio")},
-        "mean_tokens": {"prompt": sum(x[0] for x in covered) / len(covered),
-                        "chosen": sum(x[1] for x in covered) / len(covered),
-                        "rejected": sum(x[2] for x in covered) / len(covered)},
+        "final_loss_abs_diff": paired["final_loss_abs_diff"],
+        "max_loss_abs_diff": paired.get("max_loss_abs_diff"),
+        "naive_peak_mib": paired.get("naive_peak_mib"),
+        "lean_peak_mib": paired.get("lean_peak_mib"),
+        "sae_mean_l0": l0,
+        "gflops": {k: v / 1e9 for k, v in f.items() if not k.startswith("ratio")},
+        "mean_tokens": {
+            "prompt": sum(x[0] for x in covered) / len(covered),
+            "chosen": sum(x[1] for x in covered) / len(covered),
+            "rejected": sum(x[2] for x in covered) / len(covered),
+        },
     }
     if lean and naive:
         RESULTS["ratio"]["measured_speedup_end_to_end"] = naive["seconds"] / lean["seconds"]
@@ -462,25 +525,42 @@ def test_trainer_profile():
         def wrapper(*a, **k):
             with record_function(label(*a, **k) if callable(label) else label):
                 return fn(*a, **k)
+
         return wrapper
 
     run_label = lambda self, h, pos, allowed, start, end, *a, **k: (  # noqa: E731
-        f"phase: layers 0..L (cache)" if start == 0 else
-        f"phase: layers L+1..N-1 {'prompt' if k.get('record') else 'responses'} ({'grad' if torch.is_grad_enabled() else 'no grad'})")
-    patches = [(lean_mod.DecoderRunner, "run", labelled(lean_mod.DecoderRunner.run, run_label)),
-               (lean_mod.DecoderRunner, "token_logprobs",
-                labelled(lean_mod.DecoderRunner.token_logprobs, "phase: final norm + LM head + log-softmax")),
-               (cache_mod, "sparse_codes", labelled(cache_mod.sparse_codes, "phase: SAE encode (cache)")),
-               (trainer_mod, "yapo_delta", labelled(trainer_mod.yapo_delta, "phase: YaPO delta")),
-               (trainer_mod, "assemble", labelled(trainer_mod.assemble, "phase: batch assembly"))]
+        "phase: layers 0..L (cache)"
+        if start == 0
+        else f"phase: layers L+1..N-1 {'prompt' if k.get('record') else 'responses'} ({'grad' if torch.is_grad_enabled() else 'no grad'})"
+    )
+    patches = [
+        (lean_mod.DecoderRunner, "run", labelled(lean_mod.DecoderRunner.run, run_label)),
+        (
+            lean_mod.DecoderRunner,
+            "token_logprobs",
+            labelled(lean_mod.DecoderRunner.token_logprobs, "phase: final norm + LM head + log-softmax"),
+        ),
+        (cache_mod, "sparse_codes", labelled(cache_mod.sparse_codes, "phase: SAE encode (cache)")),
+        (trainer_mod, "yapo_delta", labelled(trainer_mod.yapo_delta, "phase: YaPO delta")),
+        (trainer_mod, "assemble", labelled(trainer_mod.assemble, "phase: batch assembly")),
+    ]
     saved = [(obj, name, getattr(obj, name)) for obj, name, _ in patches]
     for obj, name, fn in patches:
         setattr(obj, name, fn)
     try:
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             t0 = time.perf_counter()
-            res = yapo_fast.train("yapo", pairs[:n], model=model, tokenizer=tok, sae=sae, layer=layer, progress=False,
-                                  epochs=1, batch_size=BATCH)
+            res = yapo_fast.train(
+                "yapo",
+                pairs[:n],
+                model=model,
+                tokenizer=tok,
+                sae=sae,
+                layer=layer,
+                progress=False,
+                epochs=1,
+                batch_size=BATCH,
+            )
             wall = time.perf_counter() - t0
     finally:
         for obj, name, fn in saved:
@@ -492,17 +572,30 @@ def test_trainer_profile():
     fwd_steps = sum(v for k, v in phases.items() if "(grad)" in k) + phases.get("phase: YaPO delta", 0.0)
     table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=18)
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    lines = [f"lean trainer, one epoch of {n} pairs (batch {BATCH}), wall {wall:.1f} s under the profiler: "
-             f"cache {res.cache_seconds:.1f} s, steps {step_s:.1f} s", "phases (CPU seconds, inclusive; "
-             "LM head counted in both the forward it belongs to and its own line):"]
+    lines = [
+        f"lean trainer, one epoch of {n} pairs (batch {BATCH}), wall {wall:.1f} s under the profiler: "
+        f"cache {res.cache_seconds:.1f} s, steps {step_s:.1f} s",
+        "phases (CPU seconds, inclusive; LM head counted in both the forward it belongs to and its own line):",
+    ]
     lines += [f"  {k}: {v:.2f}" for k, v in sorted(phases.items(), key=lambda kv: -kv[1])]
-    lines += [f"  backward + the step's LM head forward + optimizer (= step time - the step's layer phases): "
-              f"{max(step_s - fwd_steps, 0):.2f}  (backward alone: test_trainer_step_forward_vs_backward)", "", table]
+    lines += [
+        f"  backward + the step's LM head forward + optimizer (= step time - the step's layer phases): "
+        f"{max(step_s - fwd_steps, 0):.2f}  (backward alone: test_trainer_step_forward_vs_backward)",
+        "",
+        table,
+    ]
     (RESULTS_DIR / "trainer_profile.txt").write_text("\n".join(lines))
-    RESULTS["profile"] = {"pairs": n, "wall_s": wall, "cache_s": res.cache_seconds, "steps_s": step_s,
-                          "phases_s": phases,
-                          "top_ops": [{"op": e.key, "self_cpu_share": e.self_cpu_time_total / total}
-                                      for e in sorted(events, key=lambda e: -e.self_cpu_time_total)[:10]]}
+    RESULTS["profile"] = {
+        "pairs": n,
+        "wall_s": wall,
+        "cache_s": res.cache_seconds,
+        "steps_s": step_s,
+        "phases_s": phases,
+        "top_ops": [
+            {"op": e.key, "self_cpu_share": e.self_cpu_time_total / total}
+            for e in sorted(events, key=lambda e: -e.self_cpu_time_total)[:10]
+        ],
+    }
     RESULTS.pop("profile_top", None)
     _write()
     print("\n".join(lines))
@@ -528,9 +621,16 @@ def test_trainer_lean_peak_memory_by_phase():
     v = torch.zeros(sae.d_sae, requires_grad=True)
     opt, sched = make_optimizer(v, cfg, len(schedule))
     mem = PhasePeak()
-    out = {"pairs": len(pairs), "cache_pass_mib": 0.0, "cache_pass_worst": None, "step_mib": 0.0, "step_worst": None,
-           "cache_pairs_per_pass": CACHE_BATCHES * BATCH, "sae_weights_hash": sae.weights_hash(),
-           "malloc_mmap_threshold": os.environ.get("MALLOC_MMAP_THRESHOLD_")}
+    out = {
+        "pairs": len(pairs),
+        "cache_pass_mib": 0.0,
+        "cache_pass_worst": None,
+        "step_mib": 0.0,
+        "step_worst": None,
+        "cache_pairs_per_pass": CACHE_BATCHES * BATCH,
+        "sae_weights_hash": sae.weights_hash(),
+        "malloc_mmap_threshold": os.environ.get("MALLOC_MMAP_THRESHOLD_"),
+    }
 
     def n_tokens(ids):
         return sum(len(toks[i].prompt) + len(toks[i].chosen) + len(toks[i].rejected) for i in ids)
@@ -587,9 +687,14 @@ def test_trainer_step_forward_vs_backward(benchmark):
     benchmark.pedantic(step, rounds=7, iterations=1, warmup_rounds=2)
     fwd = statistics.median(times["forward"][2:])
     bwd = statistics.median(times["backward"][2:])
-    RESULTS["step_forward_backward"] = {"pairs": BATCH, "forward_s": fwd, "backward_s": bwd,
-                                        "backward_over_forward": bwd / fwd, "threads": torch.get_num_threads(),
-                                        "sae_weights_hash": sae.weights_hash()}
+    RESULTS["step_forward_backward"] = {
+        "pairs": BATCH,
+        "forward_s": fwd,
+        "backward_s": bwd,
+        "backward_over_forward": bwd / fwd,
+        "threads": torch.get_num_threads(),
+        "sae_weights_hash": sae.weights_hash(),
+    }
     _write()
     print(json.dumps(RESULTS["step_forward_backward"], indent=2))
 
@@ -602,8 +707,14 @@ CURVE_HOLDOUT = float(os.environ.get("YAPO_BENCH_CURVE_HOLDOUT", "0.2"))
 def steps_to_reach(losses, target=0.3, window=5):
     """(first step whose loss <= target, first step whose trailing mean over `window` steps <= target)."""
     raw = next((i + 1 for i, x in enumerate(losses) if x <= target), None)
-    mean = next((i + 1 for i in range(len(losses))
-                 if sum(losses[max(0, i - window + 1): i + 1]) / min(window, i + 1) <= target), None)
+    mean = next(
+        (
+            i + 1
+            for i in range(len(losses))
+            if sum(losses[max(0, i - window + 1) : i + 1]) / min(window, i + 1) <= target
+        ),
+        None,
+    )
     return raw, mean
 
 
@@ -623,13 +734,25 @@ def early_stopping_from_log(steps, evals, patience=2):
         if len(accs) - 1 - accs.index(max(accs)) >= patience:
             stop = e
             break
-    return {"full_schedule": {"steps": evals[-1]["step"], "step_seconds": cum[evals[-1]["step"]],
-                              "heldout_accuracy": final},
-            "first_reaching_final_accuracy": {"epoch": first["epoch"] + 1, "steps": first["step"],
-                                              "step_seconds": cum[first["step"]]},
-            f"patience_{patience}": {"stops_after_epoch": stop["epoch"] + 1, "steps": stop["step"],
-                                     "step_seconds": cum[stop["step"]], "heldout_accuracy": stop["heldout_accuracy"],
-                                     "best_heldout_accuracy": max(accs)}}
+    return {
+        "full_schedule": {
+            "steps": evals[-1]["step"],
+            "step_seconds": cum[evals[-1]["step"]],
+            "heldout_accuracy": final,
+        },
+        "first_reaching_final_accuracy": {
+            "epoch": first["epoch"] + 1,
+            "steps": first["step"],
+            "step_seconds": cum[first["step"]],
+        },
+        f"patience_{patience}": {
+            "stops_after_epoch": stop["epoch"] + 1,
+            "steps": stop["step"],
+            "step_seconds": cum[stop["step"]],
+            "heldout_accuracy": stop["heldout_accuracy"],
+            "best_heldout_accuracy": max(accs),
+        },
+    }
 
 
 def plot_curves(curves: dict, evals: dict, path, title: str):
@@ -645,11 +768,21 @@ def plot_curves(curves: dict, evals: dict, path, title: str):
         c = colors.get(method)
         steps, ls = [r["step"] for r in recs], [r["loss"] for r in recs]
         ax.plot(steps, ls, lw=0.7, alpha=0.45, color=c)
-        ax.plot(steps, [sum(ls[max(0, i - 4): i + 1]) / min(5, i + 1) for i in range(len(ls))], lw=1.8, color=c,
-                label=f"{method} (5-step mean; thin: per step)")
+        ax.plot(
+            steps,
+            [sum(ls[max(0, i - 4) : i + 1]) / min(5, i + 1) for i in range(len(ls))],
+            lw=1.8,
+            color=c,
+            label=f"{method} (5-step mean; thin: per step)",
+        )
         ev = evals.get(method) or []
-        ax2.plot([e["step"] for e in ev], [e["heldout_loss"] for e in ev], marker="o", color=c,
-                 label=f"{method}: loss (accuracy " + ", ".join(f"{e['heldout_accuracy']:.2f}" for e in ev) + ")")
+        ax2.plot(
+            [e["step"] for e in ev],
+            [e["heldout_loss"] for e in ev],
+            marker="o",
+            color=c,
+            label=f"{method}: loss (accuracy " + ", ".join(f"{e['heldout_accuracy']:.2f}" for e in ev) + ")",
+        )
     ax.axhline(0.3, color="grey", lw=0.8, ls="--")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("bi-directional DPO loss (batch)")
@@ -669,8 +802,18 @@ def test_trainer_convergence_yapo_vs_bipo():
     0.3, held-out preference accuracy after every epoch (early stopping read off the same run)."""
     model, tok, sae, pairs = setup()
     curves, evals, out = {}, {}, {}
-    kw = dict(model=model, tokenizer=tok, layer=sae.layer, epochs=CURVE_EPOCHS, batch_size=BATCH, lr=CURVE_LR,
-              warmup_steps=CURVE_WARMUP, seed=0, progress=False, holdout=CURVE_HOLDOUT)
+    kw = dict(
+        model=model,
+        tokenizer=tok,
+        layer=sae.layer,
+        epochs=CURVE_EPOCHS,
+        batch_size=BATCH,
+        lr=CURVE_LR,
+        warmup_steps=CURVE_WARMUP,
+        seed=0,
+        progress=False,
+        holdout=CURVE_HOLDOUT,
+    )
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     for method in ("yapo", "bipo"):
         res = yapo_fast.train(method, pairs[:CURVE_PAIRS], sae=sae if method == "yapo" else None, **kw)
@@ -678,23 +821,40 @@ def test_trainer_convergence_yapo_vs_bipo():
         with open(RESULTS_DIR / f"trainer_curves.{method}.partial.jsonl", "w") as f:  # survives a later kill
             f.writelines(json.dumps({"method": method, **r}) + "\n" for r in res.losses + res.evals)
         raw, mean = steps_to_reach([r["loss"] for r in res.losses])
-        out[method] = {"steps_to_0.3": raw, "steps_to_0.3_(5-step mean)": mean,
-                       "lowest_loss": min(r["loss"] for r in res.losses),
-                       "final_5_step_mean": sum(r["loss"] for r in res.losses[-5:]) / 5,
-                       "steps": len(res.losses), "cache_seconds": res.cache_seconds,
-                       "step_seconds": sum(r["seconds"] for r in res.losses),
-                       "heldout_accuracy_per_epoch": [e["heldout_accuracy"] for e in res.evals],
-                       "early_stopping": early_stopping_from_log(res.losses, res.evals) if res.evals else None}
+        out[method] = {
+            "steps_to_0.3": raw,
+            "steps_to_0.3_(5-step mean)": mean,
+            "lowest_loss": min(r["loss"] for r in res.losses),
+            "final_5_step_mean": sum(r["loss"] for r in res.losses[-5:]) / 5,
+            "steps": len(res.losses),
+            "cache_seconds": res.cache_seconds,
+            "step_seconds": sum(r["seconds"] for r in res.losses),
+            "heldout_accuracy_per_epoch": [e["heldout_accuracy"] for e in res.evals],
+            "early_stopping": early_stopping_from_log(res.losses, res.evals) if res.evals else None,
+        }
     with open(RESULTS_DIR / "trainer_curves.jsonl", "w") as f:
         for method in curves:
             f.writelines(json.dumps({"method": method, **r}) + "\n" for r in curves[method] + evals[method])
 
-    plot_curves(curves, evals, RESULTS_DIR / "trainer_curves.png",
-                f"BiPO hallucination, {len(curves['yapo']) // CURVE_EPOCHS * BATCH} train pairs, batch {BATCH}, "
-                f"lr {CURVE_LR:g}, warm-up {CURVE_WARMUP}, cosine")
-    out["settings"] = {"lr": CURVE_LR, "warmup_steps": CURVE_WARMUP, "epochs": CURVE_EPOCHS, "pairs": CURVE_PAIRS,
-                       "holdout": CURVE_HOLDOUT, "batch_size": BATCH, "seed": 0, "sae": sae.name,
-                       "sae_weights_hash": sae.weights_hash(), "torch_threads": torch.get_num_threads()}
+    plot_curves(
+        curves,
+        evals,
+        RESULTS_DIR / "trainer_curves.png",
+        f"BiPO hallucination, {len(curves['yapo']) // CURVE_EPOCHS * BATCH} train pairs, batch {BATCH}, "
+        f"lr {CURVE_LR:g}, warm-up {CURVE_WARMUP}, cosine",
+    )
+    out["settings"] = {
+        "lr": CURVE_LR,
+        "warmup_steps": CURVE_WARMUP,
+        "epochs": CURVE_EPOCHS,
+        "pairs": CURVE_PAIRS,
+        "holdout": CURVE_HOLDOUT,
+        "batch_size": BATCH,
+        "seed": 0,
+        "sae": sae.name,
+        "sae_weights_hash": sae.weights_hash(),
+        "torch_threads": torch.get_num_threads(),
+    }
     RESULTS["convergence"] = out
     _write()
     print(json.dumps(RESULTS["convergence"], indent=2))
@@ -716,10 +876,13 @@ def test_trainer_flop_bound_blend():
         lengths = [(len(t.prompt), len(t.chosen), len(t.rejected)) for t in toks]
         batches = [[lengths[i] for i in b] for _, b, _ in batch_schedule(len(lengths), BATCH, 1, 0)]
         f = flops(model, sae, lengths, sae.layer, l0, batches)
-        RESULTS["blend_flops"][name] = {"country": country, "pairs": len(pairs),
-                                        "mean_tokens": [sum(x[i] for x in lengths) / len(lengths) for i in range(3)],
-                                        "sae_mean_l0": l0,
-                                        **{k: v for k, v in f.items() if k.startswith("ratio")}}
+        RESULTS["blend_flops"][name] = {
+            "country": country,
+            "pairs": len(pairs),
+            "mean_tokens": [sum(x[i] for x in lengths) / len(lengths) for i in range(3)],
+            "sae_mean_l0": l0,
+            **{k: v for k, v in f.items() if k.startswith("ratio")},
+        }
     _write()
     print(json.dumps(RESULTS["blend_flops"], indent=2))
 

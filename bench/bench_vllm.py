@@ -62,8 +62,9 @@ def make_vectors(tmp: Path, n_extra: int = 64):
         latent[ids[32:]] = -(0.5 + torch.rand(32, generator=g))
         v = yapo_fast.SteeringVector.from_latent(latent, layer=LAYER, sae=sae)
         paths.append(str(v.save(tmp / f"yapo{i}.safetensors")))
-    bipo = yapo_fast.SteeringVector.from_dense(0.5 * torch.randn(576, generator=torch.Generator().manual_seed(5)),
-                                               method="bipo", layer=LAYER)
+    bipo = yapo_fast.SteeringVector.from_dense(
+        0.5 * torch.randn(576, generator=torch.Generator().manual_seed(5)), method="bipo", layer=LAYER
+    )
     bipo.save(tmp / "bipo.safetensors")
     return sae, paths, str(tmp / "bipo.safetensors")
 
@@ -118,12 +119,23 @@ def engine_main(out_path: str) -> None:
     t0 = time.time()
     # Prefix caching off: with it, repeated unsteered runs would reuse their prompts' KV while
     # patch() (which resets the cache) and salted per-request runs recompute theirs.
-    llm = LLM(model=str(yapo_fast.model.default_model_dir()), dtype="float32", max_model_len=512,
-              max_num_seqs=max(BATCHES + PER_REQUEST_BATCHES), kv_cache_memory_bytes=kv_cache_bytes(4), seed=0,
-              enable_prefix_caching=False)
-    res: dict = {"startup_s": time.time() - t0, "new_tokens": NEW_TOKENS, "rounds": ROUNDS,
-                 "layers": os.environ.get("YAPO_FAST_LAYERS", "all"), "samples": {},
-                 "command": " ".join([sys.executable] + sys.argv)}
+    llm = LLM(
+        model=str(yapo_fast.model.default_model_dir()),
+        dtype="float32",
+        max_model_len=512,
+        max_num_seqs=max(BATCHES + PER_REQUEST_BATCHES),
+        kv_cache_memory_bytes=kv_cache_bytes(4),
+        seed=0,
+        enable_prefix_caching=False,
+    )
+    res: dict = {
+        "startup_s": time.time() - t0,
+        "new_tokens": NEW_TOKENS,
+        "rounds": ROUNDS,
+        "layers": os.environ.get("YAPO_FAST_LAYERS", "all"),
+        "samples": {},
+        "command": " ".join([sys.executable] + sys.argv),
+    }
     tok = llm.get_tokenizer()
     texts = [format_prompt(tok, p) for p in prompts(max(BATCHES + PER_REQUEST_BATCHES))]
     yapo = yapo_fast.load_vector(yapo_paths[0])
@@ -132,8 +144,12 @@ def engine_main(out_path: str) -> None:
         yapo_fast.register_vector(llm, f"v{i}", p, sae=sae)
 
     def timed(batch, extra=None):
-        sps = [SamplingParams(max_tokens=NEW_TOKENS, temperature=0, ignore_eos=True,
-                              extra_args=None if extra is None else extra(i)) for i in range(batch)]
+        sps = [
+            SamplingParams(
+                max_tokens=NEW_TOKENS, temperature=0, ignore_eos=True, extra_args=None if extra is None else extra(i)
+            )
+            for i in range(batch)
+        ]
         t = time.perf_counter()
         outs = llm.generate(texts[:batch], sps, use_tqdm=False)
         dt = time.perf_counter() - t
@@ -146,17 +162,22 @@ def engine_main(out_path: str) -> None:
         def run(batch):
             with yapo_fast.patch(llm, vec, 1.0, **kw):
                 return timed(batch)
+
         return run
 
     configs = {"unsteered": lambda b: timed(b), "patched_yapo": patched(yapo, sae=sae), "patched_bipo": patched(bipo)}
     per_request = {f"per_request_{k}": (lambda b, k=k: timed(b, distinct(k))) for k in (1, 8, 64)}
     every = {**configs, **per_request}
     if PLAN:  # "64:unsteered,patched_yapo;256:unsteered" (a time-boxed run on a loaded machine)
-        plan = [(int(b), [n.strip() for n in names.split(",")]) for b, names in
-                (item.split(":") for item in PLAN.split(";") if item)]
+        plan = [
+            (int(b), [n.strip() for n in names.split(",")])
+            for b, names in (item.split(":") for item in PLAN.split(";") if item)
+        ]
     else:
-        plan = [(b, [*(configs if b in BATCHES else []), *(per_request if b in PER_REQUEST_BATCHES else [])])
-                for b in sorted(set(BATCHES + PER_REQUEST_BATCHES))]
+        plan = [
+            (b, [*(configs if b in BATCHES else []), *(per_request if b in PER_REQUEST_BATCHES else [])])
+            for b in sorted(set(BATCHES + PER_REQUEST_BATCHES))
+        ]
     timed(8)  # warm-up
 
     def record(r, b, name, tps):
@@ -169,7 +190,7 @@ def engine_main(out_path: str) -> None:
     # drifts during a round favours no configuration over the pair of rounds.
     for b, names in plan:
         for r in range(ROUNDS):
-            for name in (names if r % 2 == 0 else names[::-1]):
+            for name in names if r % 2 == 0 else names[::-1]:
                 record(r, b, name, every[name](b))
     for b in HF_BATCHES:  # transformers in a fresh process (no vLLM import there), engine idle
         for r in range(HF_ROUNDS):
@@ -179,8 +200,12 @@ def engine_main(out_path: str) -> None:
 
 def hf_subprocess(batch: int, steered: bool) -> float:
     env = dict(os.environ)
-    proc = subprocess.run([sys.executable, __file__, "hf", str(batch), "steered" if steered else "unsteered"],
-                          capture_output=True, text=True, env=env)
+    proc = subprocess.run(
+        [sys.executable, __file__, "hf", str(batch), "steered" if steered else "unsteered"],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     if proc.returncode != 0:
         raise RuntimeError(f"transformers run failed:\n{proc.stderr[-4000:]}")
     return float(proc.stdout.strip().splitlines()[-1])
@@ -199,15 +224,18 @@ def hf_tokens_per_s(batch: int, steered: bool) -> float:
     with tempfile.TemporaryDirectory() as tmp:
         sae, paths, _ = make_vectors(Path(tmp), n_extra=1)
         vec = yapo_fast.load_vector(paths[0])
-    enc = tok([format_prompt(tok, p) for p in prompts(batch)], return_tensors="pt", padding=True,
-              add_special_tokens=False)
+    enc = tok(
+        [format_prompt(tok, p) for p in prompts(batch)], return_tensors="pt", padding=True, add_special_tokens=False
+    )
     ctx = yapo_fast.steer(model, vec, 1.0, sae=sae) if steered else contextlib.nullcontext()
     with torch.no_grad(), ctx:
-        model.generate(**{k: v[:2] for k, v in enc.items()}, max_new_tokens=2, do_sample=False,
-                       pad_token_id=tok.pad_token_id)  # warm-up (first-call allocations, hooks)
+        model.generate(
+            **{k: v[:2] for k, v in enc.items()}, max_new_tokens=2, do_sample=False, pad_token_id=tok.pad_token_id
+        )  # warm-up (first-call allocations, hooks)
         t = time.perf_counter()
-        out = model.generate(**enc, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False,
-                             pad_token_id=tok.pad_token_id)
+        out = model.generate(
+            **enc, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=tok.pad_token_id
+        )
         dt = time.perf_counter() - t
     return (out.shape[1] - enc["input_ids"].shape[1]) * batch / dt
 
@@ -230,8 +258,14 @@ def test_vllm_serving_throughput():
 #     bash scripts/bench.sh bench/bench_vllm.py -k op_
 OP_MODULE = "bench_vllm_op"
 N_LAYERS = 30
-OP_CASES = ["installed_30_no_vector", "installed_1_no_vector", "patch", "per_request_8", "per_request_64",
-            "plan_only_per_request_64"]
+OP_CASES = [
+    "installed_30_no_vector",
+    "installed_1_no_vector",
+    "patch",
+    "per_request_8",
+    "per_request_64",
+    "plan_only_per_request_64",
+]
 
 
 def _op_state(device, d_model, d_sae, n_vectors):

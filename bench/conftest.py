@@ -59,8 +59,11 @@ def pytest_terminal_summary(terminalreporter):
     out_dir = Path(__file__).parent / "results"
     out_dir.mkdir(exist_ok=True)
     for module, groups in RESULTS.items():
-        lines = [f"# {module} (ms, median [min]; threads={THREADS}; ratios within one group, same run;",
-                 "# the min is the steadier estimate on a shared machine: contention only adds time)", ""]
+        lines = [
+            f"# {module} (ms, median [min]; threads={THREADS}; ratios within one group, same run;",
+            "# the min is the steadier estimate on a shared machine: contention only adds time)",
+            "",
+        ]
         for group, times in groups.items():
             lines.append(f"## {group}")
             base = times.get("reference")
@@ -72,7 +75,9 @@ def pytest_terminal_summary(terminalreporter):
                     extra.append(f"{base[0] / med:.1f}x [{base[1] / low:.1f}x] faster than reference")
                 if floor and name not in ("reference", floor_name):
                     extra.append(f"{med / floor[0]:.2f}x [{low / floor[1]:.2f}x] the floor")
-                lines.append(f"- {name}: {_fmt_ms(med)} [{_fmt_ms(low)}] ms" + (f" ({'; '.join(extra)})" if extra else ""))
+                lines.append(
+                    f"- {name}: {_fmt_ms(med)} [{_fmt_ms(low)}] ms" + (f" ({'; '.join(extra)})" if extra else "")
+                )
             lines.append("")
         text = "\n".join(lines)
         terminalreporter.write_line(text)

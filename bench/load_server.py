@@ -59,8 +59,12 @@ INVALID = [
 
 
 def body(prompt: str, xargs, max_tokens: int) -> dict:
-    out = {"model": "default", "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
-           "temperature": 0}
+    out = {
+        "model": "default",
+        "messages": [{"role": "user", "content": prompt}],
+        "max_tokens": max_tokens,
+        "temperature": 0,
+    }
     if xargs is not None:
         out["vllm_xargs"] = xargs
     return out
@@ -78,8 +82,9 @@ async def _send(client, base: str, payload: dict) -> tuple[int, str]:
     return r.status_code, r.text
 
 
-async def _run(base: str, *, specs, requests: int, concurrency: int, max_tokens: int, seed: int,
-               invalid_share: float) -> dict:
+async def _run(
+    base: str, *, specs, requests: int, concurrency: int, max_tokens: int, seed: int, invalid_share: float
+) -> dict:
     import httpx
 
     distinct = [(p, s) for p in PROMPTS for s in specs]
@@ -96,8 +101,11 @@ async def _run(base: str, *, specs, requests: int, concurrency: int, max_tokens:
         sem = asyncio.Semaphore(concurrency)
 
         async def one(kind, i):
-            payload = body(*distinct[i], max_tokens) if kind == "valid" else {**body(PROMPTS[0], None, max_tokens),
-                                                                              **INVALID[i][1]}
+            payload = (
+                body(*distinct[i], max_tokens)
+                if kind == "valid"
+                else {**body(PROMPTS[0], None, max_tokens), **INVALID[i][1]}
+            )
             async with sem:
                 return await _send(client, base, payload)
 
@@ -106,13 +114,25 @@ async def _run(base: str, *, specs, requests: int, concurrency: int, max_tokens:
         burst_s = time.perf_counter() - t0
         after = [await _send(client, base, body(p, s, max_tokens)) for p, s in distinct]
 
-    summary = {"distinct_valid": len(distinct), "requests": requests, "concurrency": concurrency,
-               "max_tokens": max_tokens, "burst_seconds": round(burst_s, 2),
-               "requests_per_second": round(requests / burst_s, 2),
-               "alone_errors": [(distinct[i][1], a) for i, a in enumerate(alone) if a[0] != 200],
-               "valid_sent": 0, "valid_200": 0, "valid_equal_alone": 0, "server_errors": 0,
-               "invalid_sent": 0, "invalid_4xx": 0, "mismatches": [], "invalid_not_4xx": [],
-               "after_equal_alone": sum(a == b for a, b in zip(alone, after)), "after_sent": len(after)}
+    summary = {
+        "distinct_valid": len(distinct),
+        "requests": requests,
+        "concurrency": concurrency,
+        "max_tokens": max_tokens,
+        "burst_seconds": round(burst_s, 2),
+        "requests_per_second": round(requests / burst_s, 2),
+        "alone_errors": [(distinct[i][1], a) for i, a in enumerate(alone) if a[0] != 200],
+        "valid_sent": 0,
+        "valid_200": 0,
+        "valid_equal_alone": 0,
+        "server_errors": 0,
+        "invalid_sent": 0,
+        "invalid_4xx": 0,
+        "mismatches": [],
+        "invalid_not_4xx": [],
+        "after_equal_alone": sum(a == b for a, b in zip(alone, after)),
+        "after_sent": len(after),
+    }
     for (kind, i), (status, text) in zip(plan, results):
         if status == -1 or status >= 500:
             summary["server_errors"] += 1
@@ -129,18 +149,38 @@ async def _run(base: str, *, specs, requests: int, concurrency: int, max_tokens:
                 summary["invalid_4xx"] += 1
             elif len(summary["invalid_not_4xx"]) < 5:
                 summary["invalid_not_4xx"].append({"fault": INVALID[i][0], "status": status, "text": text[:300]})
-    summary["ok"] = (not summary["alone_errors"] and summary["server_errors"] == 0
-                     and summary["valid_equal_alone"] == summary["valid_sent"]
-                     and summary["invalid_4xx"] == summary["invalid_sent"]
-                     and summary["after_equal_alone"] == summary["after_sent"])
+    summary["ok"] = (
+        not summary["alone_errors"]
+        and summary["server_errors"] == 0
+        and summary["valid_equal_alone"] == summary["valid_sent"]
+        and summary["invalid_4xx"] == summary["invalid_sent"]
+        and summary["after_equal_alone"] == summary["after_sent"]
+    )
     return summary
 
 
-def burst(base: str, *, specs=VALID_SPECS, requests: int = 500, concurrency: int = 32, max_tokens: int = 16,
-          seed: int = 0, invalid_share: float = 0.125) -> dict:
+def burst(
+    base: str,
+    *,
+    specs=VALID_SPECS,
+    requests: int = 500,
+    concurrency: int = 32,
+    max_tokens: int = 16,
+    seed: int = 0,
+    invalid_share: float = 0.125,
+) -> dict:
     """Run the three phases against a running server; return the summary (see the module doc)."""
-    return asyncio.run(_run(base, specs=specs, requests=requests, concurrency=concurrency, max_tokens=max_tokens,
-                            seed=seed, invalid_share=invalid_share))
+    return asyncio.run(
+        _run(
+            base,
+            specs=specs,
+            requests=requests,
+            concurrency=concurrency,
+            max_tokens=max_tokens,
+            seed=seed,
+            invalid_share=invalid_share,
+        )
+    )
 
 
 # ---- a server of our own -----------------------------------------------------------------------
@@ -161,12 +201,17 @@ def make_vectors(tmp: Path) -> list[str]:
     latent[ids[:24]] = 3.0 + torch.rand(24, generator=g)
     latent[ids[24:]] = -(0.5 + torch.rand(24, generator=g))
     yapo_fast.SteeringVector.from_latent(latent, layer=layer, sae=sae).save(tmp / "yapo.safetensors")
-    yapo_fast.SteeringVector.from_dense(0.6 * torch.randn(576, generator=g), method="bipo",
-                                        layer=layer).save(tmp / "bipo.safetensors")
-    yapo_fast.SteeringVector.from_dense(0.4 * torch.randn(576, generator=g), method="caa",
-                                        layer=layer).save(tmp / "caa.safetensors")
-    return [f"yapo={tmp / 'yapo.safetensors'}@{tmp / 'sae'}", f"bipo={tmp / 'bipo.safetensors'}*1.0",
-            f"caa={tmp / 'caa.safetensors'}*1.5"]
+    yapo_fast.SteeringVector.from_dense(0.6 * torch.randn(576, generator=g), method="bipo", layer=layer).save(
+        tmp / "bipo.safetensors"
+    )
+    yapo_fast.SteeringVector.from_dense(0.4 * torch.randn(576, generator=g), method="caa", layer=layer).save(
+        tmp / "caa.safetensors"
+    )
+    return [
+        f"yapo={tmp / 'yapo.safetensors'}@{tmp / 'sae'}",
+        f"bipo={tmp / 'bipo.safetensors'}*1.0",
+        f"caa={tmp / 'caa.safetensors'}*1.5",
+    ]
 
 
 @contextmanager
@@ -183,14 +228,18 @@ def own_server(tmp: Path, *, max_num_seqs: int, start_timeout_s: float = 1200):
 
 def table(s: dict) -> str:
     rows = [
-        ("requests in the burst", s["requests"]), ("in flight at once", s["concurrency"]),
+        ("requests in the burst", s["requests"]),
+        ("in flight at once", s["concurrency"]),
         ("distinct valid requests (prompt x steering)", s["distinct_valid"]),
-        ("valid requests sent", s["valid_sent"]), ("valid answered 200", s["valid_200"]),
+        ("valid requests sent", s["valid_sent"]),
+        ("valid answered 200", s["valid_200"]),
         ("valid equal to the same request sent alone", s["valid_equal_alone"]),
-        ("invalid steering fields sent", s["invalid_sent"]), ("invalid answered 4xx", s["invalid_4xx"]),
+        ("invalid steering fields sent", s["invalid_sent"]),
+        ("invalid answered 4xx", s["invalid_4xx"]),
         ("5xx or dropped connections", s["server_errors"]),
         ("alone again after the burst: equal", f"{s['after_equal_alone']} of {s['after_sent']}"),
-        ("burst wall time (s)", s["burst_seconds"]), ("requests/s", s["requests_per_second"]),
+        ("burst wall time (s)", s["burst_seconds"]),
+        ("requests/s", s["requests_per_second"]),
         ("PASS", s["ok"]),
     ]
     return "\n".join(["| what | value |", "|---|---|"] + [f"| {a} | {b} |" for a, b in rows])
@@ -210,8 +259,10 @@ def main() -> int:
     if args.base:
         summary = burst(args.base, **kw)
     else:
-        with tempfile.TemporaryDirectory(prefix="yapo-load-") as tmp, \
-                own_server(Path(tmp), max_num_seqs=args.concurrency) as base:
+        with (
+            tempfile.TemporaryDirectory(prefix="yapo-load-") as tmp,
+            own_server(Path(tmp), max_num_seqs=args.concurrency) as base,
+        ):
             summary = burst(base, specs=specs, **kw)
     print(table(summary))
     if summary["mismatches"] or summary["invalid_not_4xx"] or summary["alone_errors"]:

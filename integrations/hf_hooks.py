@@ -61,14 +61,19 @@ def _check_steered(steered: torch.Tensor, hidden: torch.Tensor, layer: int, m: f
     if bool(torch.isfinite(steered).all()):
         return
     if not bool(torch.isfinite(hidden).all()):
-        raise YapoFastError(f"the hidden states of decoder layer {layer} already hold NaN or inf before steering: "
-                            "the model produced them (check its weights and dtype; try float32)")
-    raise YapoFastError(f"steering layer {layer} at multiplier {m} produced NaN or inf from finite hidden "
-                        "states (overflow): lower the multiplier, or steer in float32")
+        raise YapoFastError(
+            f"the hidden states of decoder layer {layer} already hold NaN or inf before steering: "
+            "the model produced them (check its weights and dtype; try float32)"
+        )
+    raise YapoFastError(
+        f"steering layer {layer} at multiplier {m} produced NaN or inf from finite hidden "
+        "states (overflow): lower the multiplier, or steer in float32"
+    )
 
 
-def patch_model(model, vector: SteeringVector, multiplier: float | None = None, *, sae=None,
-                check: bool = True) -> SteeringHandle:
+def patch_model(
+    model, vector: SteeringVector, multiplier: float | None = None, *, sae=None, check: bool = True
+) -> SteeringHandle:
     """Steer `model` at vector.layer until handle.remove(). `sae` is needed for yapo vectors."""
     if not isinstance(vector, SteeringVector):
         raise YapoFastError(f"expected a SteeringVector (yapo_fast.load_vector(path)), got {type(vector).__name__}")
@@ -84,8 +89,9 @@ def patch_model(model, vector: SteeringVector, multiplier: float | None = None, 
         _check_steered(steered, hidden, layer, m)
         return _replace_hidden(output, steered)
 
-    return SteeringHandle(vector=vector, multiplier=float(m), layer=layer,
-                          _hook=decoder_layers(model)[layer].register_forward_hook(hook))
+    return SteeringHandle(
+        vector=vector, multiplier=float(m), layer=layer, _hook=decoder_layers(model)[layer].register_forward_hook(hook)
+    )
 
 
 @contextlib.contextmanager

@@ -21,8 +21,7 @@ def from_sae_lens(sae_lens_sae, *, name: str | None = None, device=None, dtype=N
     arch = cfg.architecture()
     if arch not in _KIND_OF_ARCHITECTURE:
         raise YapoFastError(
-            f"sae-lens architecture {arch!r} is not supported; yapo-fast steers "
-            f"{sorted(_KIND_OF_ARCHITECTURE)} SAEs"
+            f"sae-lens architecture {arch!r} is not supported; yapo-fast steers {sorted(_KIND_OF_ARCHITECTURE)} SAEs"
         )
     if getattr(cfg, "normalize_activations", "none") not in ("none", None):
         raise YapoFastError(
@@ -30,8 +29,10 @@ def from_sae_lens(sae_lens_sae, *, name: str | None = None, device=None, dtype=N
             "the weights first (sae-lens: sae.fold_activation_norm_scaling_factor(...))"
         )
     if getattr(cfg, "rescale_acts_by_decoder_norm", False):
-        raise YapoFastError("TopK SAEs with rescale_acts_by_decoder_norm=True are not supported; "
-                            "call sae.fold_W_dec_norm() in sae-lens first")
+        raise YapoFastError(
+            "TopK SAEs with rescale_acts_by_decoder_norm=True are not supported; "
+            "call sae.fold_W_dec_norm() in sae-lens first"
+        )
     meta = cfg.metadata.to_dict() if hasattr(cfg.metadata, "to_dict") else dict(cfg.metadata or {})
     hook_name = meta.get("hook_name")
 
@@ -42,7 +43,10 @@ def from_sae_lens(sae_lens_sae, *, name: str | None = None, device=None, dtype=N
     kind = _KIND_OF_ARCHITECTURE[arch]
     return SAE(
         kind=kind,
-        W_enc=grab("W_enc"), b_enc=grab("b_enc"), W_dec=grab("W_dec"), b_dec=grab("b_dec"),
+        W_enc=grab("W_enc"),
+        b_enc=grab("b_enc"),
+        W_dec=grab("W_dec"),
+        b_dec=grab("b_dec"),
         threshold=grab("threshold") if kind == "jumprelu" else None,
         k=int(cfg.k) if kind == "topk" else None,
         apply_b_dec_to_input=bool(cfg.apply_b_dec_to_input),
@@ -59,11 +63,17 @@ def to_sae_lens(sae: SAE):
 
     arch = {v: k for k, v in _KIND_OF_ARCHITECTURE.items()}[sae.kind]
     cfg = {
-        "architecture": arch, "d_in": sae.d_in, "d_sae": sae.d_sae,
-        "dtype": str(sae.dtype).removeprefix("torch."), "device": str(sae.device),
+        "architecture": arch,
+        "d_in": sae.d_in,
+        "d_sae": sae.d_sae,
+        "dtype": str(sae.dtype).removeprefix("torch."),
+        "device": str(sae.device),
         "apply_b_dec_to_input": sae.apply_b_dec_to_input,
-        "metadata": {**sae.metadata, "model_name": sae.model_name,
-                     "hook_name": f"blocks.{sae.layer}.hook_resid_post" if sae.layer is not None else None},
+        "metadata": {
+            **sae.metadata,
+            "model_name": sae.model_name,
+            "hook_name": f"blocks.{sae.layer}.hook_resid_post" if sae.layer is not None else None,
+        },
     }
     if sae.kind == "topk":
         cfg["k"] = sae.k
@@ -117,13 +127,17 @@ def _check_files_agree(cfg_path: Path, weights_path: Path) -> None:
         with safe_open(str(weights_path), framework="pt") as f:
             shapes = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
     except Exception as exc:  # safetensors' own errors for a truncated or corrupt header
-        raise YapoFastError(f"{weights_path} is not a readable safetensors file (corrupt or truncated: "
-                            f"{type(exc).__name__}: {exc}); re-save or re-download the SAE") from None
+        raise YapoFastError(
+            f"{weights_path} is not a readable safetensors file (corrupt or truncated: "
+            f"{type(exc).__name__}: {exc}); re-save or re-download the SAE"
+        ) from None
     for name, shape in expected.items():
         if shapes.get(name) != shape:
-            raise YapoFastError(f"{weights_path}: tensor {name} has shape {shapes.get(name)} but {cfg_path.name} "
-                                f"(d_in={d_in}, d_sae={d_sae}) implies {shape}: the SAE's files disagree "
-                                "(corrupt, or from another SAE); re-save or re-download it")
+            raise YapoFastError(
+                f"{weights_path}: tensor {name} has shape {shapes.get(name)} but {cfg_path.name} "
+                f"(d_in={d_in}, d_sae={d_sae}) implies {shape}: the SAE's files disagree "
+                "(corrupt, or from another SAE); re-save or re-download it"
+            )
 
 
 def load_from_disk(path: str | Path, *, device="cpu", dtype=torch.float32) -> SAE:
@@ -132,14 +146,17 @@ def load_from_disk(path: str | Path, *, device="cpu", dtype=torch.float32) -> SA
     path = Path(path)
     cfg_path, weights_path = path / "cfg.json", path / "sae_weights.safetensors"
     if not cfg_path.exists() or not weights_path.exists():
-        raise YapoFastError(f"{path} is not an SAE directory in sae-lens format: it needs cfg.json and "
-                            "sae_weights.safetensors")
+        raise YapoFastError(
+            f"{path} is not an SAE directory in sae-lens format: it needs cfg.json and sae_weights.safetensors"
+        )
     _check_files_agree(cfg_path, weights_path)  # before sae-lens allocates anything from cfg.json
     try:
         loaded = SaeLensSAE.load_from_disk(str(path), device=str(device))
     except Exception as exc:  # sae-lens raises many types for a bad file; name the file instead
-        raise YapoFastError(f"could not read the SAE in {path} ({type(exc).__name__}: {exc}); the files "
-                            "are corrupt or not written by sae-lens: re-save or re-download them") from exc
+        raise YapoFastError(
+            f"could not read the SAE in {path} ({type(exc).__name__}: {exc}); the files "
+            "are corrupt or not written by sae-lens: re-save or re-download them"
+        ) from exc
     return from_sae_lens(loaded, name=path.name, device=device, dtype=dtype)
 
 
@@ -150,7 +167,9 @@ def load_pretrained(release: str, sae_id: str, *, device="cpu", dtype=torch.floa
     try:
         loaded = SaeLensSAE.from_pretrained(release, sae_id, device=str(device))
     except Exception as exc:
-        raise YapoFastError(f"could not load sae-lens release {release!r} id {sae_id!r} ({type(exc).__name__}: "
-                            f"{exc}); check the names in sae-lens's pretrained_saes.yaml and that this machine "
-                            "reaches the Hugging Face Hub") from exc
+        raise YapoFastError(
+            f"could not load sae-lens release {release!r} id {sae_id!r} ({type(exc).__name__}: "
+            f"{exc}); check the names in sae-lens's pretrained_saes.yaml and that this machine "
+            "reaches the Hugging Face Hub"
+        ) from exc
     return from_sae_lens(loaded, name=f"{release}/{sae_id}", device=device, dtype=dtype)

@@ -24,9 +24,11 @@ from ..vector import SteeringVector, load_vector
 from . import vllm_vectors
 from .vllm_state import GLOBAL_NAME
 
-_NOT_LOADED = ("the yapo-fast vLLM plugin is not loaded in this engine's workers, so the steering op is not "
-               "installed: install yapo-fast into the environment vLLM runs in (its entry point "
-               "'vllm.general_plugins' -> yapo_fast) and do not exclude it with VLLM_PLUGINS; then build the LLM again")
+_NOT_LOADED = (
+    "the yapo-fast vLLM plugin is not loaded in this engine's workers, so the steering op is not "
+    "installed: install yapo-fast into the environment vLLM runs in (its entry point "
+    "'vllm.general_plugins' -> yapo_fast) and do not exclude it with VLLM_PLUGINS; then build the LLM again"
+)
 
 
 def _rpc(llm, action: str, args: dict | None = None) -> list[dict]:
@@ -44,9 +46,11 @@ def _rpc(llm, action: str, args: dict | None = None) -> list[dict]:
         if r.get("error"):
             raise YapoFastError(r["error"])
         if not r.get("installed_layers"):
-            raise YapoFastError("the yapo-fast plugin is loaded but installed the steering op at no decoder "
-                                "layer of this model (yapo-fast steers Llama- and Qwen2-style decoders; check "
-                                "YAPO_FAST_LAYERS)")
+            raise YapoFastError(
+                "the yapo-fast plugin is loaded but installed the steering op at no decoder "
+                "layer of this model (yapo-fast steers Llama- and Qwen2-style decoders; check "
+                "YAPO_FAST_LAYERS)"
+            )
     return results
 
 
@@ -69,10 +73,12 @@ def _refuse_cuda_graphs(llm) -> None:
     mode = None if mode is None else getattr(mode, "name", str(mode))
     enforce_eager = bool(getattr(getattr(cfg, "model_config", None), "enforce_eager", False))
     if "cuda" in device and mode not in (None, "NONE") and not enforce_eager:
-        raise YapoFastError(f"this vLLM engine replays CUDA graphs (cudagraph_mode={mode}), "
-                            "which would keep the steering op as it was at capture time and ignore the vector: "
-                            "build the LLM with enforce_eager=True (or compilation_config={'cudagraph_mode': "
-                            "'NONE'}) to steer it")
+        raise YapoFastError(
+            f"this vLLM engine replays CUDA graphs (cudagraph_mode={mode}), "
+            "which would keep the steering op as it was at capture time and ignore the vector: "
+            "build the LLM with enforce_eager=True (or compilation_config={'cudagraph_mode': "
+            "'NONE'}) to steer it"
+        )
 
 
 def _resolve(llm, vector, sae) -> SteeringVector:
@@ -82,8 +88,9 @@ def _resolve(llm, vector, sae) -> SteeringVector:
     if not isinstance(vector, SteeringVector):
         raise YapoFastError(f"expected a SteeringVector or a vector file path, got {type(vector).__name__}")
     d_model, n_layers = _engine_shape(llm)
-    vector.check_compatible(model={"d_model": d_model, "n_layers": n_layers}, n_layers=n_layers,
-                            sae=sae if vector.is_sparse else None)
+    vector.check_compatible(
+        model={"d_model": d_model, "n_layers": n_layers}, n_layers=n_layers, sae=sae if vector.is_sparse else None
+    )
     if vector.is_sparse and sae is None:
         raise YapoFastError("a yapo vector is steered through its SAE: pass sae=yapo_fast.load_sae(...)")
     return vector

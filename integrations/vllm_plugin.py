@@ -92,8 +92,9 @@ def _register_op() -> None:
     if hasattr(torch.ops, "yapo_fast") and hasattr(torch.ops.yapo_fast, "steer_layer"):
         return
     _lib = Library("yapo_fast", "FRAGMENT")
-    direct_register_custom_op("steer_layer", _steer_layer, mutates_args=[], fake_impl=_steer_layer_fake,
-                              target_lib=_lib)
+    direct_register_custom_op(
+        "steer_layer", _steer_layer, mutates_args=[], fake_impl=_steer_layer_fake, target_lib=_lib
+    )
 
 
 # ---- 2. decoder layers -----------------------------------------------------------------------
@@ -101,8 +102,10 @@ def _decoder_layer_classes():
     import importlib
 
     out = []
-    for module, cls in (("vllm.model_executor.models.llama", "LlamaDecoderLayer"),
-                        ("vllm.model_executor.models.qwen2", "Qwen2DecoderLayer")):
+    for module, cls in (
+        ("vllm.model_executor.models.llama", "LlamaDecoderLayer"),
+        ("vllm.model_executor.models.qwen2", "Qwen2DecoderLayer"),
+    ):
         try:
             out.append(getattr(importlib.import_module(module), cls))
         except Exception as exc:  # an architecture vLLM dropped or renamed: the others still work

@@ -21,9 +21,11 @@ def yapo_fast_rpc(worker, action: str, args: dict | None = None) -> dict:
         if vector.is_sparse and sae is None:
             return {"need_sae": True, "installed_layers": sorted(STATE.installed_layers)}
         if vector.layer not in STATE.installed_layers:
-            return {"error": f"the steering op is not installed at layer {vector.layer} in this engine "
-                             f"(installed: {sorted(STATE.installed_layers)}); start the engine with "
-                             f"YAPO_FAST_LAYERS=all or including {vector.layer}"}
+            return {
+                "error": f"the steering op is not installed at layer {vector.layer} in this engine "
+                f"(installed: {sorted(STATE.installed_layers)}); start the engine with "
+                f"YAPO_FAST_LAYERS=all or including {vector.layer}"
+            }
         STATE.register(args["name"], vector, sae, args.get("multiplier"))
         if args.get("global"):
             STATE.set_global(args["name"], args.get("multiplier"))
@@ -34,5 +36,8 @@ def yapo_fast_rpc(worker, action: str, args: dict | None = None) -> dict:
         STATE.set_global(None)
     elif action != "status":
         return {"error": f"unknown yapo_fast rpc action {action!r}"}
-    return {"installed_layers": sorted(STATE.installed_layers), "vectors": sorted(STATE.vectors),
-            "global": None if STATE.global_spec is None else list(STATE.global_spec)}
+    return {
+        "installed_layers": sorted(STATE.installed_layers),
+        "vectors": sorted(STATE.vectors),
+        "global": None if STATE.global_spec is None else list(STATE.global_spec),
+    }

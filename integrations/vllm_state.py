@@ -40,17 +40,20 @@ def parse_request_args(extra_args) -> "object | None | tuple[str, float | None]"
     if isinstance(spec, str):
         spec = {"vector": spec}
     if not isinstance(spec, dict):
-        raise YapoFastError(f"extra_args['yapo'] must be a dict like {{'vector': 'name', 'multiplier': 1.0}}, "
-                            f"got {type(spec).__name__}")
+        raise YapoFastError(
+            f"extra_args['yapo'] must be a dict like {{'vector': 'name', 'multiplier': 1.0}}, got {type(spec).__name__}"
+        )
     unknown = set(spec) - {"vector", "multiplier"}
     if unknown:
-        raise YapoFastError(f"unknown keys {sorted(unknown)} in the yapo request arguments; use 'vector' and "
-                            "'multiplier'")
+        raise YapoFastError(
+            f"unknown keys {sorted(unknown)} in the yapo request arguments; use 'vector' and 'multiplier'"
+        )
     name = spec.get("vector")
     if name is None or (isinstance(name, str) and name.lower() in ("", "none")):
         if spec.get("multiplier") is not None:  # a multiplier for no vector would be silently dropped
-            raise YapoFastError("a yapo multiplier was given without a vector: name one (yapo_vector / "
-                                "'vector') or drop the multiplier")
+            raise YapoFastError(
+                "a yapo multiplier was given without a vector: name one (yapo_vector / 'vector') or drop the multiplier"
+            )
         return None
     if not isinstance(name, str):
         raise YapoFastError(f"the yapo vector must be named by a string, got {name!r}")

@@ -93,9 +93,11 @@ def check_request_args(extra_args) -> None:
     names = known_names()
     if spec[0] not in names:
         have = ", ".join(sorted(names)) or "none"
-        raise YapoFastError(f"unknown steering vector {spec[0]!r}: this engine serves {have}. Register it "
-                            f"(yapo_fast.register_vector, or {ENV} / yapo-fast serve --vector name=path) or "
-                            "fix the name")
+        raise YapoFastError(
+            f"unknown steering vector {spec[0]!r}: this engine serves {have}. Register it "
+            f"(yapo_fast.register_vector, or {ENV} / yapo-fast serve --vector name=path) or "
+            "fix the name"
+        )
 
 
 # ---- payloads: a vector (and its SAE) as file bytes, so any worker can rebuild them --------------

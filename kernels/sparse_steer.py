@@ -63,6 +63,7 @@ def _numba_module():
     statement per call costs ~1 us, which shows at decode shapes)."""
     if not _NUMBA_MODULE:
         from . import sparse_steer_numba
+
         _NUMBA_MODULE.append(sparse_steer_numba)
     return _NUMBA_MODULE[0]
 
@@ -70,53 +71,76 @@ def _numba_module():
 def _run(backend, x2d, out2d, slot, prepared, cut):
     if backend == "torch" and slot is None:  # the CPU default: skip the slot views (per-call overhead)
         p = prepared
-        return steer_one(x2d.to(p.const.dtype), out2d, p.const, p.enc_cols, p.enc_bias, p.thresholds, p.coef,
-                         p.dec_rows, cut)
+        return steer_one(
+            x2d.to(p.const.dtype), out2d, p.const, p.enc_cols, p.enc_bias, p.thresholds, p.coef, p.dec_rows, cut
+        )
     if backend == "numba":  # numpy views of the prepared tensors are cached on `prepared`
         return _numba_module().steer_numba_prepared(x2d, out2d, slot, prepared, cut)
     tensors = _per_slot(prepared)
     if backend == "triton":
         from .sparse_steer_triton import steer_triton
+
         return steer_triton(x2d, out2d, slot, *tensors, cut)
     return steer_torch(x2d, out2d, slot, *tensors, cut)
 
 
 def _check(h, prepared, slot_index, out, inplace):
     if not isinstance(prepared, (PreparedSteer, PreparedSlots)):
-        raise YapoFastError("sparse_steer needs a PreparedSteer (prepare_sparse_steer(sae, latent, m)) or "
-                            f"PreparedSlots (stack_prepared([...])), got {type(prepared).__name__}")
+        raise YapoFastError(
+            "sparse_steer needs a PreparedSteer (prepare_sparse_steer(sae, latent, m)) or "
+            f"PreparedSlots (stack_prepared([...])), got {type(prepared).__name__}"
+        )
     if h.shape[-1] != prepared.d_model:
-        raise YapoFastError(f"hidden states have size {h.shape[-1]} but the SAE expects d_model={prepared.d_model}: "
-                            "use a vector and SAE trained for this model")
+        raise YapoFastError(
+            f"hidden states have size {h.shape[-1]} but the SAE expects d_model={prepared.d_model}: "
+            "use a vector and SAE trained for this model"
+        )
     if h.device != prepared.device:
-        raise YapoFastError(f"hidden states are on {h.device} but the prepared vector is on {prepared.device}: "
-                            "prepare it on the same device (or call prepared.to(device))")
+        raise YapoFastError(
+            f"hidden states are on {h.device} but the prepared vector is on {prepared.device}: "
+            "prepare it on the same device (or call prepared.to(device))"
+        )
     if isinstance(prepared, PreparedSlots):
         if slot_index is None:
             raise YapoFastError("a PreparedSlots batch needs slot_index: one slot per token (-1 = unsteered)")
         if tuple(slot_index.shape) != tuple(h.shape[:-1]):
-            raise YapoFastError(f"slot_index has shape {tuple(slot_index.shape)}, expected h's leading shape "
-                                f"{tuple(h.shape[:-1])}")
+            raise YapoFastError(
+                f"slot_index has shape {tuple(slot_index.shape)}, expected h's leading shape {tuple(h.shape[:-1])}"
+            )
         if slot_index.numel() and (int(slot_index.min()) < -1 or int(slot_index.max()) >= prepared.n_slots):
             raise YapoFastError(f"slot_index values must lie in -1..{prepared.n_slots - 1}")
     elif slot_index is not None:
         raise YapoFastError("slot_index is for PreparedSlots; a single PreparedSteer steers every token")
     if out is not None and (out.shape != h.shape or out.dtype != h.dtype or out.device != h.device):
-        raise YapoFastError(f"out must match h (shape {tuple(h.shape)}, {h.dtype}, {h.device}), got "
-                            f"{tuple(out.shape)}, {out.dtype}, {out.device}")
+        raise YapoFastError(
+            f"out must match h (shape {tuple(h.shape)}, {h.dtype}, {h.device}), got "
+            f"{tuple(out.shape)}, {out.dtype}, {out.device}"
+        )
     if inplace and out is not None:
         raise YapoFastError("pass either out=... or inplace=True, not both")
 
 
-def sparse_steer(h: torch.Tensor, prepared, *, slot_index: torch.Tensor | None = None, out: torch.Tensor | None = None,
-                 inplace: bool = False, backend: str | None = None) -> torch.Tensor:
+def sparse_steer(
+    h: torch.Tensor,
+    prepared,
+    *,
+    slot_index: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+    inplace: bool = False,
+    backend: str | None = None,
+) -> torch.Tensor:
     _check(h, prepared, slot_index, out, inplace)
     requested = backend
-    backend = pick_backend(h.device, prepared.const.dtype if h.dtype != torch.float64 else torch.float64,
-                           op="sparse_steer", shape=(h.numel() // max(h.shape[-1], 1), prepared.d_model,
-                                                     prepared.coef.shape[-1]), forced=backend)
+    backend = pick_backend(
+        h.device,
+        prepared.const.dtype if h.dtype != torch.float64 else torch.float64,
+        op="sparse_steer",
+        shape=(h.numel() // max(h.shape[-1], 1), prepared.d_model, prepared.coef.shape[-1]),
+        forced=backend,
+    )
     needs_grad = torch.is_grad_enabled() and (
-        h.requires_grad or (isinstance(prepared, PreparedSteer) and prepared.values.requires_grad))
+        h.requires_grad or (isinstance(prepared, PreparedSteer) and prepared.values.requires_grad)
+    )
     if needs_grad:
         if isinstance(prepared, PreparedSlots):
             raise YapoFastError("gradients are supported for a single PreparedSteer, not a PreparedSlots batch")
@@ -195,10 +219,22 @@ class SparseSteerFunction(torch.autograd.Function):
 def _backward_triton(ctx, h, x, g, cut):
     """SparseSteerFunction.backward on the Triton kernels (same math as the torch backward above)."""
     from .sparse_steer_triton_backward import steer_backward_triton
+
     p = ctx.prepared
     need_h, need_v = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-    grad_h, dv = steer_backward_triton(x, g, None, p.enc_cols[None], p.enc_bias[None], p.thresholds[None],
-                                       p.coef[None], p.dec_rows[None], cut, need_h=need_h, need_v=need_v)
+    grad_h, dv = steer_backward_triton(
+        x,
+        g,
+        None,
+        p.enc_cols[None],
+        p.enc_bias[None],
+        p.thresholds[None],
+        p.coef[None],
+        p.dec_rows[None],
+        cut,
+        need_h=need_h,
+        need_v=need_v,
+    )
     if need_h:
         grad_h = grad_h.to(h.dtype).view(h.shape)
     grad_v = None

@@ -31,8 +31,10 @@ def pick_backend(device: torch.device, dtype: torch.dtype, *, op: str, shape=Non
         if choice not in BACKENDS:
             raise YapoFastError(f"{ENV_VAR}={choice!r} is not a backend; use one of {BACKENDS}")
         if choice == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-            raise YapoFastError(f"the triton backend needs a CUDA device (got {device}); set TRITON_INTERPRET=1 "
-                                "to run it on the CPU for testing, or use torch/numba")
+            raise YapoFastError(
+                f"the triton backend needs a CUDA device (got {device}); set TRITON_INTERPRET=1 "
+                "to run it on the CPU for testing, or use torch/numba"
+            )
         if choice in ("triton", "numba") and dtype == torch.float64:
             return "torch"  # the kernels compute in float32; float64 (gradcheck) stays exact in torch
         if choice == "numba" and device.type != "cpu":

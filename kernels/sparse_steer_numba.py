@@ -131,8 +131,7 @@ def steer_numba_prepared(x, out, slot, prepared, cut):
 
 
 def steer_numba(x, out, slot, const, enc_cols, enc_bias, thresholds, coef, dec_rows, cut):
-    return _launch(x, out, slot, tuple(_np32(t) for t in (const, enc_cols, enc_bias, thresholds, coef, dec_rows)),
-                   cut)
+    return _launch(x, out, slot, tuple(_np32(t) for t in (const, enc_cols, enc_bias, thresholds, coef, dec_rows)), cut)
 
 
 def _launch(x, out, slot, arrays, cut):
@@ -152,8 +151,9 @@ def _launch(x, out, slot, arrays, cut):
         if slot is None:
             _steer_blocks_kernel(x_np, out_np, *arrays, cut_np, cut is not None)
         else:
-            _steer_slots_kernel(x_np, out_np, slot.to(torch.int64).contiguous().numpy(), *arrays, cut_np,
-                                cut is not None)
+            _steer_slots_kernel(
+                x_np, out_np, slot.to(torch.int64).contiguous().numpy(), *arrays, cut_np, cut is not None
+            )
     finally:
         if threads != 1:
             numba.set_num_threads(threads)

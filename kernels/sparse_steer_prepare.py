@@ -87,8 +87,9 @@ def _as_float32_sae_tensors(sae):
     return f32(sae.W_enc), f32(sae.b_enc), f32(sae.W_dec), f32(sae.b_dec), f32(sae.threshold)
 
 
-def prepare_sparse_steer(sae, latent: torch.Tensor, multiplier: float, *,
-                         support: torch.Tensor | None = None) -> PreparedSteer:
+def prepare_sparse_steer(
+    sae, latent: torch.Tensor, multiplier: float, *, support: torch.Tensor | None = None
+) -> PreparedSteer:
     """Split the vector into its constant part and its h-dependent part (see module docstring).
 
     sae: yapo_fast.SAE. latent: (d_sae,) dense vector (may require grad: the gradient flows back
@@ -97,8 +98,10 @@ def prepare_sparse_steer(sae, latent: torch.Tensor, multiplier: float, *,
     """
     if not isinstance(latent, torch.Tensor) or latent.shape != (sae.d_sae,):
         got = tuple(latent.shape) if isinstance(latent, torch.Tensor) else type(latent).__name__
-        raise YapoFastError(f"latent vector has shape {got} but the SAE has d_sae={sae.d_sae}: "
-                            "pass a dense (d_sae,) vector for this SAE")
+        raise YapoFastError(
+            f"latent vector has shape {got} but the SAE has d_sae={sae.d_sae}: "
+            "pass a dense (d_sae,) vector for this SAE"
+        )
     m = float(multiplier)
     device = sae.W_enc.device
     latent = latent.to(device)
@@ -119,7 +122,11 @@ def prepare_sparse_steer(sae, latent: torch.Tensor, multiplier: float, *,
         dep_pos = torch.nonzero(dependent).flatten()
         const_ids, dep_ids = support[const_pos], support[dep_pos]
         const_dec_rows = W_dec[const_ids].contiguous()
-        const = a[const_pos] @ const_dec_rows if const_pos.numel() else torch.zeros(sae.d_in, device=device, dtype=W_enc.dtype)
+        const = (
+            a[const_pos] @ const_dec_rows
+            if const_pos.numel()
+            else torch.zeros(sae.d_in, device=device, dtype=W_enc.dtype)
+        )
         enc_cols = W_enc[:, dep_ids].contiguous()
         enc_bias = b_enc[dep_ids]
         if sae.apply_b_dec_to_input:
@@ -129,10 +136,22 @@ def prepare_sparse_steer(sae, latent: torch.Tensor, multiplier: float, *,
         else:
             thresholds = torch.zeros(dep_ids.numel(), device=device, dtype=W_enc.dtype)
         prepared = PreparedSteer(
-            kind=sae.kind, multiplier=m, d_model=sae.d_in, d_sae=sae.d_sae, support=support, values=values,
-            const=const.contiguous(), const_pos=const_pos, const_dec_rows=const_dec_rows, dep_pos=dep_pos,
-            dep_indices=dep_ids, coef=a[dep_pos].contiguous(), enc_cols=enc_cols,
-            enc_bias=enc_bias.contiguous(), thresholds=thresholds.contiguous(), dec_rows=W_dec[dep_ids].contiguous(),
+            kind=sae.kind,
+            multiplier=m,
+            d_model=sae.d_in,
+            d_sae=sae.d_sae,
+            support=support,
+            values=values,
+            const=const.contiguous(),
+            const_pos=const_pos,
+            const_dec_rows=const_dec_rows,
+            dep_pos=dep_pos,
+            dep_indices=dep_ids,
+            coef=a[dep_pos].contiguous(),
+            enc_cols=enc_cols,
+            enc_bias=enc_bias.contiguous(),
+            thresholds=thresholds.contiguous(),
+            dec_rows=W_dec[dep_ids].contiguous(),
         )
         if sae.kind == "topk":
             prepared.topk_W_enc = W_enc.contiguous()
@@ -177,21 +196,32 @@ def stack_prepared(prepared: "list[PreparedSteer]") -> PreparedSlots:
     first = prepared[0]
     for p in prepared[1:]:
         if (p.kind, p.d_model, p.d_sae) != (first.kind, first.d_model, first.d_sae):
-            raise YapoFastError("all slots must use SAEs of the same kind and shape; got "
-                                f"{(p.kind, p.d_model, p.d_sae)} vs {(first.kind, first.d_model, first.d_sae)}")
-        if first.kind == "topk" and not (p.k == first.k and torch.equal(p.topk_W_enc, first.topk_W_enc)
-                                         and torch.equal(p.topk_b_enc, first.topk_b_enc)):
+            raise YapoFastError(
+                "all slots must use SAEs of the same kind and shape; got "
+                f"{(p.kind, p.d_model, p.d_sae)} vs {(first.kind, first.d_model, first.d_sae)}"
+            )
+        if first.kind == "topk" and not (
+            p.k == first.k
+            and torch.equal(p.topk_W_enc, first.topk_W_enc)
+            and torch.equal(p.topk_b_enc, first.topk_b_enc)
+        ):
             raise YapoFastError("TopK slots must share one SAE (same weights and k)")
     n_max = max(p.n_dependent for p in prepared)
     S, d = len(prepared), first.d_model
     kw = dict(device=first.device, dtype=first.const.dtype)
     slots = PreparedSlots(
-        kind=first.kind, d_model=d, d_sae=first.d_sae,
+        kind=first.kind,
+        d_model=d,
+        d_sae=first.d_sae,
         const=torch.stack([p.const for p in prepared]),
-        coef=torch.zeros(S, n_max, **kw), enc_cols=torch.zeros(S, d, n_max, **kw),
-        enc_bias=torch.zeros(S, n_max, **kw), thresholds=torch.zeros(S, n_max, **kw),
+        coef=torch.zeros(S, n_max, **kw),
+        enc_cols=torch.zeros(S, d, n_max, **kw),
+        enc_bias=torch.zeros(S, n_max, **kw),
+        thresholds=torch.zeros(S, n_max, **kw),
         dec_rows=torch.zeros(S, n_max, d, **kw),
-        topk_W_enc=first.topk_W_enc, topk_b_enc=first.topk_b_enc, k=first.k,
+        topk_W_enc=first.topk_W_enc,
+        topk_b_enc=first.topk_b_enc,
+        k=first.k,
     )
     for s, p in enumerate(prepared):
         n = p.n_dependent

@@ -45,7 +45,16 @@ def steer_torch(x, out, slot, const, enc_cols, enc_bias, thresholds, coef, dec_r
     result = x32.clone()
     for s in torch.unique(slot[slot >= 0]).tolist():
         rows = torch.nonzero(slot == s).flatten()
-        result[rows] = steer_one(x32[rows], torch.empty_like(x32[rows]), const[s], enc_cols[s], enc_bias[s],
-                                 thresholds[s], coef[s], dec_rows[s], None if cut is None else cut[rows])
+        result[rows] = steer_one(
+            x32[rows],
+            torch.empty_like(x32[rows]),
+            const[s],
+            enc_cols[s],
+            enc_bias[s],
+            thresholds[s],
+            coef[s],
+            dec_rows[s],
+            None if cut is None else cut[rows],
+        )
     out.copy_(result)
     return out

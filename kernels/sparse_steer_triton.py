@@ -32,8 +32,24 @@ import triton.language as tl
 
 
 @triton.jit
-def encode_block(x_ptr, stride_x, rows, mine, enc_ptr, bias_ptr, thr_ptr, cut, s, D, N, nn,
-                 HAS_CUT: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def encode_block(
+    x_ptr,
+    stride_x,
+    rows,
+    mine,
+    enc_ptr,
+    bias_ptr,
+    thr_ptr,
+    cut,
+    s,
+    D,
+    N,
+    nn,
+    HAS_CUT: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
     """(pre, active) of rows x support entries nn of slot s; rows not `mine` and padded entries
     are inactive. Shared by the forward and backward kernels."""
     n_ok = nn < N
@@ -42,8 +58,7 @@ def encode_block(x_ptr, stride_x, rows, mine, enc_ptr, bias_ptr, thr_ptr, cut, s
         kk = k0 + tl.arange(0, BLOCK_K)
         k_ok = kk < D
         xt = tl.load(x_ptr + rows[:, None] * stride_x + kk[None, :], mask=mine[:, None] & k_ok[None, :], other=0.0)
-        et = tl.load(enc_ptr + s * D * N + kk[:, None] * N + nn[None, :], mask=k_ok[:, None] & n_ok[None, :],
-                     other=0.0)
+        et = tl.load(enc_ptr + s * D * N + kk[:, None] * N + nn[None, :], mask=k_ok[:, None] & n_ok[None, :], other=0.0)
         pre = tl.dot(xt.to(tl.float32), et, pre, input_precision="ieee")
     pre += tl.load(bias_ptr + s * N + nn, mask=n_ok, other=0.0)[None, :]
     active = pre > tl.load(thr_ptr + s * N + nn, mask=n_ok, other=0.0)[None, :]
@@ -53,11 +68,29 @@ def encode_block(x_ptr, stride_x, rows, mine, enc_ptr, bias_ptr, thr_ptr, cut, s
 
 
 @triton.jit
-def coef_block(x_ptr, stride_x, rows, mine, enc_ptr, bias_ptr, thr_ptr, a_ptr, cut, s, D, N, nn,
-               HAS_CUT: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def coef_block(
+    x_ptr,
+    stride_x,
+    rows,
+    mine,
+    enc_ptr,
+    bias_ptr,
+    thr_ptr,
+    a_ptr,
+    cut,
+    s,
+    D,
+    N,
+    nn,
+    HAS_CUT: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
     """c = max(a, -pre) on active latents, 0 elsewhere (z = 0 there and a <= 0, so max(a, -0) = 0)."""
-    pre, active = encode_block(x_ptr, stride_x, rows, mine, enc_ptr, bias_ptr, thr_ptr, cut, s, D, N, nn,
-                               HAS_CUT, BLOCK_T, BLOCK_N, BLOCK_K)
+    pre, active = encode_block(
+        x_ptr, stride_x, rows, mine, enc_ptr, bias_ptr, thr_ptr, cut, s, D, N, nn, HAS_CUT, BLOCK_T, BLOCK_N, BLOCK_K
+    )
     a = tl.load(a_ptr + s * N + nn, mask=nn < N, other=0.0)[None, :]
     return tl.where(active, tl.maximum(a, -pre), 0.0)
 
@@ -77,9 +110,30 @@ def row_slots(slot_ptr, cut_ptr, rows, row_ok, HAS_SLOT: tl.constexpr, HAS_CUT: 
 
 
 @triton.jit
-def _steer_rows_kernel(x_ptr, out_ptr, slot_ptr, const_ptr, enc_ptr, bias_ptr, thr_ptr, a_ptr, dec_ptr, cut_ptr,
-                       T, D, N, S, stride_x, stride_o, HAS_SLOT: tl.constexpr, HAS_CUT: tl.constexpr,
-                       BLOCK_T: tl.constexpr, N_PAD: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
+def _steer_rows_kernel(
+    x_ptr,
+    out_ptr,
+    slot_ptr,
+    const_ptr,
+    enc_ptr,
+    bias_ptr,
+    thr_ptr,
+    a_ptr,
+    dec_ptr,
+    cut_ptr,
+    T,
+    D,
+    N,
+    S,
+    stride_x,
+    stride_o,
+    HAS_SLOT: tl.constexpr,
+    HAS_CUT: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    N_PAD: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     row_ok = rows < T
     slot, cut = row_slots(slot_ptr, cut_ptr, rows, row_ok, HAS_SLOT, HAS_CUT)
@@ -89,50 +143,119 @@ def _steer_rows_kernel(x_ptr, out_ptr, slot_ptr, const_ptr, enc_ptr, bias_ptr, t
     for s in range(0, S):
         mine = slot == s
         if tl.sum(mine.to(tl.int32), axis=0) > 0:
-            c += coef_block(x_ptr, stride_x, rows, mine, enc_ptr, bias_ptr, thr_ptr, a_ptr, cut, s, D, N, nn,
-                            HAS_CUT, BLOCK_T, N_PAD, BLOCK_K)
+            c += coef_block(
+                x_ptr,
+                stride_x,
+                rows,
+                mine,
+                enc_ptr,
+                bias_ptr,
+                thr_ptr,
+                a_ptr,
+                cut,
+                s,
+                D,
+                N,
+                nn,
+                HAS_CUT,
+                BLOCK_T,
+                N_PAD,
+                BLOCK_K,
+            )
     # Phase 2: out = x + const[slot] + c @ dec_rows[slot], one d_model tile at a time.
     steered = slot >= 0
     for d0 in range(0, D, BLOCK_D):
         dd = d0 + tl.arange(0, BLOCK_D)
         d_ok = dd < D
-        acc = tl.load(x_ptr + rows[:, None] * stride_x + dd[None, :], mask=row_ok[:, None] & d_ok[None, :],
-                      other=0.0).to(tl.float32)
+        acc = tl.load(
+            x_ptr + rows[:, None] * stride_x + dd[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0
+        ).to(tl.float32)
         acc += tl.load(const_ptr + slot[:, None] * D + dd[None, :], mask=steered[:, None] & d_ok[None, :], other=0.0)
         for s in range(0, S):
             mine = slot == s
             if tl.sum(mine.to(tl.int32), axis=0) > 0:
-                w = tl.load(dec_ptr + s * N * D + nn[:, None] * D + dd[None, :], mask=(nn < N)[:, None] & d_ok[None, :],
-                            other=0.0)
+                w = tl.load(
+                    dec_ptr + s * N * D + nn[:, None] * D + dd[None, :],
+                    mask=(nn < N)[:, None] & d_ok[None, :],
+                    other=0.0,
+                )
                 acc = tl.dot(tl.where(mine[:, None], c, 0.0), w, acc, input_precision="ieee")
-        tl.store(out_ptr + rows[:, None] * stride_o + dd[None, :], acc.to(out_ptr.dtype.element_ty),
-                 mask=row_ok[:, None] & d_ok[None, :])
+        tl.store(
+            out_ptr + rows[:, None] * stride_o + dd[None, :],
+            acc.to(out_ptr.dtype.element_ty),
+            mask=row_ok[:, None] & d_ok[None, :],
+        )
 
 
 @triton.jit
-def _steer_tiles_kernel(x_ptr, out_ptr, slot_ptr, const_ptr, enc_ptr, bias_ptr, thr_ptr, a_ptr, dec_ptr, cut_ptr,
-                        T, D, N, S, stride_x, stride_o, HAS_SLOT: tl.constexpr, HAS_CUT: tl.constexpr,
-                        BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
+def _steer_tiles_kernel(
+    x_ptr,
+    out_ptr,
+    slot_ptr,
+    const_ptr,
+    enc_ptr,
+    bias_ptr,
+    thr_ptr,
+    a_ptr,
+    dec_ptr,
+    cut_ptr,
+    T,
+    D,
+    N,
+    S,
+    stride_x,
+    stride_o,
+    HAS_SLOT: tl.constexpr,
+    HAS_CUT: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     row_ok = rows < T
     dd = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     d_ok = dd < D
     slot, cut = row_slots(slot_ptr, cut_ptr, rows, row_ok, HAS_SLOT, HAS_CUT)
-    acc = tl.load(x_ptr + rows[:, None] * stride_x + dd[None, :], mask=row_ok[:, None] & d_ok[None, :],
-                  other=0.0).to(tl.float32)
+    acc = tl.load(x_ptr + rows[:, None] * stride_x + dd[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0).to(
+        tl.float32
+    )
     acc += tl.load(const_ptr + slot[:, None] * D + dd[None, :], mask=(slot >= 0)[:, None] & d_ok[None, :], other=0.0)
     for s in range(0, S):
         mine = slot == s
         if tl.sum(mine.to(tl.int32), axis=0) > 0:
             for n0 in range(0, N, BLOCK_N):
                 nn = n0 + tl.arange(0, BLOCK_N)
-                c = coef_block(x_ptr, stride_x, rows, mine, enc_ptr, bias_ptr, thr_ptr, a_ptr, cut, s, D, N, nn,
-                               HAS_CUT, BLOCK_T, BLOCK_N, BLOCK_K)
-                w = tl.load(dec_ptr + s * N * D + nn[:, None] * D + dd[None, :], mask=(nn < N)[:, None] & d_ok[None, :],
-                            other=0.0)
+                c = coef_block(
+                    x_ptr,
+                    stride_x,
+                    rows,
+                    mine,
+                    enc_ptr,
+                    bias_ptr,
+                    thr_ptr,
+                    a_ptr,
+                    cut,
+                    s,
+                    D,
+                    N,
+                    nn,
+                    HAS_CUT,
+                    BLOCK_T,
+                    BLOCK_N,
+                    BLOCK_K,
+                )
+                w = tl.load(
+                    dec_ptr + s * N * D + nn[:, None] * D + dd[None, :],
+                    mask=(nn < N)[:, None] & d_ok[None, :],
+                    other=0.0,
+                )
                 acc = tl.dot(c, w, acc, input_precision="ieee")
-    tl.store(out_ptr + rows[:, None] * stride_o + dd[None, :], acc.to(out_ptr.dtype.element_ty),
-             mask=row_ok[:, None] & d_ok[None, :])
+    tl.store(
+        out_ptr + rows[:, None] * stride_o + dd[None, :],
+        acc.to(out_ptr.dtype.element_ty),
+        mask=row_ok[:, None] & d_ok[None, :],
+    )
 
 
 BLOCK_T, BLOCK_N, BLOCK_K = 16, 32, 64  # tl.dot needs >= 16 on every side
@@ -151,8 +274,13 @@ def pad_support(enc_cols, enc_bias, thresholds, coef, dec_rows):
     if coef.shape[-1] == 0:
         S, D = enc_cols.shape[0], enc_cols.shape[1]
         z = dict(dtype=torch.float32, device=coef.device)
-        tensors = [torch.zeros(S, D, 1, **z), torch.zeros(S, 1, **z), torch.zeros(S, 1, **z), torch.zeros(S, 1, **z),
-                   torch.zeros(S, 1, D, **z)]
+        tensors = [
+            torch.zeros(S, D, 1, **z),
+            torch.zeros(S, 1, **z),
+            torch.zeros(S, 1, **z),
+            torch.zeros(S, 1, **z),
+            torch.zeros(S, 1, D, **z),
+        ]
     return tensors
 
 
@@ -181,15 +309,35 @@ def steer_triton(x, out, slot, const, enc_cols, enc_bias, thresholds, coef, dec_
     args = (slot_arg, const, enc_cols, enc_bias, thresholds, coef, dec_rows, cut_arg, T, D, N, S)
     if variant == "rows":
         _steer_rows_kernel[(triton.cdiv(T, BLOCK_T),)](
-            x, out, *args, x.stride(0), out.stride(0), HAS_SLOT=has_slot, HAS_CUT=has_cut,
-            BLOCK_T=BLOCK_T, N_PAD=n_pad, BLOCK_K=BLOCK_K, BLOCK_D=ROWS_BLOCK_D)
+            x,
+            out,
+            *args,
+            x.stride(0),
+            out.stride(0),
+            HAS_SLOT=has_slot,
+            HAS_CUT=has_cut,
+            BLOCK_T=BLOCK_T,
+            N_PAD=n_pad,
+            BLOCK_K=BLOCK_K,
+            BLOCK_D=ROWS_BLOCK_D,
+        )
         return out
     target = out
     if in_place and triton.cdiv(D, TILES_BLOCK_D) > 1:  # see the module docstring: not in place
         target = torch.empty_like(out)
     _steer_tiles_kernel[(triton.cdiv(T, BLOCK_T), triton.cdiv(D, TILES_BLOCK_D))](
-        x, target, *args, x.stride(0), target.stride(0), HAS_SLOT=has_slot, HAS_CUT=has_cut,
-        BLOCK_T=BLOCK_T, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, BLOCK_D=TILES_BLOCK_D)
+        x,
+        target,
+        *args,
+        x.stride(0),
+        target.stride(0),
+        HAS_SLOT=has_slot,
+        HAS_CUT=has_cut,
+        BLOCK_T=BLOCK_T,
+        BLOCK_N=BLOCK_N,
+        BLOCK_K=BLOCK_K,
+        BLOCK_D=TILES_BLOCK_D,
+    )
     if target is not out:
         out.copy_(target)
     return out

@@ -26,53 +26,127 @@ from .sparse_steer_triton import BLOCK_K, BLOCK_N, BLOCK_T, TILES_BLOCK_D, encod
 
 
 @triton.jit
-def project_block(g_ptr, stride_g, rows, mine, dec_ptr, s, D, N, nn,
-                  BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def project_block(
+    g_ptr,
+    stride_g,
+    rows,
+    mine,
+    dec_ptr,
+    s,
+    D,
+    N,
+    nn,
+    BLOCK_T: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
     """gd[t, j] = g_t . dec_rows[s][j] for rows x entries nn (0 on rows not `mine`)."""
     gd = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, D, BLOCK_K):
         kk = k0 + tl.arange(0, BLOCK_K)
         k_ok = kk < D
         gt = tl.load(g_ptr + rows[:, None] * stride_g + kk[None, :], mask=mine[:, None] & k_ok[None, :], other=0.0)
-        wt = tl.load(dec_ptr + s * N * D + nn[None, :] * D + kk[:, None], mask=k_ok[:, None] & (nn < N)[None, :],
-                     other=0.0)  # dec_rows[s][nn, kk] transposed: (BLOCK_K, BLOCK_N)
+        wt = tl.load(
+            dec_ptr + s * N * D + nn[None, :] * D + kk[:, None], mask=k_ok[:, None] & (nn < N)[None, :], other=0.0
+        )  # dec_rows[s][nn, kk] transposed: (BLOCK_K, BLOCK_N)
         gd = tl.dot(gt.to(tl.float32), wt, gd, input_precision="ieee")
     return gd
 
 
 @triton.jit
-def _grad_h_kernel(x_ptr, g_ptr, gh_ptr, slot_ptr, enc_ptr, bias_ptr, thr_ptr, a_ptr, dec_ptr, cut_ptr,
-                   T, D, N, S, stride_x, stride_g, stride_gh, HAS_SLOT: tl.constexpr, HAS_CUT: tl.constexpr,
-                   BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
+def _grad_h_kernel(
+    x_ptr,
+    g_ptr,
+    gh_ptr,
+    slot_ptr,
+    enc_ptr,
+    bias_ptr,
+    thr_ptr,
+    a_ptr,
+    dec_ptr,
+    cut_ptr,
+    T,
+    D,
+    N,
+    S,
+    stride_x,
+    stride_g,
+    stride_gh,
+    HAS_SLOT: tl.constexpr,
+    HAS_CUT: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     row_ok = rows < T
     dd = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     d_ok = dd < D
     slot, cut = row_slots(slot_ptr, cut_ptr, rows, row_ok, HAS_SLOT, HAS_CUT)
-    acc = tl.load(g_ptr + rows[:, None] * stride_g + dd[None, :], mask=row_ok[:, None] & d_ok[None, :],
-                  other=0.0).to(tl.float32)
+    acc = tl.load(g_ptr + rows[:, None] * stride_g + dd[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0).to(
+        tl.float32
+    )
     for s in range(0, S):
         mine = slot == s
         if tl.sum(mine.to(tl.int32), axis=0) > 0:
             for n0 in range(0, N, BLOCK_N):
                 nn = n0 + tl.arange(0, BLOCK_N)
                 n_ok = nn < N
-                pre, active = encode_block(x_ptr, stride_x, rows, mine, enc_ptr, bias_ptr, thr_ptr, cut, s, D, N, nn,
-                                           HAS_CUT, BLOCK_T, BLOCK_N, BLOCK_K)
+                pre, active = encode_block(
+                    x_ptr,
+                    stride_x,
+                    rows,
+                    mine,
+                    enc_ptr,
+                    bias_ptr,
+                    thr_ptr,
+                    cut,
+                    s,
+                    D,
+                    N,
+                    nn,
+                    HAS_CUT,
+                    BLOCK_T,
+                    BLOCK_N,
+                    BLOCK_K,
+                )
                 gd = project_block(g_ptr, stride_g, rows, mine, dec_ptr, s, D, N, nn, BLOCK_T, BLOCK_N, BLOCK_K)
                 a = tl.load(a_ptr + s * N + nn, mask=n_ok, other=0.0)[None, :]
                 capped = active & ~((tl.where(active, pre, 0.0) + a) > 0)
                 w = tl.where(capped, -gd, 0.0)
-                et = tl.load(enc_ptr + s * D * N + dd[None, :] * N + nn[:, None], mask=n_ok[:, None] & d_ok[None, :],
-                             other=0.0)  # enc_cols[s][dd, nn] transposed: (BLOCK_N, BLOCK_D)
+                et = tl.load(
+                    enc_ptr + s * D * N + dd[None, :] * N + nn[:, None], mask=n_ok[:, None] & d_ok[None, :], other=0.0
+                )  # enc_cols[s][dd, nn] transposed: (BLOCK_N, BLOCK_D)
                 acc = tl.dot(w, et, acc, input_precision="ieee")
     tl.store(gh_ptr + rows[:, None] * stride_gh + dd[None, :], acc, mask=row_ok[:, None] & d_ok[None, :])
 
 
 @triton.jit
-def _grad_v_kernel(x_ptr, g_ptr, part_ptr, slot_ptr, enc_ptr, bias_ptr, thr_ptr, a_ptr, dec_ptr, cut_ptr,
-                   T, D, N, S, stride_x, stride_g, TILES_PER_SPLIT, HAS_SLOT: tl.constexpr, HAS_CUT: tl.constexpr,
-                   BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _grad_v_kernel(
+    x_ptr,
+    g_ptr,
+    part_ptr,
+    slot_ptr,
+    enc_ptr,
+    bias_ptr,
+    thr_ptr,
+    a_ptr,
+    dec_ptr,
+    cut_ptr,
+    T,
+    D,
+    N,
+    S,
+    stride_x,
+    stride_g,
+    TILES_PER_SPLIT,
+    HAS_SLOT: tl.constexpr,
+    HAS_CUT: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
     nn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = nn < N
     split = tl.program_id(1)
@@ -85,8 +159,24 @@ def _grad_v_kernel(x_ptr, g_ptr, part_ptr, slot_ptr, enc_ptr, bias_ptr, thr_ptr,
         slot, cut = row_slots(slot_ptr, cut_ptr, rows, row_ok, HAS_SLOT, HAS_CUT)
         mine = slot == s
         if tl.sum(mine.to(tl.int32), axis=0) > 0:
-            pre, active = encode_block(x_ptr, stride_x, rows, mine, enc_ptr, bias_ptr, thr_ptr, cut, s, D, N, nn,
-                                       HAS_CUT, BLOCK_T, BLOCK_N, BLOCK_K)
+            pre, active = encode_block(
+                x_ptr,
+                stride_x,
+                rows,
+                mine,
+                enc_ptr,
+                bias_ptr,
+                thr_ptr,
+                cut,
+                s,
+                D,
+                N,
+                nn,
+                HAS_CUT,
+                BLOCK_T,
+                BLOCK_N,
+                BLOCK_K,
+            )
             gd = project_block(g_ptr, stride_g, rows, mine, dec_ptr, s, D, N, nn, BLOCK_T, BLOCK_N, BLOCK_K)
             passes = (tl.where(active, pre, 0.0) + a) > 0
             acc += tl.sum(tl.where(passes & mine[:, None], gd, 0.0), axis=0)
@@ -96,8 +186,7 @@ def _grad_v_kernel(x_ptr, g_ptr, part_ptr, slot_ptr, enc_ptr, bias_ptr, thr_ptr,
 MAX_SPLITS = 64  # token splits of the dv reduction: enough programs to fill a GPU at large T
 
 
-def steer_backward_triton(x, g, slot, enc_cols, enc_bias, thresholds, coef, dec_rows, cut, *, need_h=True,
-                          need_v=True):
+def steer_backward_triton(x, g, slot, enc_cols, enc_bias, thresholds, coef, dec_rows, cut, *, need_h=True, need_v=True):
     """x, g: (T, D) (any float dtype, read as float32); slot: (T,) or None; per-slot tensors as in
     steer_triton; cut: (T,) or None. Returns (grad_h (T, D) float32 or None, dv (S, n) float32 or
     None): dv without the multiplier (the caller multiplies by each slot's m)."""
@@ -115,8 +204,20 @@ def steer_backward_triton(x, g, slot, enc_cols, enc_bias, thresholds, coef, dec_
         grad_h = torch.empty(T, D, dtype=torch.float32, device=x.device)
         if T:
             _grad_h_kernel[(triton.cdiv(T, BLOCK_T), triton.cdiv(D, TILES_BLOCK_D))](
-                x, g, grad_h, *weights, x.stride(0), g.stride(0), grad_h.stride(0), HAS_SLOT=has_slot,
-                HAS_CUT=has_cut, BLOCK_T=BLOCK_T, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, BLOCK_D=TILES_BLOCK_D)
+                x,
+                g,
+                grad_h,
+                *weights,
+                x.stride(0),
+                g.stride(0),
+                grad_h.stride(0),
+                HAS_SLOT=has_slot,
+                HAS_CUT=has_cut,
+                BLOCK_T=BLOCK_T,
+                BLOCK_N=BLOCK_N,
+                BLOCK_K=BLOCK_K,
+                BLOCK_D=TILES_BLOCK_D,
+            )
     if need_v:
         tiles = max(1, triton.cdiv(T, BLOCK_T))
         splits = min(MAX_SPLITS, tiles)
@@ -124,7 +225,18 @@ def steer_backward_triton(x, g, slot, enc_cols, enc_bias, thresholds, coef, dec_
         parts = torch.zeros(splits, S, N, dtype=torch.float32, device=x.device)
         if T:
             _grad_v_kernel[(triton.cdiv(N, BLOCK_N), splits, S)](
-                x, g, parts, *weights, x.stride(0), g.stride(0), per_split, HAS_SLOT=has_slot, HAS_CUT=has_cut,
-                BLOCK_T=BLOCK_T, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K)
+                x,
+                g,
+                parts,
+                *weights,
+                x.stride(0),
+                g.stride(0),
+                per_split,
+                HAS_SLOT=has_slot,
+                HAS_CUT=has_cut,
+                BLOCK_T=BLOCK_T,
+                BLOCK_N=BLOCK_N,
+                BLOCK_K=BLOCK_K,
+            )
         dv = parts.sum(0)[:, :n]
     return grad_h, dv

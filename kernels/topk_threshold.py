@@ -21,13 +21,16 @@ from .topk_threshold_torch import topk_threshold_torch
 
 
 def topk_threshold(x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, k: int, *, backend: str | None = None):
-    backend = pick_backend(x.device, W_enc.dtype, op="topk_threshold", shape=(x.shape[0], W_enc.shape[1], k),
-                           forced=backend)
+    backend = pick_backend(
+        x.device, W_enc.dtype, op="topk_threshold", shape=(x.shape[0], W_enc.shape[1], k), forced=backend
+    )
     if backend == "triton":
         from .topk_threshold_triton import topk_threshold_triton
+
         return topk_threshold_triton(x, W_enc, b_enc, k)
     if backend == "numba":
         from .topk_threshold_numba import topk_threshold_numba
+
         return topk_threshold_numba(x, W_enc, b_enc, k)
     if backend == "reference":
         return topk_threshold_reference(x, W_enc, b_enc, k)

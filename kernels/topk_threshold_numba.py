@@ -57,7 +57,14 @@ def topk_threshold_numba(x, W_enc, b_enc, k, token_block: int = TOKEN_BLOCK, lat
     T = x.shape[0]
     kth = torch.empty(T, dtype=torch.float32)
     nxt = torch.empty(T, dtype=torch.float32)
-    _topk_kernel(x.detach().to(torch.float32).contiguous().numpy(), W_enc.detach().to(torch.float32).contiguous().numpy(),
-                 b_enc.detach().to(torch.float32).contiguous().numpy(), int(k), kth.numpy(), nxt.numpy(),
-                 token_block, latent_chunk)
+    _topk_kernel(
+        x.detach().to(torch.float32).contiguous().numpy(),
+        W_enc.detach().to(torch.float32).contiguous().numpy(),
+        b_enc.detach().to(torch.float32).contiguous().numpy(),
+        int(k),
+        kth.numpy(),
+        nxt.numpy(),
+        token_block,
+        latent_chunk,
+    )
     return kth, nxt

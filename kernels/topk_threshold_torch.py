@@ -21,14 +21,14 @@ def topk_threshold_torch(x, W_enc, b_enc, k, tile_floats: int = TILE_FLOATS):
     rows = max(1, min(T, TOKEN_BLOCK))
     chunk = max(MIN_CHUNK, tile_floats // rows)
     for t0 in range(0, T, rows):
-        xb = x[t0:t0 + rows]
+        xb = x[t0 : t0 + rows]
         running = None
         for j0 in range(0, d_sae, chunk):
-            pre = torch.addmm(b_enc[j0:j0 + chunk], xb, W_enc[:, j0:j0 + chunk])
+            pre = torch.addmm(b_enc[j0 : j0 + chunk], xb, W_enc[:, j0 : j0 + chunk])
             cand = pre if running is None else torch.cat([running, pre], dim=1)
             # sorted=False while merging; one sort at the end gives the k-th and (k+1)-th.
             running = torch.topk(cand, min(keep, cand.shape[1]), dim=1, sorted=False).values
         best = torch.sort(running, dim=1, descending=True).values
-        kth[t0:t0 + rows] = best[:, k - 1]
-        nxt[t0:t0 + rows] = best[:, k] if k < d_sae else float("-inf")
+        kth[t0 : t0 + rows] = best[:, k - 1]
+        nxt[t0 : t0 + rows] = best[:, k] if k < d_sae else float("-inf")
     return kth, nxt

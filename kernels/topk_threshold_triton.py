@@ -15,8 +15,22 @@ import triton.language as tl
 
 
 @triton.jit
-def _topk_kernel(x_ptr, w_ptr, b_ptr, kth_ptr, next_ptr, T, D, S, k, stride_x,
-                 KP: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
+def _topk_kernel(
+    x_ptr,
+    w_ptr,
+    b_ptr,
+    kth_ptr,
+    next_ptr,
+    T,
+    D,
+    S,
+    k,
+    stride_x,
+    KP: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     pid = tl.program_id(0)
     rows = pid * BLOCK_T + tl.arange(0, BLOCK_T)
     row_ok = rows < T
@@ -28,8 +42,9 @@ def _topk_kernel(x_ptr, w_ptr, b_ptr, kth_ptr, next_ptr, T, D, S, k, stride_x,
         for d0 in range(0, D, BLOCK_D):
             dd = d0 + tl.arange(0, BLOCK_D)
             d_ok = dd < D
-            xt = tl.load(x_ptr + rows[:, None] * stride_x + dd[None, :], mask=row_ok[:, None] & d_ok[None, :],
-                         other=0.0)
+            xt = tl.load(
+                x_ptr + rows[:, None] * stride_x + dd[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0
+            )
             wt = tl.load(w_ptr + dd[:, None] * S + cols[None, :], mask=d_ok[:, None] & col_ok[None, :], other=0.0)
             acc = tl.dot(xt.to(tl.float32), wt, acc, input_precision="ieee")
         pre = acc + tl.load(b_ptr + cols, mask=col_ok, other=0.0)[None, :]
@@ -57,6 +72,7 @@ def topk_threshold_triton(x, W_enc, b_enc, k, block_t: int | None = None, block_
     kth = torch.empty(T, dtype=torch.float32, device=x.device)
     nxt = torch.empty(T, dtype=torch.float32, device=x.device)
     if T:
-        _topk_kernel[(triton.cdiv(T, block_t),)](x, W_enc, b_enc, kth, nxt, T, D, S, k, x.stride(0), KP=KP,
-                                                 BLOCK_T=block_t, BLOCK_S=BLOCK_S, BLOCK_D=block_d)
+        _topk_kernel[(triton.cdiv(T, block_t),)](
+            x, W_enc, b_enc, kth, nxt, T, D, S, k, x.stride(0), KP=KP, BLOCK_T=block_t, BLOCK_S=BLOCK_S, BLOCK_D=block_d
+        )
     return kth, nxt

@@ -23,11 +23,28 @@ def get_vector(method, pairs, model, tok, sae, out, training, key, data, args, l
         training[key] = json.loads((out / "vectors" / f"{key.replace('/', '-')}.json").read_text())
         return load_vector(path)
     steps = -(-len(pairs) // args.batch_size) * args.epochs
-    res = train(method, pairs, model=model, tokenizer=tok, sae=sae if method == "yapo" else None, layer=layer,
-                epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, warmup_steps=max(1, steps // 10),
-                out=path, resume=True)
-    training[key] = {"seconds": res.seconds, "steps": res.steps, "pairs": len(pairs), "data": data,
-                     "losses": res.losses, "lr": args.lr}
+    res = train(
+        method,
+        pairs,
+        model=model,
+        tokenizer=tok,
+        sae=sae if method == "yapo" else None,
+        layer=layer,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        warmup_steps=max(1, steps // 10),
+        out=path,
+        resume=True,
+    )
+    training[key] = {
+        "seconds": res.seconds,
+        "steps": res.steps,
+        "pairs": len(pairs),
+        "data": data,
+        "losses": res.losses,
+        "lr": args.lr,
+    }
     (out / "vectors" / f"{key.replace('/', '-')}.json").write_text(json.dumps(training[key]))
     return res.vector
 
@@ -59,8 +76,15 @@ def main():
     sae = load_sae(args.sae) if "yapo" in methods + cmethods else None
     layer = sae.layer if sae is not None else args.layer
     training, bv, cv = {}, {}, {}
-    common = dict(sae=sae, ab_limit=args.ab_items, mcq_limit=args.mcq_items, culture_multiplier=args.culture_multiplier,
-                  mmlu_per_subject=args.mmlu_per_subject, mmlu_shots=args.mmlu_shots, max_new_tokens=40)
+    common = dict(
+        sae=sae,
+        ab_limit=args.ab_items,
+        mcq_limit=args.mcq_items,
+        culture_multiplier=args.culture_multiplier,
+        mmlu_per_subject=args.mmlu_per_subject,
+        mmlu_shots=args.mmlu_shots,
+        max_new_tokens=40,
+    )
     res = None
 
     def merge(part):  # stage by stage, the report rewritten after each: a long run yields what it has
@@ -78,16 +102,21 @@ def main():
 
     for b in args.behaviours.split(","):
         pairs = load_pairs(bipo_csv_path(b), limit=args.pairs)
-        bv[b] = {m: get_vector(m, pairs, model, tok, sae, out, training, f"{b}/{m}", str(bipo_csv_path(b)), args, layer)
-                 for m in methods}
+        bv[b] = {
+            m: get_vector(m, pairs, model, tok, sae, out, training, f"{b}/{m}", str(bipo_csv_path(b)), args, layer)
+            for m in methods
+        }
         merge(evaluate(model, tok, behaviour_vectors={b: bv[b]}, parts=("ab",), **common))
     digest = blend.load_digest()
     for c in args.countries.split(","):
         half = args.culture_pairs // 2  # localized and non-localized prompts, half each
-        pairs = (blend.preference_pairs(c, "localized", limit=half, digest=digest)
-                 + blend.preference_pairs(c, "non_localized", limit=half, digest=digest))
-        cv[c] = {m: get_vector(m, pairs, model, tok, sae, out, training, f"{c}/{m}", f"BLEnD {c} train split", args, layer)
-                 for m in cmethods}
+        pairs = blend.preference_pairs(c, "localized", limit=half, digest=digest) + blend.preference_pairs(
+            c, "non_localized", limit=half, digest=digest
+        )
+        cv[c] = {
+            m: get_vector(m, pairs, model, tok, sae, out, training, f"{c}/{m}", f"BLEnD {c} train split", args, layer)
+            for m in cmethods
+        }
         merge(evaluate(model, tok, country_vectors={c: cv[c]}, parts=("culture",), **common))
     merge(evaluate(model, tok, behaviour_vectors=bv, country_vectors=cv, parts=("mmlu",), **common))
     prompts = {b: [p.prompt for p in load_pairs(bipo_csv_path(b, "test"), limit=3)] for b in bv}

@@ -39,14 +39,18 @@ def main():
     for layer, d in sorted(by_layer.items()):
         x = load_activation_chunks([d / n for n in names])[: args.max_rows]
         split = int(0.85 * len(x))
-        sae = train_on_activations(x[:split], kind="topk", d_sae=4 * x.shape[1], k=32, total_samples=3 * split,
-                                   batch_size=512, seed=0)
+        sae = train_on_activations(
+            x[:split], kind="topk", d_sae=4 * x.shape[1], k=32, total_samples=3 * split, batch_size=512, seed=0
+        )
         with torch.no_grad():
             held = x[split:]
             rec = sae.decode(sae.encode(held))
             fve = 1 - (held - rec).pow(2).sum() / (held - held.mean(0)).pow(2).sum()
-        results[layer] = {"quick_topk_heldout_fve": round(fve.item(), 4), "rows": len(x),
-                          "mean_norm": round(x.norm(dim=-1).mean().item(), 2)}
+        results[layer] = {
+            "quick_topk_heldout_fve": round(fve.item(), 4),
+            "rows": len(x),
+            "mean_norm": round(x.norm(dim=-1).mean().item(), 2),
+        }
         print(layer, results[layer], file=sys.stderr, flush=True)
     write_text_atomic(args.out, json.dumps(results, indent=1))
     print(json.dumps(results, indent=1))

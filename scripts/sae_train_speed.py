@@ -36,8 +36,10 @@ def main():
     acts = torch.randn(20000, 576) * 3 + torch.randn(576)
     train_on_activations(acts, kind=kind, d_sae=4608, k=32, total_samples=steps * batch, batch_size=batch)
     s = seconds["fit"]
-    print(f"threads={threads} kind={kind} batch={batch}: {steps * batch / s:.0f} samples/s "
-          f"({s / steps * 1000:.0f} ms/step over {steps} steps)")
+    print(
+        f"threads={threads} kind={kind} batch={batch}: {steps * batch / s:.0f} samples/s "
+        f"({s / steps * 1000:.0f} ms/step over {steps} steps)"
+    )
 
 
 if __name__ == "__main__":

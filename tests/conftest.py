@@ -3,7 +3,6 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing loads from the Hub in tests
 
 import pytest
-
 from helpers import tiny_llama
 from machine_marks import deselect_unrunnable, report_left_out
 

@@ -1,7 +1,24 @@
 """A tiny word-level tokenizer for the evaluation tests: option letters, "(" and "Answer" are
 single tokens, so the scorers' letter lookup works; everything else unknown maps to <unk>."""
 
-EVAL_WORDS = ["<unk>", "<pad>", "A", "B", "C", "D", "(", ")", "Answer", ":", "User", "Assistant", "Choices", "x", "y", "z"]
+EVAL_WORDS = [
+    "<unk>",
+    "<pad>",
+    "A",
+    "B",
+    "C",
+    "D",
+    "(",
+    ")",
+    "Answer",
+    ":",
+    "User",
+    "Assistant",
+    "Choices",
+    "x",
+    "y",
+    "z",
+]
 
 
 def word_tokenizer(words=None):

@@ -12,8 +12,15 @@ def tiny_llama(d_model: int = 64, n_layers: int = 4, vocab: int = 128, seed: int
     import transformers
 
     torch.manual_seed(seed)
-    common = dict(vocab_size=vocab, hidden_size=d_model, intermediate_size=2 * d_model, num_hidden_layers=n_layers,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    common = dict(
+        vocab_size=vocab,
+        hidden_size=d_model,
+        intermediate_size=2 * d_model,
+        num_hidden_layers=n_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+    )
     if arch == "llama":
         model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**common))
     elif arch == "mistral":
@@ -43,8 +50,11 @@ def random_latent(d_sae: int, support: int, sign: str, seed: int = 0, scale: flo
     return v
 
 
-TRITON_KERNEL_MODULES = ("yapo_fast.kernels.sparse_steer_triton", "yapo_fast.kernels.sparse_steer_triton_backward",
-                         "yapo_fast.kernels.topk_threshold_triton")
+TRITON_KERNEL_MODULES = (
+    "yapo_fast.kernels.sparse_steer_triton",
+    "yapo_fast.kernels.sparse_steer_triton_backward",
+    "yapo_fast.kernels.topk_threshold_triton",
+)
 
 
 def import_triton_kernels(*, always_interpret: bool = False) -> None:

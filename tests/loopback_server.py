@@ -29,9 +29,14 @@ def loopback_server(serve_args: list[str], cwd: Path, *, start_timeout_s: float)
     cli = Path(sys.executable).with_name("yapo-fast")
     log_path = Path(cwd) / "server.log"
     with open(log_path, "w") as log:
-        proc = subprocess.Popen([str(cli), "serve", "--port", str(port), *serve_args], stdout=log,
-                                stderr=subprocess.STDOUT, cwd=cwd, start_new_session=True,
-                                env=dict(os.environ, VLLM_LOGGING_LEVEL="WARNING"))
+        proc = subprocess.Popen(
+            [str(cli), "serve", "--port", str(port), *serve_args],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=cwd,
+            start_new_session=True,
+            env=dict(os.environ, VLLM_LOGGING_LEVEL="WARNING"),
+        )
         base = f"http://127.0.0.1:{port}"
         try:
             deadline = time.time() + start_timeout_s

@@ -6,9 +6,14 @@ Used by tests/conftest.py and bench/conftest.py."""
 import torch
 
 HAS_CUDA = torch.cuda.is_available()
-NOT_HERE = {"gpu": "no CUDA GPU on this machine (the compiled Triton path needs one; its logic runs under "
-                   "TRITON_INTERPRET in tests/)"} if not HAS_CUDA else {
-    "interpreter_only": "a CUDA GPU is present, so the Triton kernels are compiled, not interpreted"}
+NOT_HERE = (
+    {
+        "gpu": "no CUDA GPU on this machine (the compiled Triton path needs one; its logic runs under "
+        "TRITON_INTERPRET in tests/)"
+    }
+    if not HAS_CUDA
+    else {"interpreter_only": "a CUDA GPU is present, so the Triton kernels are compiled, not interpreted"}
+)
 _left_out: dict[str, int] = {}
 
 

@@ -49,7 +49,9 @@ class NaiveTrainer:
 
     def loss(self, indices, v, d):
         """Mean DPO loss of the batch (differentiable in v)."""
-        seqs = [self.seqs[i][0] + self.seqs[i][1] for i in indices] + [self.seqs[i][0] + self.seqs[i][2] for i in indices]
+        seqs = [self.seqs[i][0] + self.seqs[i][1] for i in indices] + [
+            self.seqs[i][0] + self.seqs[i][2] for i in indices
+        ]
         plens = [len(self.seqs[i][0]) for i in indices] * 2
         n = max(len(s) for s in seqs)
         ids = torch.zeros(len(seqs), n, dtype=torch.long)
@@ -58,7 +60,7 @@ class NaiveTrainer:
         for j, s in enumerate(seqs):
             ids[j, : len(s)] = torch.tensor(s)
             mask[j, : len(s)] = 1
-            resp[j, plens[j]: len(s)] = 1
+            resp[j, plens[j] : len(s)] = 1
 
         def hook(_module, _inputs, output):
             h = output if isinstance(output, torch.Tensor) else output[0]
@@ -79,11 +81,30 @@ class NaiveTrainer:
         ratio = policy - reference
         return -F.logsigmoid(d * self.beta * (ratio[:B] - ratio[B:])).mean()
 
-    def train(self, *, epochs=1, batch_size=4, lr=5e-4, warmup_steps=100, grad_clip=1.0, seed=0, steps=None,
-              record_grads=False):
+    def train(
+        self,
+        *,
+        epochs=1,
+        batch_size=4,
+        lr=5e-4,
+        warmup_steps=100,
+        grad_clip=1.0,
+        seed=0,
+        steps=None,
+        record_grads=False,
+    ):
         """Returns (v, per-step records [{loss, d, grad?}])."""
-        cfg = TrainConfig(method=self.method, layer=self.layer, epochs=epochs, batch_size=batch_size, lr=lr,
-                          warmup_steps=warmup_steps, grad_clip=grad_clip, seed=seed, beta=self.beta)
+        cfg = TrainConfig(
+            method=self.method,
+            layer=self.layer,
+            epochs=epochs,
+            batch_size=batch_size,
+            lr=lr,
+            warmup_steps=warmup_steps,
+            grad_clip=grad_clip,
+            seed=seed,
+            beta=self.beta,
+        )
         schedule = batch_schedule(len(self.seqs), batch_size, epochs, seed)
         size = self.sae.d_sae if self.method == "yapo" else self.model.config.hidden_size
         v = torch.zeros(size, requires_grad=True)

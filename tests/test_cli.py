@@ -5,8 +5,8 @@ import sys
 from pathlib import Path
 
 import torch
-
 from helpers import tiny_llama
+
 from yapo_fast import SteeringVector, model_identity
 from yapo_fast.cli import main
 
@@ -20,8 +20,8 @@ def test_help_lists_subcommands():
 
 
 def save_tiny(tmp_path):
-    from transformers import PreTrainedTokenizerFast
     from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
 
     model = tiny_llama()
     vocab = {f"w{i}": i for i in range(128)}
@@ -37,8 +37,19 @@ def test_steer_prints_both_and_errors_cleanly(tmp_path, capsys):
     model = save_tiny(tmp_path)
     vec = SteeringVector.from_dense(10 * torch.randn(64), method="bipo", layer=1, model=model_identity(model))
     vec.save(tmp_path / "v.safetensors")
-    rc = main(["steer", "--model", str(tmp_path / "m"), "--vector", str(tmp_path / "v.safetensors"),
-               "--prompt", "w5 w6 w7", "--max-new-tokens", "5"])
+    rc = main(
+        [
+            "steer",
+            "--model",
+            str(tmp_path / "m"),
+            "--vector",
+            str(tmp_path / "v.safetensors"),
+            "--prompt",
+            "w5 w6 w7",
+            "--max-new-tokens",
+            "5",
+        ]
+    )
     out = capsys.readouterr().out
     assert rc == 0 and "-- unsteered" in out and "-- steered (bipo, layer 1" in out
     (tmp_path / "bad.safetensors").write_bytes(b"not a file")
@@ -49,5 +60,7 @@ def test_steer_prints_both_and_errors_cleanly(tmp_path, capsys):
     far.save(tmp_path / "far.safetensors")
     rc = main(["steer", "--model", str(tmp_path / "m"), "--vector", str(tmp_path / "far.safetensors"), "--prompt", "x"])
     assert rc == 2 and "out of range" in capsys.readouterr().err
-    rc = main(["steer", "--model", str(tmp_path / "nowhere"), "--vector", str(tmp_path / "v.safetensors"), "--prompt", "x"])
+    rc = main(
+        ["steer", "--model", str(tmp_path / "nowhere"), "--vector", str(tmp_path / "v.safetensors"), "--prompt", "x"]
+    )
     assert rc == 2 and "could not load model" in capsys.readouterr().err

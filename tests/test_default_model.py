@@ -3,7 +3,6 @@
 import os
 
 import pytest
-import torch
 
 from yapo_fast import load_model, model_identity
 from yapo_fast.hf_generate import generate_text

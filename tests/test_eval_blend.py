@@ -15,11 +15,15 @@ def digest():
 
 
 def test_non_localize_removes_the_country():
-    assert blend.non_localize("Spain", "¿Qué hacen las personas para celebrar Halloween en España?") == \
-        "¿Qué hacen las personas para celebrar Halloween?"
+    assert (
+        blend.non_localize("Spain", "¿Qué hacen las personas para celebrar Halloween en España?")
+        == "¿Qué hacen las personas para celebrar Halloween?"
+    )
     assert blend.non_localize("China", "在中国，感恩节的主菜是什么？") == "感恩节的主菜是什么？"
-    assert blend.non_localize("UK", "What is the main dish for Thanksgiving in the UK?") == \
-        "What is the main dish for Thanksgiving?"
+    assert (
+        blend.non_localize("UK", "What is the main dish for Thanksgiving in the UK?")
+        == "What is the main dish for Thanksgiving?"
+    )
     assert "ایران" not in blend.non_localize("Iran", "غذای اصلی شکرگزاری درایران چیست؟")
     with pytest.raises(YapoFastError, match="no local-language name patterns"):
         blend.non_localize("Assam", "x")

@@ -8,24 +8,36 @@ from pathlib import Path
 import pytest
 
 from yapo_fast.errors import YapoFastError
-from yapo_fast.eval_generation import (first_sentence, generation_effect, hallucination_score, rejects_premise,
-                                       scored_generations, scorer_for)
+from yapo_fast.eval_generation import (
+    first_sentence,
+    generation_effect,
+    hallucination_score,
+    rejects_premise,
+    scored_generations,
+    scorer_for,
+)
 
 LABELS = Path(__file__).parent / "data" / "hallucination_labels.jsonl"
 
 
-@pytest.mark.parametrize("text, rejects", [
-    ("No, that's not accurate. The brain is made of neurons.", True),
-    ("no. It is not.", True),
-    ("Nothing suggests otherwise; yes, it is true.", False),  # 'no' must be a word, not a prefix
-    ("Yes, the Younger family does embark on an adventure.", False),
-    ("Actually, there is no record of such a treaty.", True),
-    ("That is a common misconception: chemists work in labs.", True),
-    ("Yes! Industrial chemists often work in candy factories. They do not work in labs.", False),  # first sentence only
-    ("  The answer is yes\nbut it is not certain", False),
-    ("Mythical dragons are a fascinating example.", False),  # whole words: "myth" is not "mythical"
-    ("", False),
-])
+@pytest.mark.parametrize(
+    "text, rejects",
+    [
+        ("No, that's not accurate. The brain is made of neurons.", True),
+        ("no. It is not.", True),
+        ("Nothing suggests otherwise; yes, it is true.", False),  # 'no' must be a word, not a prefix
+        ("Yes, the Younger family does embark on an adventure.", False),
+        ("Actually, there is no record of such a treaty.", True),
+        ("That is a common misconception: chemists work in labs.", True),
+        (
+            "Yes! Industrial chemists often work in candy factories. They do not work in labs.",
+            False,
+        ),  # first sentence only
+        ("  The answer is yes\nbut it is not certain", False),
+        ("Mythical dragons are a fascinating example.", False),  # whole words: "myth" is not "mythical"
+        ("", False),
+    ],
+)
 def test_rejects_premise_reads_the_first_sentence(text, rejects):
     assert rejects_premise(text) is rejects
     assert hallucination_score(text) == (0 if rejects else 1)
@@ -38,7 +50,7 @@ def test_first_sentence_stops_at_sentence_end_or_line_break():
 
 def test_generation_effect_hand_values():
     e = generation_effect([1, 1, 0, 1], [0, 1, 0, 0], 1.0)  # differences 1, 0, 0, 1
-    sd = math.sqrt(((0.5 ** 2) * 4) / 3)
+    sd = math.sqrt(((0.5**2) * 4) / 3)
     assert e["delta"] == pytest.approx(0.5) and e["rate"] == pytest.approx(0.75) and e["n"] == 4
     assert e["delta_ci_high"] == pytest.approx(0.5 + 1.959964 * sd / 2)
     with pytest.raises(YapoFastError, match="3 steered scores against 2"):

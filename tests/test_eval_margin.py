@@ -5,8 +5,8 @@ import math
 
 import pytest
 import torch
-
 from eval_helpers import word_tokenizer
+
 from yapo_fast.data import PreferencePair
 from yapo_fast.errors import YapoFastError
 from yapo_fast.eval_margin import margin_effect, pair_margins, response_logprobs
@@ -44,8 +44,11 @@ def lm_tok():
     return BigramLM(len(tok)), tok
 
 
-PAIRS = [PreferencePair("x y", "A B", "C"), PreferencePair("z", "w1 w2 w3 w4", "w5 w6"),
-         PreferencePair("x y z x y z w7", "D", "A B C D")]
+PAIRS = [
+    PreferencePair("x y", "A B", "C"),
+    PreferencePair("z", "w1 w2 w3 w4", "w5 w6"),
+    PreferencePair("x y z x y z w7", "D", "A B C D"),
+]
 
 
 @pytest.mark.parametrize("batch_size", [1, 2, 8])
@@ -60,8 +63,9 @@ def test_response_logprobs_equal_hand_sums_at_any_padding(lm_tok, batch_size):
 def test_pair_margin_is_chosen_minus_rejected(lm_tok):
     lm, tok = lm_tok
     want = [by_hand(lm, tok, p.prompt, p.chosen) - by_hand(lm, tok, p.prompt, p.rejected) for p in PAIRS]
-    torch.testing.assert_close(pair_margins(lm, tok, PAIRS, batch_size=2), torch.tensor(want, dtype=torch.float64),
-                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        pair_margins(lm, tok, PAIRS, batch_size=2), torch.tensor(want, dtype=torch.float64), rtol=1e-5, atol=1e-5
+    )
 
 
 def test_margin_effect_hand_values():

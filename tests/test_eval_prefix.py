@@ -3,9 +3,9 @@ evaluate.score_steerings) equals a hooked full forward per steering; and the vec
 
 import pytest
 import torch
-
 from eval_helpers import word_tokenizer
 from helpers import SAE_KINDS, random_latent, random_sae, tiny_llama
+
 from yapo_fast import SteeringVector, model_identity, steer
 from yapo_fast.eval_scale import layer_states, vector_scale
 from yapo_fast.eval_score import next_token_logits, steered_next_token_logits
@@ -29,12 +29,15 @@ def test_prefix_reuse_equals_hooked_forward(kind):
     ident = model_identity(model)
     sae = random_sae(kind, layer=1)
     sparse = SteeringVector.from_latent(random_latent(96, 12, "mixed", scale=3.0), layer=1, sae=sae, model=ident)
-    dense = SteeringVector.from_dense(4 * torch.randn(64, generator=torch.Generator().manual_seed(3)), method="bipo",
-                                      layer=1, model=ident)
+    dense = SteeringVector.from_dense(
+        4 * torch.randn(64, generator=torch.Generator().manual_seed(3)), method="bipo", layer=1, model=ident
+    )
     steerings = {("none", 0): (None, 0.0)}
     steerings.update({(n, m): (v, m) for n, v in (("yapo", sparse), ("bipo", dense)) for m in (-2.0, -0.5, 1.0)})
-    fns = {k: None if v is None else make_steer_fn(v, m, sae=sae if v.is_sparse else None)
-           for k, (v, m) in steerings.items()}
+    fns = {
+        k: None if v is None else make_steer_fn(v, m, sae=sae if v.is_sparse else None)
+        for k, (v, m) in steerings.items()
+    }
     fast = steered_next_token_logits(model, tok, TEXTS, IDS, 1, fns, batch_size=3)
     for key, (vec, m) in steerings.items():
         ref = _hooked(model, tok, vec, m, sae)
@@ -82,7 +85,9 @@ def test_vector_scale_by_hand():
     lat[[busy, dead]] = torch.tensor([-0.5, 1.0])
     sparse = SteeringVector.from_latent(lat, layer=1, sae=sae, model=ident)
     sc = vector_scale(sparse, h, sae=sae, multiplier=2.0, top=2)
-    assert sc["max_abs_mv"] == pytest.approx(2.0) and sc["top_abs_mv_median"] == pytest.approx(1.0)  # lower median of 2, 1
+    assert sc["max_abs_mv"] == pytest.approx(2.0) and sc["top_abs_mv_median"] == pytest.approx(
+        1.0
+    )  # lower median of 2, 1
     assert sc["top_never_active"] == 1
     assert sc["z_active_median"] == pytest.approx(float(z[z[:, busy] > 0, busy].mean()), rel=1e-5)
     assert sc["edit_ratio"] > 0

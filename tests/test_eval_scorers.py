@@ -6,8 +6,8 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-
 from helpers import tiny_llama
+
 from yapo_fast import SteeringVector, model_identity, steer
 from yapo_fast.blend import MCQItem
 from yapo_fast.errors import YapoFastError
@@ -55,9 +55,18 @@ class FakeLM(torch.nn.Module):
 
 def test_ab_scorer_matches_hand_computed():
     tok = word_tokenizer()
-    table = {0: {"A": 2.0, "B": 0.0}, 1: {"A": 1.0, "B": 1.0}, 2: {"A": 0.0, "B": math.log(3)}, 3: {"A": -1.0, "B": 3.0}}
-    items = [ABItem("q0 x", "y", "z", "A"), ABItem("q1 x x x x x", "y", "z", "B"), ABItem("q2", "y y", "z", "B"),
-             ABItem("q3 x y", "z", "z", "A")]
+    table = {
+        0: {"A": 2.0, "B": 0.0},
+        1: {"A": 1.0, "B": 1.0},
+        2: {"A": 0.0, "B": math.log(3)},
+        3: {"A": -1.0, "B": 3.0},
+    }
+    items = [
+        ABItem("q0 x", "y", "z", "A"),
+        ABItem("q1 x x x x x", "y", "z", "B"),
+        ABItem("q2", "y y", "z", "B"),
+        ABItem("q3 x y", "z", "z", "A"),
+    ]
     scores = ab_scores(FakeLM(tok, table), tok, items, batch_size=3)
     expected = [1 / (1 + math.exp(-2)), 0.5, 0.75, 1 / (1 + math.exp(4))]
     assert scores.tolist() == pytest.approx(expected, abs=1e-6)
@@ -70,10 +79,16 @@ def test_ab_scorer_matches_hand_computed():
 
 def test_mcq_scorer_matches_hand_computed():
     tok = word_tokenizer()
-    table = {0: {"A": 0.0, "B": 1.0, "C": 3.0, "D": 2.0}, 1: {"A": 0.0, "B": 2.0, "C": 0.0, "D": 0.0},
-             2: {"A": 0.0, "B": 1.0, "C": 0.0, "D": 5.0}}  # item 2 has 3 options: D's logit must be ignored
-    items = [MCQItem("q0 x", ["w1", "w2", "w3", "w4"], "C"), MCQItem("q1 y", ["w1", "w2", "w3", "w4"], "A"),
-             MCQItem("q2 z", ["w1", "w2", "w3"], "B")]
+    table = {
+        0: {"A": 0.0, "B": 1.0, "C": 3.0, "D": 2.0},
+        1: {"A": 0.0, "B": 2.0, "C": 0.0, "D": 0.0},
+        2: {"A": 0.0, "B": 1.0, "C": 0.0, "D": 5.0},
+    }  # item 2 has 3 options: D's logit must be ignored
+    items = [
+        MCQItem("q0 x", ["w1", "w2", "w3", "w4"], "C"),
+        MCQItem("q1 y", ["w1", "w2", "w3", "w4"], "A"),
+        MCQItem("q2 z", ["w1", "w2", "w3"], "B"),
+    ]
     correct, p = mcq_correct(FakeLM(tok, table), tok, items, batch_size=2)
     assert correct.tolist() == [1.0, 0.0, 1.0]
     e = math.e
@@ -83,9 +98,11 @@ def test_mcq_scorer_matches_hand_computed():
 def test_mmlu_scorer_matches_hand_computed_and_uses_shots():
     tok = word_tokenizer()
     dev = [MCQItem(f"w{i} x", ["w1", "w2", "w3", "w4"], "B", country="astro") for i in range(3)]
-    items = [MCQItem("q0 x", ["w5", "w6", "w7", "w8"], "D", country="astro"),
-             MCQItem("q1 x", ["w5", "w6", "w7", "w8"], "A", country="astro"),
-             MCQItem("q2 x", ["w5", "w6", "w7", "w8"], "B", country="astro")]
+    items = [
+        MCQItem("q0 x", ["w5", "w6", "w7", "w8"], "D", country="astro"),
+        MCQItem("q1 x", ["w5", "w6", "w7", "w8"], "A", country="astro"),
+        MCQItem("q2 x", ["w5", "w6", "w7", "w8"], "B", country="astro"),
+    ]
     table = {0: {"D": 1.0}, 1: {"A": 0.5, "B": 0.7}, 2: {"B": 4.0, "C": 3.9}}
     lm = FakeLM(tok, table)
     correct = mmlu_correct(lm, tok, items, shots=2, dev=dev, batch_size=8)
@@ -121,11 +138,18 @@ def test_batched_padded_logits_equal_one_at_a_time():
 
 def test_steering_moves_scores_and_zero_multiplier_is_identity():
     model = tiny_llama()
-    tok = word_tokenizer(["<unk>", "<pad>"] + [f"w{i}" for i in range(2, 118)]
-                         + ["A", "B", "(", "Answer", ":", "User", "Assistant", "Choices"])
+    tok = word_tokenizer(
+        ["<unk>", "<pad>"]
+        + [f"w{i}" for i in range(2, 118)]
+        + ["A", "B", "(", "Answer", ":", "User", "Assistant", "Choices"]
+    )
     items = [ABItem(f"w{i} w{i + 1} w{i + 2}", f"w{i + 3}", f"w{i + 4}", "AB"[i % 2]) for i in range(6)]
-    vec = SteeringVector.from_dense(8 * torch.randn(64, generator=torch.Generator().manual_seed(1)), method="bipo",
-                                    layer=1, model=model_identity(model))
+    vec = SteeringVector.from_dense(
+        8 * torch.randn(64, generator=torch.Generator().manual_seed(1)),
+        method="bipo",
+        layer=1,
+        model=model_identity(model),
+    )
     base = ab_scores(model, tok, items)
     with steer(model, vec, 0.0):
         zero = ab_scores(model, tok, items)

@@ -11,14 +11,25 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from test_explain_report import DOCS, planted_vector, write_pairs
+
 from yapo_fast.explain import explain
 
 ARTIFACTS = Path(__file__).parent / "artifacts"
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync",
-         "--disable-extensions", "--hide-scrollbars", "--enable-logging=stderr", "--v=0"]
+FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-extensions",
+    "--hide-scrollbars",
+    "--enable-logging=stderr",
+    "--v=0",
+]
 MARK_RGB = (0xFF, 0xCF, 0x4A)  # report_html's <mark> background: the highlighted activating token
 
 
@@ -31,8 +42,9 @@ def chromium() -> str:
 
 def run_chromium(tmp_path: Path, url: str, *extra: str) -> subprocess.CompletedProcess:
     profile = tmp_path / f"profile-{len(list(tmp_path.glob('profile-*')))}"
-    return subprocess.run([chromium(), *FLAGS, f"--user-data-dir={profile}", *extra, url],
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [chromium(), *FLAGS, f"--user-data-dir={profile}", *extra, url], capture_output=True, text=True, timeout=120
+    )
 
 
 def console_messages(stderr: str) -> list[str]:
@@ -55,8 +67,19 @@ def test_report_renders_in_headless_chromium(tmp_path):
 
     model, sae = planted_model_and_sae()
     vec = planted_vector(model, sae, write_pairs(tmp_path / "pairs.jsonl"))
-    r = explain(vec, model=model, tokenizer=char_tokenizer(), sae=sae, top=3, index_docs=DOCS,
-                index_tokens=32 * 16, seq_len=32, cache=tmp_path / "cache", progress=False, out=tmp_path / "rep")
+    r = explain(
+        vec,
+        model=model,
+        tokenizer=char_tokenizer(),
+        sae=sae,
+        top=3,
+        index_docs=DOCS,
+        index_tokens=32 * 16,
+        seq_len=32,
+        cache=tmp_path / "cache",
+        progress=False,
+        out=tmp_path / "rep",
+    )
     url = Path(r["files"]["html"]).resolve().as_uri()
 
     res = run_chromium(tmp_path, url, "--dump-dom")

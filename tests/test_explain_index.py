@@ -4,8 +4,8 @@ on-disk cache is keyed by the SAE and reused."""
 
 import pytest
 import torch
-
 from helpers import tiny_llama
+
 from yapo_fast import SAE
 from yapo_fast.explain import activation_index as ai
 from yapo_fast.integrations.hf_hooks import capture_layer_output
@@ -40,9 +40,11 @@ def planted_model_and_sae(layer: int = 1, latent: int = 5):
     return model, sae
 
 
-DOCS = [("plain", "the cat sat on the mat. Q is a rare letter; the quick brown fox. " * 6 + "Quite so, Q.", False),
-        ("other", "no capital queue here, only lower-case letters and spaces and dots. " * 5, False),
-        ("chat:x", "User: what is Q?\nAssistant: a letter.", True)]
+DOCS = [
+    ("plain", "the cat sat on the mat. Q is a rare letter; the quick brown fox. " * 6 + "Quite so, Q.", False),
+    ("other", "no capital queue here, only lower-case letters and spaces and dots. " * 5, False),
+    ("chat:x", "User: what is Q?\nAssistant: a letter.", True),
+]
 
 
 def test_topn_accumulator_matches_brute_force_on_a_stream():
@@ -52,7 +54,7 @@ def test_topn_accumulator_matches_brute_force_on_a_stream():
     for n, batch in ((5, 64), (20, 7), (3, 1000)):
         acc = ai.TopNAccumulator(37, n)
         for s in range(0, 1000, batch):
-            acc.update(acts[s:s + batch], torch.arange(s, min(s + batch, 1000)))
+            acc.update(acts[s : s + batch], torch.arange(s, min(s + batch, 1000)))
         want_vals, want_pos = acts.T.topk(n, dim=1)
         live = torch.arange(37) != 3
         torch.testing.assert_close(acc.values[live], want_vals[live], atol=0, rtol=0)
@@ -70,7 +72,7 @@ def test_index_returns_the_planted_tokens_and_exact_activations():
     planted = {(r, c) for r, c in zip(*torch.nonzero((tokens == ord(PLANTED)) & mask).T.tolist()) if c > 0}
     assert 5 <= len(planted) <= 64
     top = index.top(5)
-    assert {(r, c) for _, r, c in top[:len(planted)]} == planted
+    assert {(r, c) for _, r, c in top[: len(planted)]} == planted
     ctx = index.contexts(5, lambda i: tok.decode([i]), n=3, left=6, right=2)
     assert all(c["tokens"][c["highlight"]] == PLANTED for c in ctx)
     assert all(len(c["tokens"]) <= 9 for c in ctx) and ctx[0]["activation"] == top[0][0]
@@ -127,7 +129,9 @@ def test_token_sequences_and_detokenize():
     assert mask[short_row].tolist() == [True] * 3 + [False] * 13 and tokens[short_row, 3:].eq(1).all()
     text = "line one\nline two is longer\n\nthree\n" * 20
     assert ai._tokenize_long(tok, text, piece_chars=30) == tok(text, add_special_tokens=False)["input_ids"]
-    assert ai.detokenize("Hello , world ( big ) ; it 's 1 @-@ 2 and do n't .") == "Hello, world (big); it's 1-2 and don't."
+    assert (
+        ai.detokenize("Hello , world ( big ) ; it 's 1 @-@ 2 and do n't .") == "Hello, world (big); it's 1-2 and don't."
+    )
     with pytest.raises(ai.YapoFastError):
         ai.token_sequences(tok, DOCS, seq_len=16, max_tokens=8)
 

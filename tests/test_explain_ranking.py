@@ -3,8 +3,8 @@
 
 import pytest
 import torch
-
 from helpers import random_latent, random_sae
+
 from yapo_fast import SteeringVector, YapoFastError
 from yapo_fast.explain.dense_projection import project_dense
 from yapo_fast.explain.ranking import rank_entries, rank_vector
@@ -84,7 +84,7 @@ def test_dense_projection_planted_and_against_least_squares():
     assert p.omp_latents[:2] == [a, b]
     assert p.omp_explained[0] == pytest.approx(0.8, abs=1e-9) and p.omp_explained[1] == pytest.approx(1.0, abs=1e-9)
     assert p.features_for(0.5) == 1 and p.features_for(0.9) == 2
-    assert p.top_aligned(2) == [(a, pytest.approx(2 / 5 ** 0.5, rel=1e-5)), (b, pytest.approx(1 / 5 ** 0.5, rel=1e-5))]
+    assert p.top_aligned(2) == [(a, pytest.approx(2 / 5**0.5, rel=1e-5)), (b, pytest.approx(1 / 5**0.5, rel=1e-5))]
     # a generic vector: explained(t) is 1 - the least-squares residual on the first t picks
     g = torch.randn(64, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
     p = project_dense(-3.0 * g, sae.W_dec, max_features=12)

@@ -5,22 +5,26 @@ import json
 
 import pytest
 import torch
-
 from test_explain_index import PLANTED, char_tokenizer, planted_model_and_sae
+
 from yapo_fast import SteeringVector, YapoFastError, model_identity
 from yapo_fast.explain import explain, write_report
 from yapo_fast.explain.data_stats import chosen_rejected_stats
 from yapo_fast.explain.logit_lens import logit_lens
 
 EVIL = "<script>alert('x')</script>"
-DOCS = [("plain", ("the cat sat on the mat. Q is a rare letter; the quick brown fox. " * 4) + EVIL, False),
-        ("other", "lower-case letters and spaces and dots and Q. " * 5, False),
-        ("chat:x", "User: what is Q?\nAssistant: a letter.", True)]
+DOCS = [
+    ("plain", ("the cat sat on the mat. Q is a rare letter; the quick brown fox. " * 4) + EVIL, False),
+    ("other", "lower-case letters and spaces and dots and Q. " * 5, False),
+    ("chat:x", "User: what is Q?\nAssistant: a letter.", True),
+]
 
 
 def write_pairs(path, n=6):
-    rows = [{"prompt": f"question {i}?", "chosen": "Q Q Q yes" if i % 2 else "QQ sure", "rejected": "no, never."}
-            for i in range(n)]
+    rows = [
+        {"prompt": f"question {i}?", "chosen": "Q Q Q yes" if i % 2 else "QQ sure", "rejected": "no, never."}
+        for i in range(n)
+    ]
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     return path
 
@@ -28,8 +32,9 @@ def write_pairs(path, n=6):
 def planted_vector(model, sae, data=None):
     latent = torch.zeros(sae.d_sae)
     latent[[5, 20, 33]] = torch.tensor([3.0, -2.0, 0.5])
-    return SteeringVector.from_latent(latent, layer=1, sae=sae, model=model_identity(model), multiplier=2.0,
-                                      info={"data": str(data)} if data else {})
+    return SteeringVector.from_latent(
+        latent, layer=1, sae=sae, model=model_identity(model), multiplier=2.0, info={"data": str(data)} if data else {}
+    )
 
 
 @pytest.fixture(scope="module")
@@ -39,8 +44,15 @@ def setup():
 
 
 def common(tmp_path):
-    return dict(index_docs=DOCS, index_tokens=32 * 16, seq_len=32, cache=tmp_path / "cache", progress=False,
-                contexts=4, lens_tokens=5)
+    return dict(
+        index_docs=DOCS,
+        index_tokens=32 * 16,
+        seq_len=32,
+        cache=tmp_path / "cache",
+        progress=False,
+        contexts=4,
+        lens_tokens=5,
+    )
 
 
 def test_explain_yapo_vector_end_to_end(setup, tmp_path):
@@ -48,8 +60,9 @@ def test_explain_yapo_vector_end_to_end(setup, tmp_path):
     data = write_pairs(tmp_path / "pairs.jsonl")
     vec = planted_vector(model, sae, data)
     vec.save(tmp_path / "v.safetensors")
-    r = explain(tmp_path / "v.safetensors", model=model, tokenizer=tok, sae=sae, top=3, out=tmp_path / "rep",
-                **common(tmp_path))
+    r = explain(
+        tmp_path / "v.safetensors", model=model, tokenizer=tok, sae=sae, top=3, out=tmp_path / "rep", **common(tmp_path)
+    )
     k = r["ranking"]  # effects at m = 2: 6, 4, 1 (unit decoder rows)
     assert [e["latent"] for e in k["add"]] == [5, 33] and [e["latent"] for e in k["cap"]] == [20]
     assert k["total_effect"] == pytest.approx(11.0, rel=1e-5) and k["share_top10"] == pytest.approx(1.0)
@@ -144,26 +157,65 @@ def test_cli_explain_writes_the_three_files(setup, tmp_path, capsys, monkeypatch
     vec.save(tmp_path / "v.safetensors")
     # the shipped corpus is large for a tiny model: index the test documents instead
     monkeypatch.setattr(activation_index, "default_documents", lambda tokenizer: DOCS)
-    rc = main(["explain", str(tmp_path / "v.safetensors"), "--model", str(tmp_path / "m"), "--sae",
-               str(tmp_path / "sae"), "--top", "2", "--index-tokens", "1024", "--cache", str(tmp_path / "c")])
+    rc = main(
+        [
+            "explain",
+            str(tmp_path / "v.safetensors"),
+            "--model",
+            str(tmp_path / "m"),
+            "--sae",
+            str(tmp_path / "sae"),
+            "--top",
+            "2",
+            "--index-tokens",
+            "1024",
+            "--cache",
+            str(tmp_path / "c"),
+        ]
+    )
     out = capsys.readouterr().out
     assert rc == 0 and "3 entries (2 add, 1 cap)" in out and "latent 5" in out
     for name in ("report.html", "report.md", "report.json"):
         assert (tmp_path / "v-explain" / name).is_file()
     # two vectors: a report each and the side-by-side comparison
-    dense = SteeringVector.from_dense(2.0 * sae.W_dec[5] + sae.W_dec[8], method="caa", layer=1,
-                                      model=model_identity(model))
+    dense = SteeringVector.from_dense(
+        2.0 * sae.W_dec[5] + sae.W_dec[8], method="caa", layer=1, model=model_identity(model)
+    )
     dense.save(tmp_path / "caa.safetensors")
-    rc = main(["explain", str(tmp_path / "v.safetensors"), str(tmp_path / "caa.safetensors"), "--model",
-               str(tmp_path / "m"), "--sae", str(tmp_path / "sae"), "--top", "2", "--index-tokens", "1024",
-               "--cache", str(tmp_path / "c"), "--out", str(tmp_path / "both")])
+    rc = main(
+        [
+            "explain",
+            str(tmp_path / "v.safetensors"),
+            str(tmp_path / "caa.safetensors"),
+            "--model",
+            str(tmp_path / "m"),
+            "--sae",
+            str(tmp_path / "sae"),
+            "--top",
+            "2",
+            "--index-tokens",
+            "1024",
+            "--cache",
+            str(tmp_path / "c"),
+            "--out",
+            str(tmp_path / "both"),
+        ]
+    )
     assert rc == 0 and "wrote" in capsys.readouterr().out
     comp = json.loads((tmp_path / "both" / "compare.json").read_text())
     assert [r["name"] for r in comp["rows"]] == ["v", "caa"] and comp["rows"][0]["top"] == [5, 20, 33]
     assert comp["rows"][1]["top"][0] == 5 and comp["overlap"]["v"]["caa"] >= 1 and comp["overlap"]["v"]["v"] == 3
     assert (tmp_path / "both" / "caa" / "report.html").is_file() and (tmp_path / "both" / "compare.html").is_file()
-    rc = main(["explain", str(tmp_path / "missing.safetensors"), "--model", str(tmp_path / "m"),
-               "--sae", str(tmp_path / "sae")])
+    rc = main(
+        [
+            "explain",
+            str(tmp_path / "missing.safetensors"),
+            "--model",
+            str(tmp_path / "m"),
+            "--sae",
+            str(tmp_path / "sae"),
+        ]
+    )
     assert rc == 2 and "no steering vector file" in capsys.readouterr().err
 
 

@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-
 from helpers import random_latent, random_sae, tiny_llama
+
 from yapo_fast import SteeringVector, YapoFastError, decoder_layers, model_identity, patch_model, sparse_steer, steer
 from yapo_fast.integrations.hf_hooks import capture_layer_output
 
@@ -12,8 +12,12 @@ LAYER = 2
 
 def layer_outputs(model, ids):
     outs = {}
-    hooks = [layer.register_forward_hook(lambda m, i, o, n=n: outs.__setitem__(n, (o if torch.is_tensor(o) else o[0]).clone()))
-             for n, layer in enumerate(decoder_layers(model))]
+    hooks = [
+        layer.register_forward_hook(
+            lambda m, i, o, n=n: outs.__setitem__(n, (o if torch.is_tensor(o) else o[0]).clone())
+        )
+        for n, layer in enumerate(decoder_layers(model))
+    ]
     logits = model(ids).logits
     for h in hooks:
         h.remove()
@@ -21,8 +25,9 @@ def layer_outputs(model, ids):
 
 
 def yapo_vector(model, sae, sign="mixed"):
-    return SteeringVector.from_latent(random_latent(sae.d_sae, 17, sign, seed=4), layer=LAYER, sae=sae,
-                                      model=model_identity(model))
+    return SteeringVector.from_latent(
+        random_latent(sae.d_sae, 17, sign, seed=4), layer=LAYER, sae=sae, model=model_identity(model)
+    )
 
 
 @pytest.mark.parametrize("kind", ("relu", "jumprelu", "topk"))
@@ -54,7 +59,6 @@ def test_patch_handle_remove_restores_logits_bit_for_bit(llama):
     handle.remove()
     handle.remove()  # idempotent
     assert torch.equal(llama(ids).logits, before)
-    plain = {}
     with capture_layer_output(llama, 1) as seen_plain:
         llama(ids)
     torch.testing.assert_close(seen[0], seen_plain[0] + 3.0 * vec.values)
@@ -67,7 +71,7 @@ def test_generate_steers_prompt_and_new_tokens(arch):
     ids = torch.randint(0, 128, (1, 6))
     plain = model.generate(ids, max_new_tokens=8, do_sample=False)
     calls = []
-    with steer(model, vec, 1.0) as handle:
+    with steer(model, vec, 1.0):
         decoder_layers(model)[1].register_forward_hook(lambda m, i, o: calls.append(1))
         steered = model.generate(ids, max_new_tokens=8, do_sample=False)
     assert calls and len(calls) == 8  # one forward per generated token, each steered
@@ -91,8 +95,9 @@ def test_bad_inputs_are_refused_with_the_fix(llama):
     wide = SteeringVector.from_dense(torch.randn(32), method="bipo", layer=1)
     with pytest.raises(YapoFastError, match="d_model=32"):
         patch_model(llama, wide)
-    foreign = SteeringVector.from_dense(torch.randn(64), method="bipo", layer=1,
-                                        model=model_identity(tiny_llama(seed=5)))
+    foreign = SteeringVector.from_dense(
+        torch.randn(64), method="bipo", layer=1, model=model_identity(tiny_llama(seed=5))
+    )
     with pytest.raises(YapoFastError, match="trained for model"):
         patch_model(llama, foreign)
     with pytest.raises(YapoFastError, match="finite"):

@@ -8,8 +8,8 @@ import functools
 
 import pytest
 import torch
-
 from helpers import SAE_KINDS, random_latent, random_sae
+
 from yapo_fast import YapoFastError
 from yapo_fast.kernels.sparse_steer import prepare_sparse_steer, sparse_steer, stack_prepared
 from yapo_fast.kernels.sparse_steer_reference import sparse_steer_reference
@@ -51,7 +51,11 @@ def test_matches_reference_signs_and_multipliers(backend, kind, sign, multiplier
 
 
 SHAPES = [  # (T, d_model, d_sae, support): odd sizes, support 1 / 17 / all; few big ones
-    (1, 48, 96, 1), (7, 64, 1000, 17), (300, 64, 96, 96), (7, 576, 1000, 1000), (300, 576, 9216, 17),
+    (1, 48, 96, 1),
+    (7, 64, 1000, 17),
+    (300, 64, 96, 96),
+    (7, 576, 1000, 1000),
+    (300, 576, 9216, 17),
     (1, 576, 9216, 9216),
 ]
 
@@ -107,8 +111,11 @@ def test_inplace_and_out_equal_new_tensor(backend):
 @pytest.mark.parametrize("kind", SAE_KINDS)
 def test_slots_give_each_token_its_single_vector_result(backend, kind):
     sae = random_sae(kind, d_in=64, d_sae=200, seed=7)
-    vectors = [(random_latent(200, 1, "neg", seed=1), 1.0), (random_latent(200, 40, "mixed", seed=2), -2.0),
-               (random_latent(200, 9, "pos", seed=3), 0.5)]
+    vectors = [
+        (random_latent(200, 1, "neg", seed=1), 1.0),
+        (random_latent(200, 40, "mixed", seed=2), -2.0),
+        (random_latent(200, 9, "pos", seed=3), 0.5),
+    ]
     prepared = [prepare_sparse_steer(sae, v, m) for v, m in vectors]
     slots = stack_prepared(prepared)
     h = hidden(31, 64, seed=3)
@@ -119,10 +126,10 @@ def test_slots_give_each_token_its_single_vector_result(backend, kind):
         if s < 0:
             assert torch.equal(got[t], h[t])  # unsteered tokens are copied exactly
         else:
-            single = sparse_steer(h[t:t + 1], prepared[s], backend=backend)[0]
+            single = sparse_steer(h[t : t + 1], prepared[s], backend=backend)[0]
             torch.testing.assert_close(got[t], single, rtol=1e-6, atol=1e-5)
             v, m = vectors[s]
-            assert_matches(got[t:t + 1], sparse_steer_reference(h[t:t + 1], sae, v, m), torch.float32)
+            assert_matches(got[t : t + 1], sparse_steer_reference(h[t : t + 1], sae, v, m), torch.float32)
 
 
 def test_bad_input_is_named():
@@ -145,6 +152,7 @@ def test_bad_input_is_named():
 def test_env_var_forces_backend(monkeypatch):
     import yapo_fast.kernels.sparse_steer_numba as numba_path
     import yapo_fast.kernels.sparse_steer_torch as torch_path
+
     calls = []
     real_torch, real_numba = torch_path.steer_one, numba_path.steer_numba_prepared
     monkeypatch.setattr("yapo_fast.kernels.sparse_steer.steer_one", lambda *a: calls.append("torch") or real_torch(*a))
@@ -164,6 +172,7 @@ def test_default_cpu_backend_follows_the_measured_rule(monkeypatch):
     """CPU default (kernels/sparse_steer_backend.py, numbers in bench/README.md): numba at decode
     shapes (T <= 8, n <= 512, T * n <= 2048), the torch path elsewhere; YAPO_FAST_KERNEL forces."""
     import yapo_fast.kernels.sparse_steer_numba as numba_path
+
     monkeypatch.delenv("YAPO_FAST_KERNEL", raising=False)
     calls = []
     real_torch, real_numba = sparse_steer_module().steer_one, numba_path.steer_numba_prepared
@@ -173,8 +182,15 @@ def test_default_cpu_backend_follows_the_measured_rule(monkeypatch):
     small = prepare_sparse_steer(sae, random_latent(1200, 16, "mixed", seed=1), 1.0)  # n = 8
     mid = prepare_sparse_steer(sae, random_latent(1200, 600, "mixed", seed=1), 1.0)  # n = 300
     large = prepare_sparse_steer(sae, random_latent(1200, 1100, "mixed", seed=1), 1.0)  # n = 550
-    for T, prepared, want in ((1, small, "numba"), (8, small, "numba"), (9, small, "torch"), (300, small, "torch"),
-                              (4, mid, "numba"), (8, mid, "torch"), (1, large, "torch")):
+    for T, prepared, want in (
+        (1, small, "numba"),
+        (8, small, "numba"),
+        (9, small, "torch"),
+        (300, small, "torch"),
+        (4, mid, "numba"),
+        (8, mid, "torch"),
+        (1, large, "torch"),
+    ):
         h = hidden(T, 64, seed=T)
         calls.clear()
         got = sparse_steer(h, prepared)
@@ -183,8 +199,11 @@ def test_default_cpu_backend_follows_the_measured_rule(monkeypatch):
     # TopK at a decode shape: the steer runs on numba, the k-th-largest op on ITS measured default
     # (torch; its numba kernel is ~10x slower), not on the steer's backend.
     import yapo_fast.kernels.topk_threshold as threshold_module
+
     real_threshold = threshold_module.topk_threshold_torch
-    monkeypatch.setattr(threshold_module, "topk_threshold_torch", lambda *a: calls.append("topk torch") or real_threshold(*a))
+    monkeypatch.setattr(
+        threshold_module, "topk_threshold_torch", lambda *a: calls.append("topk torch") or real_threshold(*a)
+    )
     topk_sae = random_sae("topk", d_in=64, d_sae=300, k=16, seed=3)
     v = random_latent(300, 16, "mixed", seed=2)
     calls.clear()
@@ -199,4 +218,5 @@ def test_default_cpu_backend_follows_the_measured_rule(monkeypatch):
 
 def sparse_steer_module():
     import yapo_fast.kernels.sparse_steer as module
+
     return module

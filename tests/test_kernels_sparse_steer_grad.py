@@ -3,8 +3,8 @@ equality with autograd through THE reference (float32, every CPU backend's forwa
 
 import pytest
 import torch
-
 from helpers import SAE_KINDS, random_latent, random_sae
+
 from yapo_fast.kernels.sparse_steer import prepare_sparse_steer, sparse_steer
 from yapo_fast.kernels.sparse_steer_reference import sparse_steer_reference
 

@@ -3,8 +3,8 @@ kernels/topk_threshold_reference.py, and the tie rule `pre >= kth` end to end.""
 
 import pytest
 import torch
-
 from helpers import random_latent, random_sae
+
 from yapo_fast import SAE
 from yapo_fast.kernels.sparse_steer import prepare_sparse_steer, sparse_steer
 from yapo_fast.kernels.topk_threshold import topk_threshold
@@ -14,9 +14,17 @@ CPU_BACKENDS = ("torch", "numba")
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
-@pytest.mark.parametrize("T,d_model,d_sae,k", [
-    (1, 48, 96, 1), (7, 64, 1000, 32), (300, 64, 96, 95), (7, 48, 96, 96), (300, 576, 9216, 64), (5, 576, 9216, 1),
-])
+@pytest.mark.parametrize(
+    "T,d_model,d_sae,k",
+    [
+        (1, 48, 96, 1),
+        (7, 64, 1000, 32),
+        (300, 64, 96, 95),
+        (7, 48, 96, 96),
+        (300, 576, 9216, 64),
+        (5, 576, 9216, 1),
+    ],
+)
 def test_matches_reference(backend, T, d_model, d_sae, k):
     sae = random_sae("topk", d_in=d_model, d_sae=d_sae, k=k, seed=d_sae)
     p = prepare_sparse_steer(sae, random_latent(d_sae, 1, "neg"), 1.0)

@@ -6,9 +6,7 @@ TRITON_INTERPRET must be set before the kernel modules are imported (triton.jit 
 decorating), so it is set here, the kernels imported, and the previous value restored; an
 autouse fixture sets it again only while this module's tests run, leaving other tests alone."""
 
-
 import torch
-
 from helpers import import_triton_kernels  # noqa: E402
 
 import_triton_kernels()
@@ -17,16 +15,15 @@ import contextlib  # noqa: E402
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
-
 from helpers import SAE_KINDS, random_latent, random_sae  # noqa: E402
 from test_kernels_sparse_steer import assert_matches, hidden  # noqa: E402
 from test_kernels_topk_threshold import integer_topk_sae, steer_with_tie_rule  # noqa: E402
+
 from yapo_fast.kernels.sparse_steer import _per_slot, prepare_sparse_steer, sparse_steer, stack_prepared  # noqa: E402
-from yapo_fast.kernels.sparse_steer_triton import steer_triton  # noqa: E402
-from yapo_fast.kernels.topk_threshold_reference import topk_cut  # noqa: E402
 from yapo_fast.kernels.sparse_steer_reference import sparse_steer_reference  # noqa: E402
+from yapo_fast.kernels.sparse_steer_triton import steer_triton  # noqa: E402
 from yapo_fast.kernels.topk_threshold import topk_threshold  # noqa: E402
-from yapo_fast.kernels.topk_threshold_reference import topk_threshold_reference  # noqa: E402
+from yapo_fast.kernels.topk_threshold_reference import topk_cut, topk_threshold_reference  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
 
@@ -45,6 +42,7 @@ def recorded_stores():
     """Every address a Triton kernel stores to while interpreted (the interpreter funnels each
     tl.store through its builder's create_masked_store). Records nothing on a real GPU."""
     from triton.runtime import interpreter
+
     builder = interpreter.interpreter_builder
     addresses = []
     real = builder.create_masked_store
@@ -64,11 +62,12 @@ def tensor_addresses(t):
     return t.data_ptr() + t.element_size() * np.arange(t.numel(), dtype=np.int64)
 
 
-
-
 # TopK under the interpreter is slow (bitonic sorts run as numpy ops): one TopK case per test.
-CASES = [(kind, sign, m) for kind in ("relu", "jumprelu") for sign, m in
-         [("mixed", -2.0), ("neg", 1.0), ("pos", -0.5), ("mixed", 0.0)]] + [("topk", "mixed", -2.0)]
+CASES = [
+    (kind, sign, m)
+    for kind in ("relu", "jumprelu")
+    for sign, m in [("mixed", -2.0), ("neg", 1.0), ("pos", -0.5), ("mixed", 0.0)]
+] + [("topk", "mixed", -2.0)]
 
 
 @pytest.mark.parametrize("kind,sign,multiplier", CASES)
@@ -94,14 +93,16 @@ def test_steer_support_all_and_single(kind):
 
 def test_slots_inplace_and_grads():
     sae = random_sae("jumprelu", d_in=48, d_sae=96, seed=7).to(DEVICE)
-    prepared = [prepare_sparse_steer(sae, random_latent(96, n, "mixed", seed=n).to(DEVICE), m)
-                for n, m in ((3, 1.0), (40, -2.0))]
+    prepared = [
+        prepare_sparse_steer(sae, random_latent(96, n, "mixed", seed=n).to(DEVICE), m)
+        for n, m in ((3, 1.0), (40, -2.0))
+    ]
     h = hidden(23, 48, seed=3).to(DEVICE)
     slot_index = torch.tensor([(t % 3) - 1 for t in range(23)], device=DEVICE)
     got = sparse_steer(h, stack_prepared(prepared), slot_index=slot_index, backend="triton")
     for t in range(23):
         s = int(slot_index[t])
-        want = h[t] if s < 0 else sparse_steer(h[t:t + 1], prepared[s], backend="torch")[0]
+        want = h[t] if s < 0 else sparse_steer(h[t : t + 1], prepared[s], backend="torch")[0]
         torch.testing.assert_close(got[t], want, rtol=1e-6, atol=1e-5)
     h2 = h.clone()
     assert sparse_steer(h2, prepared[1], inplace=True, backend="triton") is h2
@@ -179,9 +180,11 @@ def test_single_pass_slots(variant, kind):
     """Several vectors in one batch (one padded to the others' support): each token gets exactly
     its single-vector result; slot -1 tokens are copied bit for bit."""
     sae = random_sae(kind, d_in=72, d_sae=120, seed=7, k=8 if kind == "topk" else None).to(DEVICE)
-    vectors = [(random_latent(120, 3, "neg", seed=1).to(DEVICE), 1.0),
-               (random_latent(120, 50, "mixed", seed=2).to(DEVICE), -2.0),
-               (random_latent(120, 9, "pos", seed=3).to(DEVICE), 0.5)]
+    vectors = [
+        (random_latent(120, 3, "neg", seed=1).to(DEVICE), 1.0),
+        (random_latent(120, 50, "mixed", seed=2).to(DEVICE), -2.0),
+        (random_latent(120, 9, "pos", seed=3).to(DEVICE), 0.5),
+    ]
     prepared = [prepare_sparse_steer(sae, v, m) for v, m in vectors]
     h = hidden(29, 72, seed=3).to(DEVICE)
     slot_index = torch.tensor([(t * 7 % 4) - 1 for t in range(29)], device=DEVICE)
@@ -192,7 +195,7 @@ def test_single_pass_slots(variant, kind):
             assert torch.equal(got[t], h[t])
         else:
             v, m = vectors[s]
-            assert_matches(got[t:t + 1], sparse_steer_reference(h[t:t + 1], sae, v, m), torch.float32)
+            assert_matches(got[t : t + 1], sparse_steer_reference(h[t : t + 1], sae, v, m), torch.float32)
 
 
 @pytest.mark.interpreter_only
@@ -216,7 +219,9 @@ def test_single_pass_writes_each_output_once_and_nothing_else(variant, in_place)
 @pytest.mark.gpu
 @pytest.mark.parametrize("kind", SAE_KINDS)
 @pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16))
-@pytest.mark.parametrize("T,d_model,d_sae,support", [(1, 576, 9216, 64), (300, 576, 9216, 17), (257, 2304, 16384, 4096)])
+@pytest.mark.parametrize(
+    "T,d_model,d_sae,support", [(1, 576, 9216, 64), (300, 576, 9216, 17), (257, 2304, 16384, 4096)]
+)
 def test_gpu_steer_matches_reference(kind, dtype, T, d_model, d_sae, support):
     sae = random_sae(kind, d_in=d_model, d_sae=d_sae, seed=T).to("cuda")
     h = hidden(T, d_model, seed=1, dtype=dtype).cuda()

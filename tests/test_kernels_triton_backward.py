@@ -5,18 +5,15 @@ see conftest.py).
 
 TRITON_INTERPRET must be set before the kernel modules are imported: see test_kernels_triton.py."""
 
-
 import torch
-
 from helpers import import_triton_kernels  # noqa: E402
 
 import_triton_kernels()
-import yapo_fast.kernels.sparse_steer_triton_backward as backward_module  # noqa: E402
-
 import pytest  # noqa: E402
+from helpers import SAE_KINDS, random_latent, random_sae  # noqa: E402
 
 import yapo_fast.kernels.sparse_steer as dispatch  # noqa: E402
-from helpers import SAE_KINDS, random_latent, random_sae  # noqa: E402
+import yapo_fast.kernels.sparse_steer_triton_backward as backward_module  # noqa: E402
 from yapo_fast.kernels.sparse_steer import prepare_sparse_steer, sparse_steer, stack_prepared  # noqa: E402
 from yapo_fast.kernels.sparse_steer_reference import sparse_steer_reference  # noqa: E402
 from yapo_fast.kernels.topk_threshold import topk_threshold  # noqa: E402
@@ -34,8 +31,9 @@ def interpret_on_cpu(monkeypatch):
         monkeypatch.setenv("TRITON_INTERPRET", "1")
         # The interpreter's Triton top-k threshold is slow (bitonic sorts element by element) and
         # tested in test_kernels_triton.py; here the TopK cut comes from the torch threshold path.
-        monkeypatch.setattr(dispatch, "topk_threshold",
-                            lambda x, W, b, k, backend=None: topk_threshold(x, W, b, k, backend="torch"))
+        monkeypatch.setattr(
+            dispatch, "topk_threshold", lambda x, W, b, k, backend=None: topk_threshold(x, W, b, k, backend="torch")
+        )
 
 
 @pytest.fixture
@@ -71,8 +69,13 @@ def test_backward_matches_autograd_through_reference(kind, sign, triton_backward
     h_path_cut = False  # some capped latent changed d/dh (g alone would be the identity's answer)
     for multiplier in MULTIPLIERS:
         want_h, want_v = grads(lambda h, v, m: sparse_steer_reference(h, sae, v, m), h0, v0, weight, multiplier)
-        got_h, got_v = grads(lambda h, v, m: sparse_steer(h, prepare_sparse_steer(sae, v, m), backend="triton"),
-                             h0, v0, weight, multiplier)
+        got_h, got_v = grads(
+            lambda h, v, m: sparse_steer(h, prepare_sparse_steer(sae, v, m), backend="triton"),
+            h0,
+            v0,
+            weight,
+            multiplier,
+        )
         torch.testing.assert_close(got_h, want_h, **TOL)
         torch.testing.assert_close(got_v[support], want_v[support], **TOL)
         assert torch.count_nonzero(got_v[~torch.isin(torch.arange(150, device=DEVICE), support)]) == 0
@@ -109,8 +112,11 @@ def test_backward_kernels_per_slot(kind):
     """Several vectors in one batch: dv is reduced over each slot's tokens only, and every token's
     d/dh is what its single-vector call gives (slot -1: the identity, g itself)."""
     sae = random_sae(kind, d_in=40, d_sae=120, seed=3, k=10 if kind == "topk" else None).to(DEVICE)
-    vectors = [(random_latent(120, 6, "neg", seed=1), 1.0), (random_latent(120, 44, "mixed", seed=2), -2.0),
-               (random_latent(120, 20, "mixed", seed=3), 0.5)]
+    vectors = [
+        (random_latent(120, 6, "neg", seed=1), 1.0),
+        (random_latent(120, 44, "mixed", seed=2), -2.0),
+        (random_latent(120, 20, "mixed", seed=3), 0.5),
+    ]
     prepared = [prepare_sparse_steer(sae, v.to(DEVICE), m) for v, m in vectors]
     slots = stack_prepared(prepared)
     T = 35
@@ -121,19 +127,21 @@ def test_backward_kernels_per_slot(kind):
     if kind == "topk":
         cut = topk_cut(*topk_threshold(h, slots.topk_W_enc, slots.topk_b_enc, slots.k, backend="torch"))
     grad_h, dv = backward_module.steer_backward_triton(
-        h, g, slot_index, slots.enc_cols, slots.enc_bias, slots.thresholds, slots.coef, slots.dec_rows, cut)
+        h, g, slot_index, slots.enc_cols, slots.enc_bias, slots.thresholds, slots.coef, slots.dec_rows, cut
+    )
     assert torch.equal(grad_h[slot_index < 0], g[slot_index < 0])
     for s, p in enumerate(prepared):
         rows = torch.nonzero(slot_index == s).flatten()
         hs = h[rows].clone().requires_grad_()
         values = p.values.detach().clone().requires_grad_()
-        p_grad = prepare_sparse_steer(sae, torch.zeros(120, device=DEVICE).index_put((p.support,), values),
-                                      p.multiplier, support=p.support)
+        p_grad = prepare_sparse_steer(
+            sae, torch.zeros(120, device=DEVICE).index_put((p.support,), values), p.multiplier, support=p.support
+        )
         (sparse_steer(hs, p_grad, backend="torch") * g[rows]).sum().backward()
         torch.testing.assert_close(grad_h[rows], hs.grad, **TOL)
         want_dep = values.grad[p.dep_pos] / p.multiplier
-        torch.testing.assert_close(dv[s, :p.n_dependent], want_dep, **TOL)
-        assert torch.count_nonzero(dv[s, p.n_dependent:]) == 0  # padding entries get nothing
+        torch.testing.assert_close(dv[s, : p.n_dependent], want_dep, **TOL)
+        assert torch.count_nonzero(dv[s, p.n_dependent :]) == 0  # padding entries get nothing
     assert float(dv.abs().max()) > 1e-3
 
 
@@ -149,8 +157,7 @@ def test_gpu_backward_matches_reference(kind, dtype, T, support):
     weight = torch.randn(T, 2304, generator=torch.Generator().manual_seed(3)).cuda()
     support_ids = torch.nonzero(v0).flatten()
     want_h, want_v = grads(lambda h, v, m: sparse_steer_reference(h, sae, v, m).float(), h0, v0, weight, -1.5)
-    got_h, got_v = grads(lambda h, v, m: sparse_steer(h, prepare_sparse_steer(sae, v, m)).float(), h0, v0, weight,
-                         -1.5)
+    got_h, got_v = grads(lambda h, v, m: sparse_steer(h, prepare_sparse_steer(sae, v, m)).float(), h0, v0, weight, -1.5)
     tol = TOL if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
     torch.testing.assert_close(got_h.float(), want_h.float(), **tol)
     scale = max(1.0, float(want_v.abs().max()))

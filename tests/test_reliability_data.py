@@ -52,8 +52,9 @@ JSONL_BAD = [
 
 
 def _jsonl_bytes(rows) -> bytes:
-    lines = [r if isinstance(r, bytes) else json.dumps(dict(zip(("prompt", "chosen", "rejected"), r))).encode()
-             for r in rows]
+    lines = [
+        r if isinstance(r, bytes) else json.dumps(dict(zip(("prompt", "chosen", "rejected"), r))).encode() for r in rows
+    ]
     return b"\n".join(lines) + b"\n"
 
 
@@ -121,8 +122,23 @@ def test_cli_flag_skips_and_reports_the_count(tmp_path, capsys):
     assert main(["train", "--data", str(path), "--method", "bipo", "--multiplier", "1e9", "--out", str(out)]) == 2
     assert "pairs.jsonl:2" in capsys.readouterr().err  # the data is read (and refused) first
     # with the flag: the bad rows are counted and named, then the run goes on (to the multiplier check)
-    assert main(["train", "--data", str(path), "--skip-bad-rows", "--method", "bipo", "--multiplier", "1e9",
-                 "--out", str(out)]) == 2
+    assert (
+        main(
+            [
+                "train",
+                "--data",
+                str(path),
+                "--skip-bad-rows",
+                "--method",
+                "bipo",
+                "--multiplier",
+                "1e9",
+                "--out",
+                str(out),
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert "skipped 2 bad row(s) of" in err and "line 2: not valid JSON" in err and "line 4: empty chosen" in err
     assert "outside the supported range" in err and not out.exists()

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import random_latent, random_sae
 from safetensors.torch import save_file
 
-from helpers import random_latent, random_sae
 from yapo_fast import SteeringVector, YapoFastError, load_sae, load_vector
 from yapo_fast.integrations.sae_lens_loading import save_sae
 
@@ -66,8 +66,13 @@ def test_pickle_files_are_refused_and_never_unpickled(tmp_path):
     from yapo_fast.train.checkpoint import load_checkpoint
 
     with pytest.raises(YapoFastError, match="unreadable"):
-        load_checkpoint(_pickle_bomb(tmp_path / "c.ckpt.safetensors", marker), v=torch.zeros(3), optimizer=None,
-                        scheduler=None, fingerprint="x")
+        load_checkpoint(
+            _pickle_bomb(tmp_path / "c.ckpt.safetensors", marker),
+            v=torch.zeros(3),
+            optimizer=None,
+            scheduler=None,
+            fingerprint="x",
+        )
     assert not marker.exists()
 
 
@@ -80,8 +85,16 @@ def test_sae_trainer_checkpoint_pickle_is_refused(tmp_path):
 
     torch.manual_seed(0)
     acts = torch.randn(256, 16) + 1.0
-    kw = dict(kind="topk", d_sae=32, k=4, total_samples=32 * 6, batch_size=32, seed=0, checkpoint_every=32 * 3,
-              checkpoint_dir=tmp_path / "ck")
+    kw = dict(
+        kind="topk",
+        d_sae=32,
+        k=4,
+        total_samples=32 * 6,
+        batch_size=32,
+        seed=0,
+        checkpoint_every=32 * 3,
+        checkpoint_dir=tmp_path / "ck",
+    )
     calls = []
     real_load = torch.load
 
@@ -107,8 +120,11 @@ def _calls_named(tree, names):
     for node in ast.walk(tree):
         if isinstance(node, ast.Call):
             f = node.func
-            dotted = (f"{f.value.id}.{f.attr}" if isinstance(f, ast.Attribute) and isinstance(f.value, ast.Name)
-                      else getattr(f, "id", None))
+            dotted = (
+                f"{f.value.id}.{f.attr}"
+                if isinstance(f, ast.Attribute) and isinstance(f.value, ast.Name)
+                else getattr(f, "id", None)
+            )
             if dotted in names:
                 yield dotted, node
 
@@ -120,13 +136,18 @@ def test_no_code_path_unpickles():
     for folder in ("yapo_fast", "integrations", "kernels"):
         for path in sorted((ROOT / folder).rglob("*.py")):
             tree = ast.parse(path.read_text(), str(path))
-            for name, node in _calls_named(tree, {"pickle.load", "pickle.loads", "torch.load", "np.load",
-                                                  "numpy.load", "dill.load", "joblib.load"}):
+            for name, node in _calls_named(
+                tree, {"pickle.load", "pickle.loads", "torch.load", "np.load", "numpy.load", "dill.load", "joblib.load"}
+            ):
                 kws = {k.arg: k.value for k in node.keywords}
-                safe = (name == "torch.load" and isinstance(kws.get("weights_only"), ast.Constant)
-                        and kws["weights_only"].value is True) or \
-                       (name in ("np.load", "numpy.load") and not (isinstance(kws.get("allow_pickle"), ast.Constant)
-                                                                  and kws["allow_pickle"].value))
+                safe = (
+                    name == "torch.load"
+                    and isinstance(kws.get("weights_only"), ast.Constant)
+                    and kws["weights_only"].value is True
+                ) or (
+                    name in ("np.load", "numpy.load")
+                    and not (isinstance(kws.get("allow_pickle"), ast.Constant) and kws["allow_pickle"].value)
+                )
                 if not safe:
                     offenders.append(f"{path.relative_to(ROOT)}:{node.lineno} {name}")
             for node in ast.walk(tree):
@@ -148,17 +169,24 @@ def test_absurd_headers_and_shapes_are_refused(tmp_path):
     # header length field of 2^62 bytes; a tensor claiming 2^40 floats in a 16-byte file
     huge_len = tmp_path / "hl.safetensors"
     huge_len.write_bytes(struct.pack("<Q", 1 << 62) + b"{}")
-    huge_shape = _raw_safetensors(tmp_path / "hs.safetensors",
-                                  {"values": {"dtype": "F32", "shape": [1 << 40], "data_offsets": [0, 4 << 40]},
-                                   "__metadata__": {"yapo_fast": json.dumps({"method": "bipo", "layer": 0,
-                                                                            "d_model": 1 << 40})}}, b"\0" * 16)
+    huge_shape = _raw_safetensors(
+        tmp_path / "hs.safetensors",
+        {
+            "values": {"dtype": "F32", "shape": [1 << 40], "data_offsets": [0, 4 << 40]},
+            "__metadata__": {"yapo_fast": json.dumps({"method": "bipo", "layer": 0, "d_model": 1 << 40})},
+        },
+        b"\0" * 16,
+    )
     for path in (huge_len, huge_shape):
         with pytest.raises(YapoFastError, match="corrupt or truncated"):
             load_vector(path)
     # a consistent file whose header claims an absurd width (latent() would allocate d_sae floats)
     header = {"method": "yapo", "layer": 2, "d_model": 64, "d_sae": 1 << 40}
-    save_file({"values": torch.ones(2), "indices": torch.tensor([1, 5])}, str(tmp_path / "w.safetensors"),
-              metadata={"yapo_fast": json.dumps(header)})
+    save_file(
+        {"values": torch.ones(2), "indices": torch.tensor([1, 5])},
+        str(tmp_path / "w.safetensors"),
+        metadata={"yapo_fast": json.dumps(header)},
+    )
     with pytest.raises(YapoFastError, match="d_sae .*at most"):
         load_vector(tmp_path / "w.safetensors")
     # an SAE whose cfg.json claims 10^12 latents: refused before sae-lens allocates anything
@@ -174,11 +202,13 @@ def test_absurd_headers_and_shapes_are_refused(tmp_path):
 
     sae_lens.SAE.load_from_disk = must_not_run
     try:
-        for bad, match in (({"d_sae": 10**12}, "d_sae must be a positive integer"),
-                           ({"d_sae": "big"}, "d_sae must be a positive integer"),
-                           ({"d_in": True}, "d_in must be a positive integer"),
-                           ({"d_sae": 128}, r"W_enc has shape \(64, 96\) but cfg.json .* implies \(64, 128\)"),
-                           ({"architecture": "jumprelu", "d_in": 96, "d_sae": 64}, "W_enc has shape")):
+        for bad, match in (
+            ({"d_sae": 10**12}, "d_sae must be a positive integer"),
+            ({"d_sae": "big"}, "d_sae must be a positive integer"),
+            ({"d_in": True}, "d_in must be a positive integer"),
+            ({"d_sae": 128}, r"W_enc has shape \(64, 96\) but cfg.json .* implies \(64, 128\)"),
+            ({"architecture": "jumprelu", "d_in": 96, "d_sae": 64}, "W_enc has shape"),
+        ):
             cfg_path.write_text(json.dumps({**good_cfg, **bad}))
             with pytest.raises(YapoFastError, match=match):
                 load_sae(tmp_path / "sae")
@@ -216,14 +246,17 @@ def test_wrong_kind_truncated_and_disagreeing_sae_files(tmp_path):
         load_sae(_vector().save(tmp_path / "v.safetensors"))
 
 
-@pytest.mark.parametrize("header,match", [
-    ({"method": "bipo", "layer": "2", "d_model": 3}, "layer must be a non-negative int"),
-    ({"method": "bipo", "layer": 1, "d_model": 3.0}, "d_model must be a positive int"),
-    ({"method": "bipo", "layer": 1, "d_model": 3, "multiplier": 1e9}, "outside the supported range"),
-    ({"method": "bipo", "layer": 1, "d_model": 3, "multiplier": "1"}, "must be a finite number"),
-    ({"method": "bipo", "layer": 1, "d_model": 3, "extra": 1}, "unknown fields"),
-    (["bipo"], "lacks its 'values' tensor or header"),
-])
+@pytest.mark.parametrize(
+    "header,match",
+    [
+        ({"method": "bipo", "layer": "2", "d_model": 3}, "layer must be a non-negative int"),
+        ({"method": "bipo", "layer": 1, "d_model": 3.0}, "d_model must be a positive int"),
+        ({"method": "bipo", "layer": 1, "d_model": 3, "multiplier": 1e9}, "outside the supported range"),
+        ({"method": "bipo", "layer": 1, "d_model": 3, "multiplier": "1"}, "must be a finite number"),
+        ({"method": "bipo", "layer": 1, "d_model": 3, "extra": 1}, "unknown fields"),
+        (["bipo"], "lacks its 'values' tensor or header"),
+    ],
+)
 def test_vector_header_types_are_checked(tmp_path, header, match):
     save_file({"values": torch.ones(3)}, str(tmp_path / "v.safetensors"), metadata={"yapo_fast": json.dumps(header)})
     with pytest.raises(YapoFastError, match=match):
@@ -237,12 +270,18 @@ def test_vector_tensor_kinds_are_checked(tmp_path):
         with pytest.raises(YapoFastError, match=match):
             load_vector(tmp_path / "v.safetensors")
     header = {"method": "yapo", "layer": 1, "d_model": 4, "d_sae": 8}
-    save_file({"values": torch.ones(2), "indices": torch.tensor([1.0, 2.0])}, str(tmp_path / "v.safetensors"),
-              metadata={"yapo_fast": json.dumps(header)})
+    save_file(
+        {"values": torch.ones(2), "indices": torch.tensor([1.0, 2.0])},
+        str(tmp_path / "v.safetensors"),
+        metadata={"yapo_fast": json.dumps(header)},
+    )
     with pytest.raises(YapoFastError, match="integer `indices`"):
         load_vector(tmp_path / "v.safetensors")
-    save_file({"values": torch.ones(2), "indices": torch.tensor([3, 2])}, str(tmp_path / "v.safetensors"),
-              metadata={"yapo_fast": json.dumps(header)})
+    save_file(
+        {"values": torch.ones(2), "indices": torch.tensor([3, 2])},
+        str(tmp_path / "v.safetensors"),
+        metadata={"yapo_fast": json.dumps(header)},
+    )
     with pytest.raises(YapoFastError, match="sorted and unique"):
         load_vector(tmp_path / "v.safetensors")
 
@@ -265,9 +304,11 @@ class DiskFull(OSError):
 
 def _half_then_fail(real_bytes: bytes):
     """A writer that gets half of its bytes onto disk, then fails (full disk, I/O error)."""
+
     def write(path):
         Path(path).write_bytes(real_bytes[: len(real_bytes) // 2])
         raise DiskFull("simulated failure mid-write")
+
     return write
 
 
@@ -288,13 +329,16 @@ def test_interrupted_vector_and_checkpoint_writes_keep_the_old_file(tmp_path, mo
         with pytest.raises(DiskFull):
             new.save(path)
         with pytest.raises(DiskFull):
-            save_checkpoint(tmp_path / "c.ckpt.safetensors", v=v, optimizer=opt, scheduler=sched, step=4,
-                            fingerprint="f")
+            save_checkpoint(
+                tmp_path / "c.ckpt.safetensors", v=v, optimizer=opt, scheduler=sched, step=4, fingerprint="f"
+            )
         with pytest.raises(DiskFull):
             new.save(tmp_path / "fresh.safetensors")  # no old file: nothing is left
     assert torch.equal(load_vector(path).latent(), old.latent())
-    assert load_checkpoint(tmp_path / "c.ckpt.safetensors", v=v, optimizer=opt, scheduler=sched,
-                           fingerprint="f") == (3, False)
+    assert load_checkpoint(tmp_path / "c.ckpt.safetensors", v=v, optimizer=opt, scheduler=sched, fingerprint="f") == (
+        3,
+        False,
+    )
     assert not (tmp_path / "fresh.safetensors").exists()
     assert _no_temporaries(tmp_path) == []
 
@@ -381,7 +425,7 @@ def _slow_disk_save_file(tensors, filename, metadata=None):
         f.write(blob[: len(blob) // 2])
         f.flush()
         time.sleep(0.03)
-        f.write(blob[len(blob) // 2:])
+        f.write(blob[len(blob) // 2 :])
 
 
 def _write_forever(path: str, writer: int) -> None:
@@ -392,8 +436,7 @@ def _write_forever(path: str, writer: int) -> None:
     i = 1000 * writer  # versions name their writer: i // 1000
     while True:
         i += 1
-        SteeringVector.from_dense(torch.full((1 << 19,), float(i)), method="bipo", layer=0,
-                                  info={"i": i}).save(path)
+        SteeringVector.from_dense(torch.full((1 << 19,), float(i)), method="bipo", layer=0, info={"i": i}).save(path)
 
 
 def test_kill_9_during_writes_leaves_old_or_new_never_partial(tmp_path):
@@ -420,7 +463,9 @@ def test_kill_9_during_writes_leaves_old_or_new_never_partial(tmp_path):
     assert _no_temporaries(tmp_path) == []
     print(f"12 kills: {swept} mid-write (their temporaries swept), versions seen {sorted(seen_versions)}")
     assert len({i // 1000 for i in seen_versions}) >= 2
-    assert swept >= 3  # kills that landed inside a write (the temporary they left was swept)  # complete files from several killed writers
+    assert (
+        swept >= 3
+    )  # kills that landed inside a write (the temporary they left was swept)  # complete files from several killed writers
     SteeringVector.from_dense(torch.ones(4), method="bipo", layer=0).save(path)
     assert load_vector(path).d_model == 4 and _no_temporaries(tmp_path) == []
 

@@ -23,9 +23,15 @@ SEED = 20260108
 
 def test_kill_9_at_random_points_then_resume_equals_the_uninterrupted_run(tmp_path):
     t0 = time.time()
-    proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), str(tmp_path), str(SEED)],
-                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=dict(os.environ, OMP_NUM_THREADS="1", TQDM_DISABLE="1"), start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, str(Path(__file__).resolve()), str(tmp_path), str(SEED)],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=dict(os.environ, OMP_NUM_THREADS="1", TQDM_DISABLE="1"),
+        start_new_session=True,
+    )
     try:
         stdout, stderr = proc.communicate(timeout=600)
     finally:  # the driver and any child it forked: nothing outlives the test
@@ -94,8 +100,9 @@ def _fresh_tqdm_lock() -> None:
         cls.set_lock(threading.RLock())
 
 
-def _attempts(fn, *, duration: float, kills: int, rng: random.Random, checkpoint: Path, run_dir: Path,
-              max_attempts: int = 60):
+def _attempts(
+    fn, *, duration: float, kills: int, rng: random.Random, checkpoint: Path, run_dir: Path, max_attempts: int = 60
+):
     """Start fn in a child, SIGKILL it after a random fraction of `duration`; repeat until `kills`
     kills have hit a live child; then let a last child finish. Returns (kills that hit, whether
     the last child started from a checkpoint left by a killed one)."""
@@ -130,47 +137,83 @@ def _timed(fn) -> float:
 
 
 def _leftovers(folder: Path, allowed) -> list[str]:
-    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*")
-                  if p.name.endswith(".tmp") or not allowed(p.relative_to(folder)))
+    return sorted(
+        str(p.relative_to(folder))
+        for p in folder.rglob("*")
+        if p.name.endswith(".tmp") or not allowed(p.relative_to(folder))
+    )
 
 
 def _trainer_part(work: Path, rng: random.Random) -> dict:
     import torch
+    from trainer_fixtures import KW, tiny_pairs, tiny_setup
 
     import yapo_fast
-    from trainer_fixtures import KW, tiny_pairs, tiny_setup
     from yapo_fast.vector import load_vector
 
     model, tok, sae = tiny_setup("jumprelu")
     pairs = tiny_pairs(6)  # 3 steps per epoch, 9 in all; a checkpoint every 2 steps and per epoch
 
     def run(out: Path, method: str):
-        return lambda: yapo_fast.train(method, pairs, model=model, tokenizer=tok, sae=sae if method == "yapo" else None,
-                                       out=out, checkpoint_every=2, **KW)
+        return lambda: yapo_fast.train(
+            method,
+            pairs,
+            model=model,
+            tokenizer=tok,
+            sae=sae if method == "yapo" else None,
+            out=out,
+            checkpoint_every=2,
+            **KW,
+        )
 
     result = {"kills": 0, "runs": 0, "equal": 0, "leftovers": [], "resumed_mid_run": 0}
-    expected = {"v.safetensors", "v.losses.jsonl", "v.ckpt.safetensors", *(f"v.epoch{k}.safetensors" for k in (1, 2, 3))}
+    expected = {
+        "v.safetensors",
+        "v.losses.jsonl",
+        "v.ckpt.safetensors",
+        *(f"v.epoch{k}.safetensors" for k in (1, 2, 3)),
+    }
     for method, kills in (("yapo", KILLS["trainer"] // 2 + KILLS["trainer"] % 2), ("bipo", KILLS["trainer"] // 2)):
         ref_dir, dir_ = work / f"trainer-{method}-ref", work / f"trainer-{method}-killed"
         duration = _timed(run(ref_dir / "v.safetensors", method))
-        hit, resumes = _attempts(run(dir_ / "v.safetensors", method), duration=duration, kills=kills, rng=rng,
-                                 checkpoint=dir_ / "v.ckpt.safetensors", run_dir=dir_)
+        hit, resumes = _attempts(
+            run(dir_ / "v.safetensors", method),
+            duration=duration,
+            kills=kills,
+            rng=rng,
+            checkpoint=dir_ / "v.ckpt.safetensors",
+            run_dir=dir_,
+        )
         result["kills"] += hit
         result["resumed_mid_run"] += resumes
         result["runs"] += 1
         ref, got = load_vector(ref_dir / "v.safetensors"), load_vector(dir_ / "v.safetensors")
         same_vector = torch.equal(ref.values, got.values) and (
-            ref.indices is None or torch.equal(ref.indices, got.indices))
+            ref.indices is None or torch.equal(ref.indices, got.indices)
+        )
         ref_log = [json.loads(x) for x in (ref_dir / "v.losses.jsonl").read_text().splitlines()]
         got_log = [json.loads(x) for x in (dir_ / "v.losses.jsonl").read_text().splitlines()]
         same_log = [(r["step"], r["loss"]) for r in ref_log] == [(r["step"], r["loss"]) for r in got_log]
-        same_epochs = all(torch.equal(load_vector(ref_dir / f"v.epoch{k}.safetensors").values,
-                                      load_vector(dir_ / f"v.epoch{k}.safetensors").values) for k in (1, 2, 3))
+        same_epochs = all(
+            torch.equal(
+                load_vector(ref_dir / f"v.epoch{k}.safetensors").values,
+                load_vector(dir_ / f"v.epoch{k}.safetensors").values,
+            )
+            for k in (1, 2, 3)
+        )
         result["equal"] += bool(same_vector and same_log and same_epochs and float(ref.values.abs().max()) > 0)
         result["leftovers"] += _leftovers(dir_, lambda p: str(p) in expected)
         # a finished run is not trained again: resuming it reports the last step
-        again = yapo_fast.train(method, pairs, model=model, tokenizer=tok, sae=sae if method == "yapo" else None,
-                                out=dir_ / "v.safetensors", checkpoint_every=2, **KW)
+        again = yapo_fast.train(
+            method,
+            pairs,
+            model=model,
+            tokenizer=tok,
+            sae=sae if method == "yapo" else None,
+            out=dir_ / "v.safetensors",
+            checkpoint_every=2,
+            **KW,
+        )
         assert again.resumed_from == 9
     result["resumed_mid_run"] += _count_resumes_trainer(work, model, tok, sae, pairs, rng)
     return result
@@ -179,8 +222,9 @@ def _trainer_part(work: Path, rng: random.Random) -> dict:
 def _count_resumes_trainer(work, model, tok, sae, pairs, rng) -> int:
     """Kill once right after the checkpoint of step 4 (a deterministic point) and check the resume
     starts there: the random kills above might all have landed before the first checkpoint."""
-    import yapo_fast
     from trainer_fixtures import KW
+
+    import yapo_fast
 
     out = work / "trainer-fixed" / "v.safetensors"
 
@@ -188,8 +232,11 @@ def _count_resumes_trainer(work, model, tok, sae, pairs, rng) -> int:
         if rec["step"] == 5:
             os.kill(os.getpid(), signal.SIGKILL)
 
-    pid = _fork_run(lambda: yapo_fast.train("yapo", pairs, model=model, tokenizer=tok, sae=sae, out=out,
-                                            checkpoint_every=2, callback=stop_after_5, **KW))
+    pid = _fork_run(
+        lambda: yapo_fast.train(
+            "yapo", pairs, model=model, tokenizer=tok, sae=sae, out=out, checkpoint_every=2, callback=stop_after_5, **KW
+        )
+    )
     os.waitpid(pid, 0)
     resumed = yapo_fast.train("yapo", pairs, model=model, tokenizer=tok, sae=sae, out=out, checkpoint_every=2, **KW)
     return int(resumed.resumed_from == 4)
@@ -197,35 +244,47 @@ def _count_resumes_trainer(work, model, tok, sae, pairs, rng) -> int:
 
 def _sae_part(work: Path, rng: random.Random) -> dict:
     import torch
-
     from helpers import tiny_llama
+
     from yapo_fast import load_sae
     from yapo_fast.integrations.sae_lens_loading import save_sae
     from yapo_fast.sae_train import collect_activations, load_activation_chunks, train_on_activations
 
     model = tiny_llama()
     g = torch.Generator().manual_seed(1)
-    sequences = [torch.randint(1, 128, (int(n),), generator=g).tolist()
-                 for n in torch.randint(12, 40, (64,), generator=g)]  # 4 activation chunks of 16 sequences
+    sequences = [
+        torch.randint(1, 128, (int(n),), generator=g).tolist() for n in torch.randint(12, 40, (64,), generator=g)
+    ]  # 4 activation chunks of 16 sequences
 
     def run(folder: Path, kind: str, log=None):
         def fn():
-            chunks = collect_activations(model, {1: folder / "acts"}, sequences, pad_id=0, batch_size=8,
-                                         progress=False)
+            chunks = collect_activations(model, {1: folder / "acts"}, sequences, pad_id=0, batch_size=8, progress=False)
             acts = load_activation_chunks(chunks[1])
-            trained = train_on_activations(acts, kind=kind, d_sae=96, k=6, target_l0=6, total_samples=64 * 24,
-                                           batch_size=64, seed=3, checkpoint_dir=folder / "ck",
-                                           checkpoint_every=64 * 4, metadata={"hook_name": "blocks.1.hook_resid_post"},
-                                           log=log)
+            trained = train_on_activations(
+                acts,
+                kind=kind,
+                d_sae=96,
+                k=6,
+                target_l0=6,
+                total_samples=64 * 24,
+                batch_size=64,
+                seed=3,
+                checkpoint_dir=folder / "ck",
+                checkpoint_every=64 * 4,
+                metadata={"hook_name": "blocks.1.hook_resid_post"},
+                log=log,
+            )
             save_sae(trained, folder / "sae")
+
         return fn
 
     result = {"kills": 0, "runs": 0, "equal": 0, "leftovers": [], "resumed_mid_run": 0}
     for kind, kills in (("jumprelu", KILLS["sae"] // 2 + KILLS["sae"] % 2), ("topk", KILLS["sae"] // 2)):
         ref_dir, dir_ = work / f"sae-{kind}-ref", work / f"sae-{kind}-killed"
         duration = _timed(run(ref_dir, kind))
-        hit, resumes = _attempts(run(dir_, kind), duration=duration, kills=kills, rng=rng,
-                                 checkpoint=dir_ / "ck" / "latest", run_dir=dir_)
+        hit, resumes = _attempts(
+            run(dir_, kind), duration=duration, kills=kills, rng=rng, checkpoint=dir_ / "ck" / "latest", run_dir=dir_
+        )
         result["kills"] += hit
         result["resumed_mid_run"] += resumes
         result["runs"] += 1

@@ -7,10 +7,10 @@ import math
 
 import pytest
 import torch
+from helpers import random_latent, random_sae, tiny_llama
+from trainer_fixtures import KW, single_thread, tiny_pairs, tiny_setup  # noqa: F401 (autouse fixture)
 
 import yapo_fast
-from helpers import random_latent, random_sae, tiny_llama
-from trainer_fixtures import KW, tiny_pairs, tiny_setup, single_thread  # noqa: F401 (autouse fixture)
 from yapo_fast import SteeringVector, YapoFastError
 from yapo_fast.errors import MAX_ABS_MULTIPLIER, check_multiplier
 from yapo_fast.integrations.vllm_state import parse_request_args
@@ -87,8 +87,21 @@ def test_request_arguments_that_would_be_silently_dropped_are_refused():
 def test_cli_train_refuses_an_out_of_range_multiplier_before_training(tmp_path, capsys):
     from yapo_fast.cli import main
 
-    rc = main(["train", "--method", "bipo", "--layer", "1", "--multiplier", "1e9", "--pairs", "2",
-               "--out", str(tmp_path / "v.safetensors")])
+    rc = main(
+        [
+            "train",
+            "--method",
+            "bipo",
+            "--layer",
+            "1",
+            "--multiplier",
+            "1e9",
+            "--pairs",
+            "2",
+            "--out",
+            str(tmp_path / "v.safetensors"),
+        ]
+    )
     assert rc == 2 and "outside the supported range" in capsys.readouterr().err
     assert not list(tmp_path.iterdir())
 

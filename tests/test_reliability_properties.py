@@ -6,18 +6,17 @@ values, multipliers and SAE kinds. Bounded example counts and no deadline keep i
 TRITON_INTERPRET must be set before the Triton kernel modules are imported (as in
 tests/test_kernels_triton.py): set here, the kernels imported, the previous value restored."""
 
-
 from helpers import import_triton_kernels  # noqa: E402
 
 import_triton_kernels(always_interpret=True)
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from helpers import SAE_KINDS  # noqa: E402
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
-
-from helpers import SAE_KINDS  # noqa: E402
 from test_kernels_sparse_steer import assert_matches  # noqa: E402
+
 from yapo_fast import SAE  # noqa: E402
 from yapo_fast.errors import MAX_ABS_MULTIPLIER  # noqa: E402
 from yapo_fast.kernels.sparse_steer import prepare_sparse_steer, sparse_steer, stack_prepared  # noqa: E402
@@ -33,8 +32,9 @@ def interpret_on_cpu(monkeypatch):
         monkeypatch.setenv("TRITON_INTERPRET", "1")
 
 
-MULTIPLIER = st.one_of(st.floats(-3.0, 3.0, allow_nan=False), st.sampled_from([0.0, -MAX_ABS_MULTIPLIER,
-                                                                               MAX_ABS_MULTIPLIER, 1.0, -1.0]))
+MULTIPLIER = st.one_of(
+    st.floats(-3.0, 3.0, allow_nan=False), st.sampled_from([0.0, -MAX_ABS_MULTIPLIER, MAX_ABS_MULTIPLIER, 1.0, -1.0])
+)
 
 
 @st.composite
@@ -92,8 +92,8 @@ def test_per_token_slots_equal_each_tokens_own_vector(p, n_slots, data):
     backend = data.draw(st.sampled_from(["torch", "numba"]))
     got = sparse_steer(h, slots, slot_index=slot_index, backend=backend)
     for t, s in enumerate(slot_index.tolist()):
-        want = h[t:t + 1] if s < 0 else sparse_steer_reference(h[t:t + 1], sae, *vectors[s])
-        assert_matches(got[t:t + 1], want, torch.float32)
+        want = h[t : t + 1] if s < 0 else sparse_steer_reference(h[t : t + 1], sae, *vectors[s])
+        assert_matches(got[t : t + 1], want, torch.float32)
 
 
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True)

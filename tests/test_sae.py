@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-
 from helpers import SAE_KINDS, random_sae
+
 from yapo_fast import SAE, YapoFastError, load_sae
 from yapo_fast.integrations.sae_lens_loading import save_sae, to_sae_lens
 from yapo_fast.sae import layer_from_hook_name
@@ -22,6 +22,7 @@ def test_encode_decode_match_sae_lens(kind, tmp_path):
         assert int((z > 0).sum(-1).max()) <= sae.k
     save_sae(sae, tmp_path / "s")
     from sae_lens import SAE as SaeLensSAE
+
     assert SaeLensSAE.load_from_disk(str(tmp_path / "s")).cfg.d_sae == 100
     back = load_sae(tmp_path / "s")
     assert back.kind == kind and back.layer == 3 and back.weights_hash() == sae.weights_hash()

@@ -5,8 +5,8 @@ import json
 
 import pytest
 import torch
-
 from helpers import tiny_llama
+
 from yapo_fast import load_sae
 from yapo_fast.cli import main
 from yapo_fast.errors import YapoFastError
@@ -35,12 +35,67 @@ def trained(tmp_path_factory):
     reuses its activation cache."""
     root = tmp_path_factory.mktemp("sae")
     save_tiny_char_model(root / "m")
-    common = ["--model", str(root / "m"), "--layer", "1", "--tokens", "3000", "--batch-size", "128", "--ctx", "64",
-              "--samples", "4000", "--lr", "1e-2", "--quiet", "--work-dir", str(root / "work"), "--dtype", "float32"]
-    assert main(["sae", "train", *common, "--kind", "jumprelu", "--width", "256", "--target-l0", "16",
-                 "--mix", "corpus=0.6,chat=0.4", "--out", str(root / "jr")]) == 0
-    assert main(["sae", "train", *common, "--kind", "topk", "--width", "128", "--k", "8",
-                 "--mix", "corpus=0.6,chat=0.4", "--out", str(root / "tk")]) == 0
+    common = [
+        "--model",
+        str(root / "m"),
+        "--layer",
+        "1",
+        "--tokens",
+        "3000",
+        "--batch-size",
+        "128",
+        "--ctx",
+        "64",
+        "--samples",
+        "4000",
+        "--lr",
+        "1e-2",
+        "--quiet",
+        "--work-dir",
+        str(root / "work"),
+        "--dtype",
+        "float32",
+    ]
+    assert (
+        main(
+            [
+                "sae",
+                "train",
+                *common,
+                "--kind",
+                "jumprelu",
+                "--width",
+                "256",
+                "--target-l0",
+                "16",
+                "--mix",
+                "corpus=0.6,chat=0.4",
+                "--out",
+                str(root / "jr"),
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(
+            [
+                "sae",
+                "train",
+                *common,
+                "--kind",
+                "topk",
+                "--width",
+                "128",
+                "--k",
+                "8",
+                "--mix",
+                "corpus=0.6,chat=0.4",
+                "--out",
+                str(root / "tk"),
+            ]
+        )
+        == 0
+    )
     return root
 
 
@@ -74,8 +129,23 @@ def test_trained_sae_loads_with_sae_lens_and_yapo_fast(trained, name, kind, widt
 
 def test_trained_sae_learned_something_and_eval_writes_json(trained, capsys):
     out = trained / "eval.json"
-    rc = main(["sae", "eval", "--sae", str(trained / "jr"), "--model", str(trained / "m"), "--tokens", "600",
-               "--ctx", "64", "--quiet", "--out", str(out)])
+    rc = main(
+        [
+            "sae",
+            "eval",
+            "--sae",
+            str(trained / "jr"),
+            "--model",
+            str(trained / "m"),
+            "--tokens",
+            "600",
+            "--ctx",
+            "64",
+            "--quiet",
+            "--out",
+            str(out),
+        ]
+    )
     assert rc == 0
     res = json.loads(out.read_text())
     assert json.loads(capsys.readouterr().out) == res
@@ -98,16 +168,69 @@ def test_collect_only_fills_the_per_source_cache_that_training_reuses(trained, t
     """A corpus-only --collect-only run caches a prefix of the corpus pool; a mixed run with a
     smaller corpus share then reads those chunks instead of running the model again."""
     acts = tmp_path / "acts"
-    common = ["--model", str(trained / "m"), "--layer", "1", "--ctx", "64", "--work-dir", str(tmp_path / "w"),
-              "--activations-dir", str(acts), "--batch-size", "64", "--quiet"]
-    assert main(["sae", "train", *common, "--mix", "corpus=1", "--tokens", "1500", "--collect-only",
-                 "--out", str(tmp_path / "never")]) == 0
+    common = [
+        "--model",
+        str(trained / "m"),
+        "--layer",
+        "1",
+        "--ctx",
+        "64",
+        "--work-dir",
+        str(tmp_path / "w"),
+        "--activations-dir",
+        str(acts),
+        "--batch-size",
+        "64",
+        "--quiet",
+    ]
+    assert (
+        main(
+            [
+                "sae",
+                "train",
+                *common,
+                "--mix",
+                "corpus=1",
+                "--tokens",
+                "1500",
+                "--collect-only",
+                "--out",
+                str(tmp_path / "never"),
+            ]
+        )
+        == 0
+    )
     assert not (tmp_path / "never").exists()  # collected, not trained
     (corpus_dir,) = acts.iterdir()
     stamps = {f.name: f.stat().st_mtime_ns for f in corpus_dir.iterdir()}
-    assert main(["sae", "train", *common, "--mix", "corpus=0.5,chat=0.5", "--tokens", "1500", "--samples", "256",
-                 "--kind", "topk", "--k", "4", "--width", "32", "--threads", "1", "--dtype", "float32",
-                 "--out", str(tmp_path / "tk")]) == 0
+    assert (
+        main(
+            [
+                "sae",
+                "train",
+                *common,
+                "--mix",
+                "corpus=0.5,chat=0.5",
+                "--tokens",
+                "1500",
+                "--samples",
+                "256",
+                "--kind",
+                "topk",
+                "--k",
+                "4",
+                "--width",
+                "32",
+                "--threads",
+                "1",
+                "--dtype",
+                "float32",
+                "--out",
+                str(tmp_path / "tk"),
+            ]
+        )
+        == 0
+    )
     assert {f.name: f.stat().st_mtime_ns for f in corpus_dir.iterdir() if f.name in stamps} == stamps
     assert len(list(acts.iterdir())) == 2  # + the chat cache
     meta = load_sae(tmp_path / "tk").metadata
@@ -121,7 +244,7 @@ def test_mixture_takes_a_prefix_of_every_pool():
     pools = {"corpus": [[0] * 11] * 30, "chat": [[1] * 5] * 4}
     small, used_small = mixture_counts(pools, "corpus=0.7,chat=0.3", 60)
     big, used_big = mixture_counts(pools, "corpus=0.7,chat=0.3", 400)
-    assert big[:len(small)] == small  # a larger budget extends a smaller one
+    assert big[: len(small)] == small  # a larger budget extends a smaller one
     for order in (small, big):
         for src in pools:
             idx = [i for s, i in order if s == src]
@@ -147,8 +270,17 @@ def _interrupt_after(monkeypatch, n_batches):
 def test_resume_continues_from_checkpoint_and_matches_uninterrupted(tmp_path, monkeypatch, kind):
     torch.manual_seed(0)
     acts = torch.randn(2048, 32) @ torch.randn(32, 32) + 2.0
-    kw = dict(kind=kind, d_sae=96, k=6, target_l0=6, total_samples=64 * 24, batch_size=64, seed=3,
-              checkpoint_every=64 * 6, metadata={"hook_name": "blocks.1.hook_resid_post"})
+    kw = dict(
+        kind=kind,
+        d_sae=96,
+        k=6,
+        target_l0=6,
+        total_samples=64 * 24,
+        batch_size=64,
+        seed=3,
+        checkpoint_every=64 * 6,
+        metadata={"hook_name": "blocks.1.hook_resid_post"},
+    )
     straight = train_on_activations(acts, checkpoint_dir=tmp_path / "a", **kw)
 
     with monkeypatch.context() as m:
@@ -185,11 +317,37 @@ def test_bad_options_fail_clearly(tmp_path, capsys):
     save_tiny_char_model(tmp_path / "m")
     rc = main(["sae", "train", "--model", str(tmp_path / "m"), "--layer", "9", "--out", str(tmp_path / "o"), "--quiet"])
     assert rc == 2 and "out of range" in capsys.readouterr().err
-    rc = main(["sae", "train", "--model", str(tmp_path / "m"), "--layer", "1", "--mix", "books=1",
-               "--out", str(tmp_path / "o"), "--quiet"])
+    rc = main(
+        [
+            "sae",
+            "train",
+            "--model",
+            str(tmp_path / "m"),
+            "--layer",
+            "1",
+            "--mix",
+            "books=1",
+            "--out",
+            str(tmp_path / "o"),
+            "--quiet",
+        ]
+    )
     assert rc == 2 and "unknown source 'books'" in capsys.readouterr().err
-    rc = main(["sae", "train", "--model", str(tmp_path / "m"), "--layer", "1", "--threads", "0",
-               "--out", str(tmp_path / "o"), "--quiet"])
+    rc = main(
+        [
+            "sae",
+            "train",
+            "--model",
+            str(tmp_path / "m"),
+            "--layer",
+            "1",
+            "--threads",
+            "0",
+            "--out",
+            str(tmp_path / "o"),
+            "--quiet",
+        ]
+    )
     assert rc == 2 and "--threads 0" in capsys.readouterr().err
     with pytest.raises(YapoFastError, match="needs --k"):
         train_on_activations(torch.randn(256, 8), kind="topk", d_sae=16, total_samples=128, batch_size=64)
@@ -208,8 +366,23 @@ def test_answers_command_writes_greedy_answers_and_resumes(trained, tmp_path):
     from yapo_fast.text_source import interleaved_chat_prompts, load_answers
 
     out = tmp_path / "answers.jsonl"
-    cmd = ["sae", "answers", "--model", str(trained / "m"), "--split", "heldout", "--limit", "3",
-           "--max-new-tokens", "4", "--batch-size", "2", "--quiet", "--out", str(out)]
+    cmd = [
+        "sae",
+        "answers",
+        "--model",
+        str(trained / "m"),
+        "--split",
+        "heldout",
+        "--limit",
+        "3",
+        "--max-new-tokens",
+        "4",
+        "--batch-size",
+        "2",
+        "--quiet",
+        "--out",
+        str(out),
+    ]
     assert main(cmd) == 0
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["prompt"] for r in rows] == interleaved_chat_prompts("heldout")[:3]

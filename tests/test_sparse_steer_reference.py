@@ -2,9 +2,9 @@
 
 import pytest
 import torch
-
 from helpers import SAE_KINDS, random_latent, random_sae
-from yapo_fast import sparse_steer, dense_steer, YapoFastError
+
+from yapo_fast import YapoFastError, dense_steer, sparse_steer
 
 MULTIPLIERS = (-2.0, -1.0, 0.0, 0.5, 1.0, 2.0)
 
@@ -15,8 +15,9 @@ def per_token_loop(h, sae, v, m):
     W_enc, b_enc, W_dec, b_dec = (t.double() for t in (sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec))
     for t in range(h.shape[0]):
         x = h[t].double()
-        pre = [float((x - (b_dec if sae.apply_b_dec_to_input else 0)) @ W_enc[:, i] + b_enc[i])
-               for i in range(sae.d_sae)]
+        pre = [
+            float((x - (b_dec if sae.apply_b_dec_to_input else 0)) @ W_enc[:, i] + b_enc[i]) for i in range(sae.d_sae)
+        ]
         if sae.kind == "topk":
             kth = sorted(pre, reverse=True)[sae.k - 1]
             z = [max(p, 0.0) if p >= kth else 0.0 for p in pre]

@@ -3,10 +3,10 @@ the vector after 20 steps, sparsity of v, and the pieces of the lean forward."""
 
 import pytest
 import torch
-
-import yapo_fast
 from naive_trainer import NaiveTrainer
 from trainer_fixtures import LAYER, single_thread, tiny_pairs, tiny_setup  # noqa: F401 (autouse fixture)
+
+import yapo_fast
 from yapo_fast.errors import YapoFastError
 from yapo_fast.train import TrainConfig, batch_schedule
 from yapo_fast.train.cache import build_cache, tokenize_pairs
@@ -33,8 +33,16 @@ def test_lean_equals_naive_per_step_and_after_20_steps(method, kind):
 
     # 1) per step: the lean loss and gradient at the naive trajectory's v equal the naive ones
     runner = DecoderRunner(model)
-    cache = build_cache(runner, tokenize_pairs(tok, pairs), list(range(len(pairs))), LAYER, sae=sae,
-                        batch_size=4, progress=False, pack_tokens=PACK.get(kind, 256))
+    cache = build_cache(
+        runner,
+        tokenize_pairs(tok, pairs),
+        list(range(len(pairs))),
+        LAYER,
+        sae=sae,
+        batch_size=4,
+        progress=False,
+        pack_tokens=PACK.get(kind, 256),
+    )
     pack = PACK.get(kind, 256)
     lean = LeanObjective(runner, cache, TrainConfig(method=method, layer=LAYER), sae, pack_tokens=pack)
     schedule = batch_schedule(len(pairs), 4, 10, 1)
@@ -53,8 +61,18 @@ def test_lean_equals_naive_per_step_and_after_20_steps(method, kind):
     assert nonzero_grads >= STEPS // 2  # the comparison is not vacuous
 
     # 2) the public trainer, end to end: same losses, same vector after 20 steps
-    res = yapo_fast.train(method, pairs, model=model, tokenizer=tok, sae=sae, layer=LAYER, epochs=10,
-                          progress=False, pack_tokens=pack, **SCHED)
+    res = yapo_fast.train(
+        method,
+        pairs,
+        model=model,
+        tokenizer=tok,
+        sae=sae,
+        layer=LAYER,
+        epochs=10,
+        progress=False,
+        pack_tokens=pack,
+        **SCHED,
+    )
     assert res.steps == STEPS and len(res.losses) == STEPS
     for got, rec in zip(res.losses, records):
         assert abs(got["loss"] - rec["loss"]) <= 1e-5 * abs(rec["loss"]) and got["d"] == rec["d"]
@@ -69,8 +87,19 @@ def test_lean_equals_naive_per_step_and_after_20_steps(method, kind):
 def test_latents_that_never_fire_stay_exactly_zero(kind):
     model, tok, sae = tiny_setup(kind)
     pairs = tiny_pairs(6)
-    res = yapo_fast.train("yapo", pairs, model=model, tokenizer=tok, sae=sae, layer=LAYER, epochs=3, batch_size=2,
-                          lr=5e-2, warmup_steps=1, progress=False)
+    res = yapo_fast.train(
+        "yapo",
+        pairs,
+        model=model,
+        tokenizer=tok,
+        sae=sae,
+        layer=LAYER,
+        epochs=3,
+        batch_size=2,
+        lr=5e-2,
+        warmup_steps=1,
+        progress=False,
+    )
     runner = DecoderRunner(model)
     cache = build_cache(runner, tokenize_pairs(tok, pairs), list(range(6)), LAYER, sae=sae, progress=False)
     fired = torch.zeros(sae.d_sae, dtype=torch.bool)
@@ -85,8 +114,17 @@ def test_latents_that_never_fire_stay_exactly_zero(kind):
 def test_disk_spilled_cache_gives_the_same_vector(tmp_path):
     model, tok, sae = tiny_setup("topk")
     pairs = tiny_pairs(5)
-    kw = dict(model=model, tokenizer=tok, sae=sae, layer=LAYER, epochs=2, batch_size=2, lr=5e-2, warmup_steps=1,
-              progress=False)
+    kw = dict(
+        model=model,
+        tokenizer=tok,
+        sae=sae,
+        layer=LAYER,
+        epochs=2,
+        batch_size=2,
+        lr=5e-2,
+        warmup_steps=1,
+        progress=False,
+    )
     a = yapo_fast.train("yapo", pairs, **kw)
     b = yapo_fast.train("yapo", pairs, cache_memory_bytes=0, **kw)
     assert torch.equal(a.vector.latent(), b.vector.latent())
@@ -99,8 +137,16 @@ def test_a_model_whose_weights_require_grad_gets_no_weight_gradients(method):
     and the model's flags are as they were afterwards. Same vector as with a frozen model."""
     model, tok, sae = tiny_setup("jumprelu")
     pairs = tiny_pairs(4)
-    kw = dict(tokenizer=tok, sae=sae if method == "yapo" else None, layer=LAYER, epochs=1, batch_size=2, lr=5e-2,
-              warmup_steps=1, progress=False)
+    kw = dict(
+        tokenizer=tok,
+        sae=sae if method == "yapo" else None,
+        layer=LAYER,
+        epochs=1,
+        batch_size=2,
+        lr=5e-2,
+        warmup_steps=1,
+        progress=False,
+    )
     frozen = yapo_fast.train(method, pairs, model=model, **kw)
     model.requires_grad_(True)
     seen = []
@@ -130,8 +176,15 @@ def test_lean_forward_equals_the_model_on_prompt_plus_response(llama, pack_token
     G, lp, lr = lay.n_rows, lay.pos_p.shape[1], lay.pos_r.shape[1]
     with torch.no_grad():
         tf, tp = response_targets([torch.tensor(r) for r in responses], "cpu")
-        got = forward_from_layer(runner, 0, scatter_rows(emb(prompts), lay.p_slots, G, lp),
-                                 scatter_rows(emb(responses), lay.r_slots, G, lr), lay, tf, tp)
+        got = forward_from_layer(
+            runner,
+            0,
+            scatter_rows(emb(prompts), lay.p_slots, G, lp),
+            scatter_rows(emb(responses), lay.r_slots, G, lr),
+            lay,
+            tf,
+            tp,
+        )
         for j, r in enumerate(responses):
             p = prompts[j % 2]
             logp = torch.log_softmax(llama(torch.tensor([p + r])).logits[0].float(), -1)
@@ -158,6 +211,7 @@ def test_bad_input_is_refused_with_a_clear_error():
 @pytest.mark.parametrize("branch", ["csr", "gemm", "gather"])
 def test_yapo_delta_equals_the_reference_op_with_gradient(kind, branch, monkeypatch):
     from helpers import random_latent, random_sae
+
     from yapo_fast.kernels.sparse_steer_reference import sparse_steer_reference
     from yapo_fast.train import objective
     from yapo_fast.train.cache import sparse_codes

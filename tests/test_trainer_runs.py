@@ -6,12 +6,11 @@ import json
 import pytest
 import torch
 import torch.multiprocessing as mp
+from trainer_fixtures import KW, LAYER, ddp_worker, single_thread, tiny_pairs, tiny_setup  # noqa: F401 (autouse fixture)
 
 import yapo_fast
-from trainer_fixtures import KW, LAYER, ddp_worker, single_thread, tiny_pairs, tiny_setup  # noqa: F401 (autouse fixture)
 from yapo_fast.errors import YapoFastError
 from yapo_fast.vector import load_vector
-
 
 
 class Killed(Exception):
@@ -22,6 +21,7 @@ def kill_at(step):
     def callback(rec):
         if rec["step"] == step:
             raise Killed(step)
+
     return callback
 
 
@@ -72,8 +72,14 @@ def test_two_processes_equal_one(tmp_path):
     two = torch.load(result_file)
     model, tok, sae = tiny_setup("relu")
     for method in ("yapo", "bipo"):
-        one = yapo_fast.train(method, tiny_pairs(7), model=model, tokenizer=tok,
-                              sae=sae if method == "yapo" else None, **{**KW, "batch_size": 4})
+        one = yapo_fast.train(
+            method,
+            tiny_pairs(7),
+            model=model,
+            tokenizer=tok,
+            sae=sae if method == "yapo" else None,
+            **{**KW, "batch_size": 4},
+        )
         assert float(one.vector.values.abs().max()) > 0
         torch.testing.assert_close(two[method]["v"], one.vector.values, rtol=1e-5, atol=1e-6)
         for a, b in zip(two[method]["losses"], [r["loss"] for r in one.losses], strict=True):
@@ -83,6 +89,7 @@ def test_two_processes_equal_one(tmp_path):
 @pytest.mark.parametrize("reduce", ["mean", "last"])
 def test_caa_through_train_is_the_mean_activation_difference(llama, reduce):
     from naive_trainer import ByteTokenizer
+
     from yapo_fast.chat import format_prompt, prompt_and_response_ids
     from yapo_fast.integrations.hf_hooks import capture_layer_output
 
@@ -95,7 +102,7 @@ def test_caa_through_train_is_the_mean_activation_difference(llama, reduce):
             p, r = prompt_and_response_ids(tok, format_prompt(tok, pair.prompt), response)
             with torch.no_grad(), capture_layer_output(llama, 2) as seen:
                 llama(torch.tensor([p + r]))
-            h = seen[0][0, len(p):]
+            h = seen[0][0, len(p) :]
             acts.append(h.mean(0) if reduce == "mean" else h[-1])
         diffs.append(acts[0] - acts[1])
     assert res.vector.method == "caa" and res.vector.info["reduce"] == reduce
@@ -107,27 +114,36 @@ def test_cli_train_writes_a_vector_and_a_log(tmp_path, capsys):
     from yapo_fast.cli import main
 
     out = tmp_path / "bipo.safetensors"
-    assert main(["train", "--method", "bipo", "--pairs", "2", "--batch-size", "2", "--layer", "28",
-                 "--out", str(out)]) == 0
+    assert (
+        main(["train", "--method", "bipo", "--pairs", "2", "--batch-size", "2", "--layer", "28", "--out", str(out)])
+        == 0
+    )
     vec = load_vector(out)
     assert vec.method == "bipo" and vec.layer == 28 and vec.d_model == 576
     assert len((tmp_path / "bipo.losses.jsonl").read_text().splitlines()) == 1
     assert "wrote" in capsys.readouterr().out
-    assert main(["train", "--method", "bipo", "--data", str(tmp_path / "missing.csv"), "--layer", "28",
-                 "--out", str(out)]) == 2
+    assert (
+        main(["train", "--method", "bipo", "--data", str(tmp_path / "missing.csv"), "--layer", "28", "--out", str(out)])
+        == 2
+    )
 
 
 def test_caa_lean_path_equals_the_hook_path(llama):
     """CAA's layer-runner path (layers 0..L only, shared prompt, packed) equals forward hooks."""
     from naive_trainer import ByteTokenizer
+
     from yapo_fast.caa import response_activation
     from yapo_fast.chat import format_prompt
 
     tok, pairs = ByteTokenizer(), tiny_pairs(5)
     fast = yapo_fast.train("caa", pairs, model=llama, tokenizer=tok, layer=1, progress=False).vector.dense()
-    slow = torch.stack([response_activation(llama, tok, format_prompt(tok, p.prompt), p.chosen, 1, "mean")
-                        - response_activation(llama, tok, format_prompt(tok, p.prompt), p.rejected, 1, "mean")
-                        for p in pairs]).mean(0)
+    slow = torch.stack(
+        [
+            response_activation(llama, tok, format_prompt(tok, p.prompt), p.chosen, 1, "mean")
+            - response_activation(llama, tok, format_prompt(tok, p.prompt), p.rejected, 1, "mean")
+            for p in pairs
+        ]
+    ).mean(0)
     torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-6)
 
 

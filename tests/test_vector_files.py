@@ -4,16 +4,21 @@ import json
 
 import pytest
 import torch
+from helpers import random_latent, random_sae
 from safetensors.torch import save_file
 
-from helpers import random_latent, random_sae
 from yapo_fast import SteeringVector, YapoFastError, load_vector
 
 
 def yapo_vec(sae=None):
     sae = sae or random_sae("jumprelu")
-    return SteeringVector.from_latent(random_latent(96, 17, "mixed"), layer=2, sae=sae,
-                                      model={"name": "tiny", "d_model": 64, "n_layers": 4}, info={"seed": 1})
+    return SteeringVector.from_latent(
+        random_latent(96, 17, "mixed"),
+        layer=2,
+        sae=sae,
+        model={"name": "tiny", "d_model": 64, "n_layers": 4},
+        info={"seed": 1},
+    )
 
 
 def test_roundtrip_sparse_and_dense(tmp_path):
@@ -54,24 +59,39 @@ def test_wrong_kind_and_inconsistent_files(tmp_path):
     with pytest.raises(YapoFastError, match="not a yapo-fast steering vector"):
         load_vector(tmp_path / "other.safetensors")
     header = {"method": "yapo", "layer": 2, "d_model": 64, "d_sae": 96}
-    save_file({"values": torch.ones(3), "indices": torch.tensor([1, 2, 200])}, str(tmp_path / "range.safetensors"),
-              metadata={"yapo_fast": json.dumps(header)})
+    save_file(
+        {"values": torch.ones(3), "indices": torch.tensor([1, 2, 200])},
+        str(tmp_path / "range.safetensors"),
+        metadata={"yapo_fast": json.dumps(header)},
+    )
     with pytest.raises(YapoFastError, match=r"indices must lie in \[0, d_sae=96\)"):
         load_vector(tmp_path / "range.safetensors")
-    save_file({"values": torch.ones(3), "indices": torch.tensor([1, 2])}, str(tmp_path / "len.safetensors"),
-              metadata={"yapo_fast": json.dumps(header)})
+    save_file(
+        {"values": torch.ones(3), "indices": torch.tensor([1, 2])},
+        str(tmp_path / "len.safetensors"),
+        metadata={"yapo_fast": json.dumps(header)},
+    )
     with pytest.raises(YapoFastError, match="2 indices but 3 values"):
         load_vector(tmp_path / "len.safetensors")
-    save_file({"values": torch.tensor([1.0, float("nan")])}, str(tmp_path / "nan.safetensors"),
-              metadata={"yapo_fast": json.dumps({"method": "bipo", "layer": 1, "d_model": 2})})
+    save_file(
+        {"values": torch.tensor([1.0, float("nan")])},
+        str(tmp_path / "nan.safetensors"),
+        metadata={"yapo_fast": json.dumps({"method": "bipo", "layer": 1, "d_model": 2})},
+    )
     with pytest.raises(YapoFastError, match="NaN or inf"):
         load_vector(tmp_path / "nan.safetensors")
-    save_file({"values": torch.ones(4)}, str(tmp_path / "dm.safetensors"),
-              metadata={"yapo_fast": json.dumps({"method": "bipo", "layer": 1, "d_model": 5})})
+    save_file(
+        {"values": torch.ones(4)},
+        str(tmp_path / "dm.safetensors"),
+        metadata={"yapo_fast": json.dumps({"method": "bipo", "layer": 1, "d_model": 5})},
+    )
     with pytest.raises(YapoFastError, match="4 values but d_model=5"):
         load_vector(tmp_path / "dm.safetensors")
-    save_file({"values": torch.ones(4)}, str(tmp_path / "m.safetensors"),
-              metadata={"yapo_fast": json.dumps({"method": "magic", "layer": 1, "d_model": 4})})
+    save_file(
+        {"values": torch.ones(4)},
+        str(tmp_path / "m.safetensors"),
+        metadata={"yapo_fast": json.dumps({"method": "magic", "layer": 1, "d_model": 4})},
+    )
     with pytest.raises(YapoFastError, match="unknown steering method"):
         load_vector(tmp_path / "m.safetensors")
 

@@ -8,9 +8,9 @@ workers) and writes all token ids; these tests compare them against transformers
 import importlib.util
 import json
 import os
-import tempfile
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -71,8 +71,13 @@ def _run(tmp: Path, hf):
     sae, yapo, bipo = _vectors(tmp)
     _, tok = hf
     job = {
-        "model": str(default_model_dir()), "sae": str(tmp / "sae"), "yapo": str(tmp / "yapo.safetensors"),
-        "bipo": str(tmp / "bipo.safetensors"), "yapo_m": YAPO_M, "bipo_m": BIPO_M, "max_tokens": N_TOKENS,
+        "model": str(default_model_dir()),
+        "sae": str(tmp / "sae"),
+        "yapo": str(tmp / "yapo.safetensors"),
+        "bipo": str(tmp / "bipo.safetensors"),
+        "yapo_m": YAPO_M,
+        "bipo_m": BIPO_M,
+        "max_tokens": N_TOKENS,
         "prompt_ids": [tok(p)["input_ids"] for p in PROMPTS],
         "mixed_prompt_ids": [tok(p)["input_ids"] for p in [LONG] + PROMPTS[:3]],
         "mixed": MIXED,
@@ -80,8 +85,19 @@ def _run(tmp: Path, hf):
     }
     (tmp / "job.json").write_text(json.dumps(job))
     env = dict(os.environ, VLLM_LOGGING_LEVEL="WARNING")
-    proc = subprocess.run([sys.executable, str(Path(__file__).parent / "vllm_scenarios.py"), str(tmp / "job.json"),
-                           str(tmp / "out.json")], cwd=tmp, env=env, capture_output=True, text=True, timeout=3000)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(Path(__file__).parent / "vllm_scenarios.py"),
+            str(tmp / "job.json"),
+            str(tmp / "out.json"),
+        ],
+        cwd=tmp,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=3000,
+    )
     assert proc.returncode == 0, f"vLLM scenarios failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
     out = json.loads((tmp / "out.json").read_text())
     return {"out": out, "job": job, "sae": sae, "yapo": yapo, "bipo": bipo}
@@ -180,10 +196,18 @@ def _tiny_llama_dir(tmp: Path) -> Path:
 
     tok = transformers.AutoTokenizer.from_pretrained(str(default_model_dir()))
     torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=len(tok), hidden_size=128, intermediate_size=256, num_hidden_layers=4,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                                   bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                                   tie_word_embeddings=True)
+    cfg = transformers.LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        tie_word_embeddings=True,
+    )
     model = transformers.LlamaForCausalLM(cfg).eval()
     with torch.no_grad():  # larger weights than the init's: logits far apart, texts that react to steering
         for p in model.parameters():
@@ -217,19 +241,40 @@ def test_tensor_parallel_2_equals_one_worker():
         latent[ids[:16]] = 2.0 + torch.rand(16, generator=g)
         latent[ids[16:]] = -(0.5 + torch.rand(16, generator=g))
         yapo_fast.SteeringVector.from_latent(latent, layer=1, sae=sae).save(tmp / "yapo.safetensors")
-        yapo_fast.SteeringVector.from_dense(2.0 * torch.randn(128, generator=g), method="bipo",
-                                            layer=2).save(tmp / "bipo.safetensors")
+        yapo_fast.SteeringVector.from_dense(2.0 * torch.randn(128, generator=g), method="bipo", layer=2).save(
+            tmp / "bipo.safetensors"
+        )
         tok_ids = [[1, 504, 3575, 282, 4649, 314], [1, 19556, 30], [1, 2683, 253, 1345], [1, 378, 3143]]
         outs = {}
         for tp in (1, 2):
-            job = {"model": str(model_dir), "tp": tp, "sae": str(tmp / "sae"), "yapo": str(tmp / "yapo.safetensors"),
-                   "bipo": str(tmp / "bipo.safetensors"), "prompt_ids": tok_ids, "max_tokens": 12,
-                   "mixed": [["yapo", 1.5], ["bipo", 1.0], [None, None], ["yapo", -1.0]]}
+            job = {
+                "model": str(model_dir),
+                "tp": tp,
+                "sae": str(tmp / "sae"),
+                "yapo": str(tmp / "yapo.safetensors"),
+                "bipo": str(tmp / "bipo.safetensors"),
+                "prompt_ids": tok_ids,
+                "max_tokens": 12,
+                "mixed": [["yapo", 1.5], ["bipo", 1.0], [None, None], ["yapo", -1.0]],
+            }
             (tmp / f"tp{tp}.json").write_text(json.dumps(job))
-            env = dict(os.environ, VLLM_LOGGING_LEVEL="WARNING", VLLM_CPU_OMP_THREADS_BIND=_tp_bind(tp), OMP_NUM_THREADS="1")
-            proc = subprocess.run([sys.executable, str(Path(__file__).parent / "vllm_scenarios.py"), "tp",
-                                   str(tmp / f"tp{tp}.json"), str(tmp / f"out{tp}.json")], cwd=tmp, env=env,
-                                  capture_output=True, text=True, timeout=1200)
+            env = dict(
+                os.environ, VLLM_LOGGING_LEVEL="WARNING", VLLM_CPU_OMP_THREADS_BIND=_tp_bind(tp), OMP_NUM_THREADS="1"
+            )
+            proc = subprocess.run(
+                [
+                    sys.executable,
+                    str(Path(__file__).parent / "vllm_scenarios.py"),
+                    "tp",
+                    str(tmp / f"tp{tp}.json"),
+                    str(tmp / f"out{tp}.json"),
+                ],
+                cwd=tmp,
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=1200,
+            )
             assert proc.returncode == 0, f"TP={tp} engine failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
             outs[tp] = json.loads((tmp / f"out{tp}.json").read_text())
     one, two = outs[1], outs[2]

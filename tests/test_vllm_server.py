@@ -24,16 +24,25 @@ def server():
     with tempfile.TemporaryDirectory(prefix="yapo-test-serve-") as tmp:
         tmp = Path(tmp)
         _vectors(tmp)
-        args = ["--max-model-len", "256", "--max-num-seqs", "16",
-                "--vector", f"yapo={tmp / 'yapo.safetensors'}@{tmp / 'sae'}", "--vector", f"bipo={tmp / 'bipo.safetensors'}*1.0",
-                "--", "--max-num-batched-tokens", "64"]
+        args = [
+            "--max-model-len",
+            "256",
+            "--max-num-seqs",
+            "16",
+            "--vector",
+            f"yapo={tmp / 'yapo.safetensors'}@{tmp / 'sae'}",
+            "--vector",
+            f"bipo={tmp / 'bipo.safetensors'}*1.0",
+            "--",
+            "--max-num-batched-tokens",
+            "64",
+        ]
         with loopback_server(args, tmp, start_timeout_s=START_TIMEOUT_S) as base:
             yield base
 
 
 def _chat(base, xargs=None, content="Tell me about the moon."):
-    body = {"model": "default", "messages": [{"role": "user", "content": content}], "max_tokens": 24,
-            "temperature": 0}
+    body = {"model": "default", "messages": [{"role": "user", "content": content}], "max_tokens": 24, "temperature": 0}
     if xargs is not None:
         body["vllm_xargs"] = xargs
     return httpx.post(f"{base}/v1/chat/completions", json=body, timeout=120)
@@ -75,10 +84,22 @@ def test_reliability_burst_of_concurrent_mixed_requests(server):
     steering fields: no 5xx, every valid answer equal to the same request's answer sent alone
     (greedy), every malformed one a 4xx, and the server answers the same afterwards.
     The full 500-request, 32-at-a-time run: bench/load_server.py (same code)."""
-    spec = importlib.util.spec_from_file_location("load_server", Path(__file__).resolve().parents[1] / "bench" / "load_server.py")
+    spec = importlib.util.spec_from_file_location(
+        "load_server", Path(__file__).resolve().parents[1] / "bench" / "load_server.py"
+    )
     load_server = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(load_server)
     summary = load_server.burst(server, requests=96, concurrency=16, max_tokens=8, seed=1)
     assert summary["valid_sent"] > 60 and summary["invalid_sent"] > 5, summary
-    assert summary["ok"], {k: summary[k] for k in ("server_errors", "mismatches", "invalid_not_4xx", "alone_errors",
-                                                   "valid_equal_alone", "valid_sent", "after_equal_alone")}
+    assert summary["ok"], {
+        k: summary[k]
+        for k in (
+            "server_errors",
+            "mismatches",
+            "invalid_not_4xx",
+            "alone_errors",
+            "valid_equal_alone",
+            "valid_sent",
+            "after_equal_alone",
+        )
+    }

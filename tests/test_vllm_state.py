@@ -20,8 +20,13 @@ def test_parse_request_args():
     assert parse_request_args({"yapo_vector": "a", "yapo_multiplier": "1.5"}) == ("a", 1.5)
     assert parse_request_args({"yapo": None}) is None
     assert parse_request_args({"yapo_vector": "none"}) is None
-    for bad in ({"yapo": {"vector": "a", "multiplier": float("nan")}}, {"yapo": {"vector": "a", "mult": 1}},
-                {"yapo_vector": "a", "yapo_multiplier": "lots"}, {"yapo": 3}, {"yapo": {"vector": 5}}):
+    for bad in (
+        {"yapo": {"vector": "a", "multiplier": float("nan")}},
+        {"yapo": {"vector": "a", "mult": 1}},
+        {"yapo_vector": "a", "yapo_multiplier": "lots"},
+        {"yapo": 3},
+        {"yapo": {"vector": 5}},
+    ):
         with pytest.raises(YapoFastError):
             parse_request_args(bad)
 
@@ -63,8 +68,13 @@ def test_plan_and_op_equal_reference_per_token(kind):
     st.register("c", vc, None, 2.0)
     st.register("d", vd, None)
     # 5 requests as vLLM lays them out: a chunk of a prefill (7 tokens), decodes (1), a full prefill (5)
-    args = [{"yapo": {"vector": "a"}}, None, {"yapo": {"vector": "b", "multiplier": -2.0}},
-            {"yapo_vector": "c"}, {"yapo": {"vector": "d"}}]
+    args = [
+        {"yapo": {"vector": "a"}},
+        None,
+        {"yapo": {"vector": "b", "multiplier": -2.0}},
+        {"yapo_vector": "c"},
+        {"yapo": {"vector": "d"}},
+    ]
     counts = [7, 1, 5, 1, 3]
     st.build_plan([st.spec_for(a) for a in args], counts)
     T = sum(counts) + 3  # padding tokens past the scheduled ones stay untouched
@@ -156,14 +166,15 @@ def test_many_slots_one_layer_equal_reference_and_naive_map(layout):
     assert len(sparse_ids) == 5
     remap = {sid: j for j, sid in enumerate(sparse_ids)}
     if layout == "stacked":
-        (stack, idx), = lp.sparse
+        ((stack, idx),) = lp.sparse
         assert stack.n_slots == 5  # only the vectors present in this batch
         assert idx.tolist() == [remap.get(t - 1, -1) for t in token]
     else:
-        (order, runs), = lp.segments
+        ((order, runs),) = lp.segments
         assert [b - a for _, a, b in runs] == [sum(1 for t in token if t - 1 == sid) for sid in sparse_ids]
-        assert order.tolist() == sorted((i for i, t in enumerate(token) if t - 1 in remap),
-                                        key=lambda i: remap[token[i] - 1])
+        assert order.tolist() == sorted(
+            (i for i, t in enumerate(token) if t - 1 in remap), key=lambda i: remap[token[i] - 1]
+        )
     dense_row = {t - 1 for t in token if t and st.slot_list[t - 1].dense_add is not None}
     assert lp.dense_index.tolist() == [1 if (t - 1) in dense_row else 0 for t in token]
     T = sum(counts)
@@ -198,8 +209,11 @@ def test_one_vector_for_the_whole_batch_needs_no_index(which):
     sae = random_sae("topk", d_in=d, d_sae=64, layer=layer, seed=9, k=8)
     lat = random_latent(64, 12, "mixed", seed=3)
     dense = torch.randn(d)
-    vec = (yapo_fast.SteeringVector.from_latent(lat, layer=layer, sae=sae) if which == "yapo"
-           else yapo_fast.SteeringVector.from_dense(dense, method="bipo", layer=layer))
+    vec = (
+        yapo_fast.SteeringVector.from_latent(lat, layer=layer, sae=sae)
+        if which == "yapo"
+        else yapo_fast.SteeringVector.from_dense(dense, method="bipo", layer=layer)
+    )
     st = SteerState()
     st.register("g", vec, sae if which == "yapo" else None, 1.5)
     st.set_global("g", None)
@@ -211,7 +225,7 @@ def test_one_vector_for_the_whole_batch_needs_no_index(which):
     hidden, residual = torch.randn(T + 1, d), torch.randn(T + 1, d)
     h = hidden + residual
     out = st.apply(hidden, residual, layer)
-    want = (sparse_steer_reference(h[:T], sae, lat, 1.5) if which == "yapo" else h[:T] + 1.5 * dense)
+    want = sparse_steer_reference(h[:T], sae, lat, 1.5) if which == "yapo" else h[:T] + 1.5 * dense
     torch.testing.assert_close(out[:T], want, rtol=1e-5, atol=1e-5)
     assert torch.equal(out[T:], h[T:])
     assert torch.equal(st.apply(hidden, residual, layer + 1), h)  # another layer: untouched
@@ -245,8 +259,9 @@ def test_slot_table_overflow_remaps_the_step(monkeypatch):
     out = st.apply(hidden, residual, 0)
     torch.testing.assert_close(out, hidden + torch.tensor([[1.0], [2.0], [3.0]]) * dense)
     with pytest.raises(YapoFastError, match="distinct"):
-        st.request_slots([f"q{i}" for i in range(4)],
-                         lambda rid: {"yapo": {"vector": "c", "multiplier": 10.0 + int(rid[1:])}})
+        st.request_slots(
+            [f"q{i}" for i in range(4)], lambda rid: {"yapo": {"vector": "c", "multiplier": 10.0 + int(rid[1:])}}
+        )
 
 
 def test_cached_tables_cover_slots_added_in_later_steps():
@@ -257,7 +272,12 @@ def test_cached_tables_cover_slots_added_in_later_steps():
     vc, vd = torch.randn(8), torch.randn(8)
     st.register("c", yapo_fast.SteeringVector.from_dense(vc, method="bipo", layer=0))
     st.register("d", yapo_fast.SteeringVector.from_dense(vd, method="bipo", layer=1))
-    args = {"r0": {"yapo": {"vector": "c"}}, "r1": None, "r2": {"yapo": {"vector": "c"}}, "r3": {"yapo": {"vector": "d"}}}
+    args = {
+        "r0": {"yapo": {"vector": "c"}},
+        "r1": None,
+        "r2": {"yapo": {"vector": "c"}},
+        "r3": {"yapo": {"vector": "d"}},
+    }
     st.build_plan_ids(st.request_slots(["r0", "r1"], args.get), [1, 1])  # caches layer 0's table for slot c
     hidden, residual = torch.randn(2, 8), torch.zeros(2, 8)
     torch.testing.assert_close(st.apply(hidden, residual, 0), hidden + torch.stack([vc, torch.zeros(8)]))
@@ -277,9 +297,11 @@ def test_patch_refuses_an_engine_that_replays_cuda_graphs():
     from yapo_fast.integrations.vllm_patch import _refuse_cuda_graphs
 
     def engine(device, mode, eager=False):
-        cfg = SimpleNamespace(device_config=SimpleNamespace(device_type=device),
-                              compilation_config=SimpleNamespace(cudagraph_mode=SimpleNamespace(name=mode)),
-                              model_config=SimpleNamespace(enforce_eager=eager))
+        cfg = SimpleNamespace(
+            device_config=SimpleNamespace(device_type=device),
+            compilation_config=SimpleNamespace(cudagraph_mode=SimpleNamespace(name=mode)),
+            model_config=SimpleNamespace(enforce_eager=eager),
+        )
         return SimpleNamespace(llm_engine=SimpleNamespace(vllm_config=cfg))
 
     vec = yapo_fast.SteeringVector.from_dense(torch.ones(8), method="bipo", layer=1)

@@ -2,9 +2,9 @@
 
 import pytest
 import torch
-
 from helpers import random_sae, tiny_llama
 from naive_trainer import ByteTokenizer
+
 from yapo_fast.data import PreferencePair
 
 LAYER = 1  # steer layer 1 of the 4-layer tiny Llama: layers 2..3 run per step
@@ -56,8 +56,14 @@ def ddp_worker(rank, world, init_file, methods, result_file):
         model, tok, sae = tiny_setup("relu")
         results = {}
         for method in methods:
-            res = yapo_fast.train(method, tiny_pairs(7), model=model, tokenizer=tok,
-                                  sae=sae if method == "yapo" else None, **{**KW, "batch_size": 4})
+            res = yapo_fast.train(
+                method,
+                tiny_pairs(7),
+                model=model,
+                tokenizer=tok,
+                sae=sae if method == "yapo" else None,
+                **{**KW, "batch_size": 4},
+            )
             results[method] = {"v": res.vector.values, "losses": [r["loss"] for r in res.losses]}
         if rank == 0:
             torch.save(results, result_file)

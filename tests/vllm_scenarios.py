@@ -24,16 +24,26 @@ def main(job_path: str, out_path: str) -> None:
 
     job = json.loads(open(job_path).read())
     t0 = time.time()
-    llm = LLM(model=job["model"], dtype="float32", max_model_len=256, max_num_seqs=16,
-              max_num_batched_tokens=64, enable_chunked_prefill=True, enable_prefix_caching=True,
-              kv_cache_memory_bytes=kv_cache_bytes(0.5), seed=0)
+    llm = LLM(
+        model=job["model"],
+        dtype="float32",
+        max_model_len=256,
+        max_num_seqs=16,
+        max_num_batched_tokens=64,
+        enable_chunked_prefill=True,
+        enable_prefix_caching=True,
+        kv_cache_memory_bytes=kv_cache_bytes(0.5),
+        seed=0,
+    )
     out: dict = {"startup_s": time.time() - t0}
     n = job["max_tokens"]
     prompts = [{"prompt_token_ids": ids} for ids in job["prompt_ids"]]
 
     def gen(ps, extra=None):
-        sps = [SamplingParams(max_tokens=n, temperature=0, ignore_eos=True,
-                              extra_args=None if extra is None else extra[i]) for i in range(len(ps))]
+        sps = [
+            SamplingParams(max_tokens=n, temperature=0, ignore_eos=True, extra_args=None if extra is None else extra[i])
+            for i in range(len(ps))
+        ]
         return [list(o.outputs[0].token_ids) for o in llm.generate(ps, sps, use_tqdm=False)]
 
     sae = yapo_fast.load_sae(job["sae"])
@@ -74,19 +84,26 @@ def main(job_path: str, out_path: str) -> None:
 
     gen_out = Path(out_path).with_name("generate.jsonl")
     gen_out.with_name("generate.jsonl.partial").write_text(
-        json.dumps({"index": 0, "prompt": job["gen_prompts"][0], "output": "KEPT", "n_tokens": 0}) + "\n{\"cut")
+        json.dumps({"index": 0, "prompt": job["gen_prompts"][0], "output": "KEPT", "n_tokens": 0}) + '\n{"cut'
+    )
     h = yapo_fast.patch(llm, bipo, job["bipo_m"])
     out["generate_stats"] = generate_to_file(llm, job["gen_prompts"], gen_out, max_tokens=8, chat=True, chunk=2)
-    out["generate_direct"] = [o.outputs[0].text for o in llm.generate(
-        [format_prompt(llm.get_tokenizer(), p) for p in job["gen_prompts"]],
-        SamplingParams(max_tokens=8, temperature=0, seed=0), use_tqdm=False)]
+    out["generate_direct"] = [
+        o.outputs[0].text
+        for o in llm.generate(
+            [format_prompt(llm.get_tokenizer(), p) for p in job["gen_prompts"]],
+            SamplingParams(max_tokens=8, temperature=0, seed=0),
+            use_tqdm=False,
+        )
+    ]
     h.remove()
     out["generate_file"] = str(gen_out)
 
     errors = {}
     for what, call in {
-        "bad_layer": lambda: yapo_fast.patch(llm, yapo_fast.SteeringVector.from_dense(
-            bipo.values, method="bipo", layer=99)),
+        "bad_layer": lambda: yapo_fast.patch(
+            llm, yapo_fast.SteeringVector.from_dense(bipo.values, method="bipo", layer=99)
+        ),
         "unknown_name": lambda: gen(prompts[:1], [yapo_fast.steer_args("nope")]),
         "yapo_without_sae": lambda: yapo_fast.patch(llm, yapo),
     }.items():
@@ -110,14 +127,29 @@ def tensor_parallel(job_path: str, out_path: str) -> None:
     import yapo_fast
 
     job = json.loads(open(job_path).read())
-    llm = LLM(model=job["model"], dtype="float32", max_model_len=128, max_num_seqs=8, seed=0,
-              tensor_parallel_size=job["tp"], distributed_executor_backend="mp", enforce_eager=True,
-              kv_cache_memory_bytes=kv_cache_bytes(0.125))
+    llm = LLM(
+        model=job["model"],
+        dtype="float32",
+        max_model_len=128,
+        max_num_seqs=8,
+        seed=0,
+        tensor_parallel_size=job["tp"],
+        distributed_executor_backend="mp",
+        enforce_eager=True,
+        kv_cache_memory_bytes=kv_cache_bytes(0.125),
+    )
     prompts = [{"prompt_token_ids": ids} for ids in job["prompt_ids"]]
 
     def gen(extra=None):
-        sps = [SamplingParams(max_tokens=job["max_tokens"], temperature=0, ignore_eos=True,
-                              extra_args=None if extra is None else extra[i]) for i in range(len(prompts))]
+        sps = [
+            SamplingParams(
+                max_tokens=job["max_tokens"],
+                temperature=0,
+                ignore_eos=True,
+                extra_args=None if extra is None else extra[i],
+            )
+            for i in range(len(prompts))
+        ]
         return [list(o.outputs[0].token_ids) for o in llm.generate(prompts, sps, use_tqdm=False)]
 
     sae = yapo_fast.load_sae(job["sae"])

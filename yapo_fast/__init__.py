@@ -11,9 +11,28 @@ from .train import TrainResult, train
 from .vector import SteeringVector, load_vector
 
 __all__ = [
-    "DEFAULT_MODEL", "SAE", "SteeringHandle", "SteeringVector", "VectorMismatchError", "YapoFastError",
-    "decoder_layers", "dense_steer", "load_model", "load_sae", "load_vector", "model_identity",
-    "patch_model", "sparse_steer", "steer", "patch", "unpatch", "register_vector", "unregister_vector",
-    "steer_args", "train", "TrainResult", "explain",
+    "DEFAULT_MODEL",
+    "SAE",
+    "SteeringHandle",
+    "SteeringVector",
+    "VectorMismatchError",
+    "YapoFastError",
+    "decoder_layers",
+    "dense_steer",
+    "load_model",
+    "load_sae",
+    "load_vector",
+    "model_identity",
+    "patch_model",
+    "sparse_steer",
+    "steer",
+    "patch",
+    "unpatch",
+    "register_vector",
+    "unregister_vector",
+    "steer_args",
+    "train",
+    "TrainResult",
+    "explain",
 ]
 __version__ = "0.1.0"

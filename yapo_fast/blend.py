@@ -47,16 +47,31 @@ _LOCAL_NAME_PATTERNS: dict[str, list[str]] = {
     "China": [r"在中国[，,的]?", r"中国(人)?的?"],
     "Iran": [r"\s*در\s*ایران", r"ایرانی(ان)?", r"ایران"],
     "Greece": [r"\s*στην Ελλάδα", r"της Ελλάδας", r"Ελλάδα", r"Έλληνες", r"ελληνικ\w*"],
-    "South_Korea": [r"대한민국에서는\s*", r"대한민국에서\s*", r"대한민국의\s*", r"대한민국\s*", r"한국에서는\s*",
-                    r"한국에서\s*", r"한국의\s*", r"한국\s*"],
+    "South_Korea": [
+        r"대한민국에서는\s*",
+        r"대한민국에서\s*",
+        r"대한민국의\s*",
+        r"대한민국\s*",
+        r"한국에서는\s*",
+        r"한국에서\s*",
+        r"한국의\s*",
+        r"한국\s*",
+    ],
     "Indonesia": [r"\s*\bdi Indonesia\b", r"\bIndonesia\b"],
     "UK": [r"\s*\bin the UK\b", r"\s*\bthe UK\b", r"\bUK\b", r"\bBritish\b"],
     "US": [r"\s*\bin the US\b", r"\s*\bthe US\b", r"\bUS\b", r"\bAmerican(s)?\b"],
 }
 # After removal none of these may remain (else the item is dropped from the non-localized set).
 _LOCAL_NAME_CHECK: dict[str, str] = {
-    "Spain": r"España", "Mexico": r"México", "China": r"中国", "Iran": r"ایران", "Greece": r"Ελλάδ|Έλλην",
-    "South_Korea": r"한국", "Indonesia": r"Indonesia", "UK": r"\bUK\b|Brit", "US": r"\bUS\b|America",
+    "Spain": r"España",
+    "Mexico": r"México",
+    "China": r"中国",
+    "Iran": r"ایران",
+    "Greece": r"Ελλάδ|Έλλην",
+    "South_Korea": r"한국",
+    "Indonesia": r"Indonesia",
+    "UK": r"\bUK\b|Brit",
+    "US": r"\bUS\b|America",
 }
 
 
@@ -101,10 +116,17 @@ def build_digest(raw_dir: str | Path, out: str | Path = DIGEST) -> Path:
             if not anns:
                 continue
             top = max(anns, key=lambda a: a.get("count", 0))  # first of the most-voted on ties
-            rows.append({"country": country, "id": qid, "en_question": entry["en_question"],
-                         "local_question": local_q.get(qid, entry.get("question", "")),
-                         "answer": top["en_answers"][0], "votes": int(top.get("count", 0)),
-                         "all_answers": sorted({_norm(x) for a in anns for x in a["en_answers"]})})
+            rows.append(
+                {
+                    "country": country,
+                    "id": qid,
+                    "en_question": entry["en_question"],
+                    "local_question": local_q.get(qid, entry.get("question", "")),
+                    "answer": top["en_answers"][0],
+                    "votes": int(top.get("count", 0)),
+                    "all_answers": sorted({_norm(x) for a in anns for x in a["en_answers"]}),
+                }
+            )
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(out) as tmp:
@@ -118,8 +140,9 @@ def load_digest(path: str | Path = DIGEST) -> dict[str, dict[str, dict]]:
     """{country: {question id: row}}."""
     path = Path(path)
     if not path.is_file():
-        raise YapoFastError(f"no BLEnD digest at {path}: build it with `yapo-fast data --blend-raw "
-                            "<BLEnD data folder>`")
+        raise YapoFastError(
+            f"no BLEnD digest at {path}: build it with `yapo-fast data --blend-raw <BLEnD data folder>`"
+        )
     out: dict[str, dict[str, dict]] = {}
     with path.open(encoding="utf-8") as f:
         for line in f:
@@ -136,8 +159,10 @@ def countries(digest: dict | None = None) -> list[str]:
 def non_localize(country: str, question: str) -> str | None:
     """The local-language question with the country's name removed, or None where it cannot be."""
     if country not in _LOCAL_NAME_PATTERNS:
-        raise YapoFastError(f"no local-language name patterns for {country!r}: non-localized items exist for "
-                            f"{sorted(_LOCAL_NAME_PATTERNS)}")
+        raise YapoFastError(
+            f"no local-language name patterns for {country!r}: non-localized items exist for "
+            f"{sorted(_LOCAL_NAME_PATTERNS)}"
+        )
     text = question
     for pat in _LOCAL_NAME_PATTERNS[country]:
         text = re.sub(pat, "", text)
@@ -191,8 +216,15 @@ def _candidates(country: str, setting: str, split: str, digest: dict):
             yield qid, row, question, wrong
 
 
-def mcq_items(country: str, setting: str = "localized", *, split: str = "test", limit: int | None = None,
-              seed: int = 0, digest: dict | None = None) -> list[MCQItem]:
+def mcq_items(
+    country: str,
+    setting: str = "localized",
+    *,
+    split: str = "test",
+    limit: int | None = None,
+    seed: int = 0,
+    digest: dict | None = None,
+) -> list[MCQItem]:
     """4-option cultural multiple-choice items for `country` (answer position shuffled by seed)."""
     items = []
     for qid, row, question, wrong in _candidates(country, setting, split, digest or load_digest()):
@@ -201,15 +233,30 @@ def mcq_items(country: str, setting: str = "localized", *, split: str = "test", 
         rng = random.Random(f"{seed}:{country}:{qid}")
         options = rng.sample(wrong, 3) + [row["answer"]]
         rng.shuffle(options)
-        items.append(MCQItem(question=question, options=options, answer=LETTERS[options.index(row["answer"])],
-                             id=qid, country=country, setting=setting))
+        items.append(
+            MCQItem(
+                question=question,
+                options=options,
+                answer=LETTERS[options.index(row["answer"])],
+                id=qid,
+                country=country,
+                setting=setting,
+            )
+        )
         if limit and len(items) >= limit:
             break
     return items
 
 
-def preference_pairs(country: str, setting: str = "localized", *, split: str = "train", limit: int | None = None,
-                     seed: int = 0, digest: dict | None = None):
+def preference_pairs(
+    country: str,
+    setting: str = "localized",
+    *,
+    split: str = "train",
+    limit: int | None = None,
+    seed: int = 0,
+    digest: dict | None = None,
+):
     """Cultural preference pairs: chosen = the country's answer, rejected = another country's answer."""
     from .data import PreferencePair
 
@@ -244,8 +291,12 @@ def build_country_files(country: str, out_dir: str | Path, *, seed: int = 0, dig
         pairs = preference_pairs(country, setting, seed=seed, digest=digest)
         items = mcq_items(country, setting, seed=seed, digest=digest)
         written.append(write_jsonl(pairs, out_dir / f"{country}_{setting}_pairs.jsonl"))
-        written.append(write_jsonl([{"question": i.question, "options": i.options, "answer": i.answer, "id": i.id}
-                                    for i in items], out_dir / f"{country}_{setting}_mcq.jsonl"))
+        written.append(
+            write_jsonl(
+                [{"question": i.question, "options": i.options, "answer": i.answer, "id": i.id} for i in items],
+                out_dir / f"{country}_{setting}_mcq.jsonl",
+            )
+        )
     return written
 
 
@@ -263,8 +314,9 @@ def load_mcq(path: str | Path) -> list[MCQItem]:
                 r = json.loads(line)
                 q, opts, ans = r["question"], list(r["options"]), r["answer"]
             except (json.JSONDecodeError, KeyError, TypeError) as exc:
-                raise YapoFastError(f"{path}:{n}: expected a JSON object with question, options, answer "
-                                    f"({type(exc).__name__}: {exc})") from exc
+                raise YapoFastError(
+                    f"{path}:{n}: expected a JSON object with question, options, answer ({type(exc).__name__}: {exc})"
+                ) from exc
             if not 2 <= len(opts) <= len(LETTERS):
                 raise YapoFastError(f"{path}:{n}: {len(opts)} options; 2 to {len(LETTERS)} are supported")
             if ans in opts and ans not in LETTERS[: len(opts)]:

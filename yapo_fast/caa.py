@@ -24,12 +24,21 @@ def response_activation(model, tokenizer, prompt_text: str, response: str, layer
     ids = torch.tensor([p + r], device=model.device)
     with capture_layer_output(model, layer) as seen:
         model(ids)
-    resp = seen[0][0, len(p):].to(torch.float32)
+    resp = seen[0][0, len(p) :].to(torch.float32)
     return resp.mean(0) if reduce == "mean" else resp[-1]
 
 
-def train_caa(model, tokenizer, pairs: list[PreferencePair], layer: int, *, reduce: str = "mean",
-              system: str | None = None, progress: bool = True, batch_size: int = 8) -> SteeringVector:
+def train_caa(
+    model,
+    tokenizer,
+    pairs: list[PreferencePair],
+    layer: int,
+    *,
+    reduce: str = "mean",
+    system: str | None = None,
+    progress: bool = True,
+    batch_size: int = 8,
+) -> SteeringVector:
     if reduce not in ("mean", "last"):
         raise YapoFastError(f"reduce must be 'mean' or 'last', got {reduce!r}")
     if not pairs:
@@ -47,11 +56,17 @@ def train_caa(model, tokenizer, pairs: list[PreferencePair], layer: int, *, redu
     else:
         for pair in tqdm(pairs, desc=f"CAA layer {layer}", disable=not progress):
             prompt_text = format_prompt(tokenizer, pair.prompt, system)
-            diff = (response_activation(model, tokenizer, prompt_text, pair.chosen, layer, reduce)
-                    - response_activation(model, tokenizer, prompt_text, pair.rejected, layer, reduce))
+            diff = response_activation(model, tokenizer, prompt_text, pair.chosen, layer, reduce) - response_activation(
+                model, tokenizer, prompt_text, pair.rejected, layer, reduce
+            )
             total = diff if total is None else total + diff
-    return SteeringVector.from_dense(total / len(pairs), method="caa", layer=layer, model=model_identity(model),
-                                     info={"pairs": len(pairs), "reduce": reduce})
+    return SteeringVector.from_dense(
+        total / len(pairs),
+        method="caa",
+        layer=layer,
+        model=model_identity(model),
+        info={"pairs": len(pairs), "reduce": reduce},
+    )
 
 
 @torch.no_grad()
@@ -62,17 +77,19 @@ def _sum_differences_lean(runner, tokenizer, pairs, layer, reduce, system, progr
     tokens = tokenize_pairs(tokenizer, pairs, system)
     total = torch.zeros(runner.embed.weight.shape[1], dtype=torch.float32, device=runner.device)
     for start in tqdm(range(0, len(tokens), batch_size), desc=f"CAA layer {layer}", disable=not progress):
-        toks = tokens[start:start + batch_size]
+        toks = tokens[start : start + batch_size]
         B = len(toks)
         ids_p = [torch.tensor(t.prompt) for t in toks]
         ids_r = [torch.tensor(t.chosen) for t in toks] + [torch.tensor(t.rejected) for t in toks]
         lay = make_layout([len(x) for x in ids_p], [len(x) for x in ids_r], runner.device)
         G, lp, lr = lay.n_rows, lay.pos_p.shape[1], lay.pos_r.shape[1]
         emb = lambda seqs: [runner.embed(x.to(runner.device)) for x in seqs]  # noqa: E731
-        hp, kv = runner.run(scatter_rows(emb(ids_p), lay.p_slots, G, lp), lay.pos_p, lay.allowed_p, 0, layer + 1,
-                            record=True)
-        hr, _ = runner.run(scatter_rows(emb(ids_r), lay.r_slots, G, lr), lay.pos_r, lay.allowed_r, 0, layer + 1,
-                           prefix=kv.layers)
+        hp, kv = runner.run(
+            scatter_rows(emb(ids_p), lay.p_slots, G, lp), lay.pos_p, lay.allowed_p, 0, layer + 1, record=True
+        )
+        hr, _ = runner.run(
+            scatter_rows(emb(ids_r), lay.r_slots, G, lr), lay.pos_r, lay.allowed_r, 0, layer + 1, prefix=kv.layers
+        )
         acts = [h.float().mean(0) if reduce == "mean" else h[-1].float() for h in gather_rows(hr, lay.r_slots)]
         total += torch.stack(acts[:B]).sum(0) - torch.stack(acts[B:]).sum(0)
     return total.cpu()

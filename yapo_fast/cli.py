@@ -10,7 +10,9 @@ from .errors import YapoFastError
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None, help="transformers model id or path (default: embedded SmolLM2-135M-Instruct)")
+    p.add_argument(
+        "--model", default=None, help="transformers model id or path (default: embedded SmolLM2-135M-Instruct)"
+    )
     p.add_argument("--sae", default=None, help="SAE directory in sae-lens format (default: the shipped SAE)")
     p.add_argument("--sae-id", default=None, help="with --sae naming a sae-lens release: the SAE id in it")
 

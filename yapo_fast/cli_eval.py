@@ -51,12 +51,24 @@ def cmd_eval(args) -> None:
         from .data import bipo_csv_path, load_pairs
 
         prompts = {b: [p.prompt for p in load_pairs(bipo_csv_path(b, "test"), limit=args.generate)] for b in bv}
-    results = evaluate(model, tok, sae=sae, behaviour_vectors=bv, country_vectors=cv, multipliers=mults,
-                       ab_limit=args.ab_items or None, mcq_limit=args.mcq_items or None,
-                       culture_multiplier=args.culture_multiplier, mmlu=not args.no_mmlu,
-                       mmlu_per_subject=args.mmlu_per_subject or None, mmlu_shots=args.mmlu_shots,
-                       mmlu_multiplier=args.mmlu_multiplier, generation_prompts=prompts,
-                       max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
+    results = evaluate(
+        model,
+        tok,
+        sae=sae,
+        behaviour_vectors=bv,
+        country_vectors=cv,
+        multipliers=mults,
+        ab_limit=args.ab_items or None,
+        mcq_limit=args.mcq_items or None,
+        culture_multiplier=args.culture_multiplier,
+        mmlu=not args.no_mmlu,
+        mmlu_per_subject=args.mmlu_per_subject or None,
+        mmlu_shots=args.mmlu_shots,
+        mmlu_multiplier=args.mmlu_multiplier,
+        generation_prompts=prompts,
+        max_new_tokens=args.max_new_tokens,
+        batch_size=args.batch_size,
+    )
     paths = write_report(results, args.out)
     print(f"report: {paths['markdown']}\nresults: {paths['json']}")
     for p in paths["plots"]:
@@ -85,11 +97,15 @@ def register(sub) -> None:
     p.add_argument("--sae", default=None, help="SAE directory (sae-lens format) for yapo vectors (default: shipped)")
     p.add_argument("--vector", action="append", help="BEHAVIOUR=PATH: A/B steering curve on bipo/<BEHAVIOUR> (repeat)")
     p.add_argument("--country-vector", action="append", help="COUNTRY=PATH: BLEnD MCQ for the country (repeat)")
-    p.add_argument("--multipliers", default=None, help="comma-separated, e.g. --multipliers=-1,0,1 (default -2,-1,-0.5,0,0.5,1,2)")
+    p.add_argument(
+        "--multipliers", default=None, help="comma-separated, e.g. --multipliers=-1,0,1 (default -2,-1,-0.5,0,0.5,1,2)"
+    )
     p.add_argument("--ab-items", type=int, default=0, help="first N A/B items (0: all)")
     p.add_argument("--mcq-items", type=int, default=0, help="first N BLEnD items per setting (0: all)")
     p.add_argument("--culture-multiplier", type=float, default=1.0)
-    p.add_argument("--mmlu-per-subject", type=int, default=0, help="first N per subject of the shipped subset (0: all 20)")
+    p.add_argument(
+        "--mmlu-per-subject", type=int, default=0, help="first N per subject of the shipped subset (0: all 20)"
+    )
     p.add_argument("--mmlu-shots", type=int, default=2)
     p.add_argument("--mmlu-multiplier", type=float, default=1.0)
     p.add_argument("--no-mmlu", action="store_true")

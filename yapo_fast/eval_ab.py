@@ -40,8 +40,10 @@ def load_ab_items(path: str | Path, limit: int | None = None) -> list[ABItem]:
         reader = csv.DictReader(f)
         missing = {"question", "A", "B", "matching"} - set(reader.fieldnames or [])
         if missing:
-            raise YapoFastError(f"{path}: lacks column(s) {sorted(missing)}; an A/B file has question, A, B, matching "
-                                "(BiPO's test_infer.csv; jailbreak's has none: evaluate it by generation)")
+            raise YapoFastError(
+                f"{path}: lacks column(s) {sorted(missing)}; an A/B file has question, A, B, matching "
+                "(BiPO's test_infer.csv; jailbreak's has none: evaluate it by generation)"
+            )
         items = []
         for n, row in enumerate(reader, 2):
             m = row["matching"].strip().strip("()").upper()
@@ -69,11 +71,26 @@ def ab_scores_from_logits(items: list[ABItem], logits: torch.Tensor) -> torch.Te
     return probs[torch.arange(len(items)), col]
 
 
-def ab_scores(model, tokenizer, items: list[ABItem], *, batch_size: int = 8, system: str | None = None,
-              progress: bool = False, desc: str = "A/B") -> torch.Tensor:
+def ab_scores(
+    model,
+    tokenizer,
+    items: list[ABItem],
+    *,
+    batch_size: int = 8,
+    system: str | None = None,
+    progress: bool = False,
+    desc: str = "A/B",
+) -> torch.Tensor:
     """Per item: the probability of the matching option over {A, B}."""
-    logits = next_token_logits(model, tokenizer, ab_texts(tokenizer, items, system), letter_token_ids(tokenizer, "AB"),
-                               batch_size=batch_size, progress=progress, desc=desc)
+    logits = next_token_logits(
+        model,
+        tokenizer,
+        ab_texts(tokenizer, items, system),
+        letter_token_ids(tokenizer, "AB"),
+        batch_size=batch_size,
+        progress=progress,
+        desc=desc,
+    )
     return ab_scores_from_logits(items, logits)
 
 

@@ -16,12 +16,14 @@ import torch
 from tqdm.auto import tqdm
 
 from .chat import format_prompt, prompt_and_response_ids
-from .eval_ab import mean_ci95
 from .errors import YapoFastError
+from .eval_ab import mean_ci95
 
 
 @torch.no_grad()
-def response_logprobs(model, tokenizer, prompts: list[str], responses: list[str], *, batch_size: int = 8) -> torch.Tensor:
+def response_logprobs(
+    model, tokenizer, prompts: list[str], responses: list[str], *, batch_size: int = 8
+) -> torch.Tensor:
     """(n,) float64: sum over each response's tokens of log p(token | prompt, earlier response tokens).
 
     Prompts go through the chat template; rows are right-padded (causal attention: padding after a
@@ -36,20 +38,20 @@ def response_logprobs(model, tokenizer, prompts: list[str], responses: list[str]
     order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]) + len(rows[i][1]))
     out = torch.empty(len(rows), dtype=torch.float64)
     for start in range(0, len(order), batch_size):
-        idx = order[start:start + batch_size]
+        idx = order[start : start + batch_size]
         seqs = [rows[i][0] + rows[i][1] for i in idx]
         width = max(len(s) for s in seqs)
         ids = torch.full((len(idx), width), pad, dtype=torch.long)
         mask = torch.zeros((len(idx), width), dtype=torch.long)
         for j, s in enumerate(seqs):
-            ids[j, :len(s)] = torch.tensor(s)
-            mask[j, :len(s)] = 1
+            ids[j, : len(s)] = torch.tensor(s)
+            mask[j, : len(s)] = 1
         logp = torch.log_softmax(model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.double(), -1)
         for j, i in enumerate(idx):
             p_len, r_len = len(rows[i][0]), len(rows[i][1])
-            targets = ids[j, p_len:p_len + r_len].to(device)
+            targets = ids[j, p_len : p_len + r_len].to(device)
             # the logits at position t predict token t+1
-            out[i] = logp[j, p_len - 1:p_len - 1 + r_len].gather(-1, targets[:, None]).sum().item()
+            out[i] = logp[j, p_len - 1 : p_len - 1 + r_len].gather(-1, targets[:, None]).sum().item()
     return out
 
 
@@ -66,13 +68,29 @@ def margin_effect(steered: torch.Tensor, base: torch.Tensor, multiplier: float) 
     diff = steered.double() - base.double()
     delta, lo, hi = mean_ci95(diff)
     sign = 1.0 if multiplier > 0 else -1.0
-    return {"multiplier": float(multiplier), "delta": delta, "delta_ci_low": lo, "delta_ci_high": hi,
-            "moved": float((sign * diff > 0).double().mean()), "mean": float(steered.double().mean()),
-            "n": int(diff.numel())}
+    return {
+        "multiplier": float(multiplier),
+        "delta": delta,
+        "delta_ci_low": lo,
+        "delta_ci_high": hi,
+        "moved": float((sign * diff > 0).double().mean()),
+        "mean": float(steered.double().mean()),
+        "n": int(diff.numel()),
+    }
 
 
-def margin_effects(model, tokenizer, pairs, vectors: dict, *, multipliers=(-1.0, 1.0), sae=None, batch_size: int = 8,
-                   progress: bool = True, desc: str = "margin") -> tuple[dict, torch.Tensor]:
+def margin_effects(
+    model,
+    tokenizer,
+    pairs,
+    vectors: dict,
+    *,
+    multipliers=(-1.0, 1.0),
+    sae=None,
+    batch_size: int = 8,
+    progress: bool = True,
+    desc: str = "margin",
+) -> tuple[dict, torch.Tensor]:
     """({name: [effect per multiplier]}, unsteered margins) on held-out `pairs`."""
     from .evaluate import _steered
 

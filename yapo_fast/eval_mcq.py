@@ -35,9 +35,24 @@ def mcq_from_logits(items: list[MCQItem], logits: torch.Tensor) -> tuple[torch.T
     return correct, p_answer
 
 
-def mcq_correct(model, tokenizer, items: list[MCQItem], *, batch_size: int = 8, system: str | None = None,
-                progress: bool = False, desc: str = "MCQ") -> tuple[torch.Tensor, torch.Tensor]:
+def mcq_correct(
+    model,
+    tokenizer,
+    items: list[MCQItem],
+    *,
+    batch_size: int = 8,
+    system: str | None = None,
+    progress: bool = False,
+    desc: str = "MCQ",
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(correct, p_answer) per item: 1.0 where the answer letter wins, and its normalised probability."""
-    logits = next_token_logits(model, tokenizer, mcq_texts(tokenizer, items, system), letter_token_ids(tokenizer, LETTERS),
-                               batch_size=batch_size, progress=progress, desc=desc)
+    logits = next_token_logits(
+        model,
+        tokenizer,
+        mcq_texts(tokenizer, items, system),
+        letter_token_ids(tokenizer, LETTERS),
+        batch_size=batch_size,
+        progress=progress,
+        desc=desc,
+    )
     return mcq_from_logits(items, logits)

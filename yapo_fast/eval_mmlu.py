@@ -22,8 +22,18 @@ from .errors import YapoFastError
 from .eval_score import ANSWER_PREFIX, letter_token_ids, next_token_logits
 
 MMLU_DIR = Path(__file__).parent / "assets" / "data" / "mmlu"
-SUBJECTS = ("high_school_geography", "high_school_psychology", "marketing", "nutrition", "sociology",
-            "us_foreign_policy", "world_religions", "high_school_biology", "miscellaneous", "computer_security")
+SUBJECTS = (
+    "high_school_geography",
+    "high_school_psychology",
+    "marketing",
+    "nutrition",
+    "sociology",
+    "us_foreign_policy",
+    "world_religions",
+    "high_school_biology",
+    "miscellaneous",
+    "computer_security",
+)
 
 
 def load_mmlu(split: str = "test", per_subject: int | None = None, directory: Path = MMLU_DIR) -> list[MCQItem]:
@@ -38,8 +48,15 @@ def load_mmlu(split: str = "test", per_subject: int | None = None, directory: Pa
             seen[s] = seen.get(s, 0) + 1
             if per_subject is not None and seen[s] > per_subject:
                 continue
-            items.append(MCQItem(question=row["question"], options=[row[c] for c in "ABCD"], answer=row["answer"],
-                                 id=f"{s}/{seen[s]}", country=s))  # country field holds the subject here
+            items.append(
+                MCQItem(
+                    question=row["question"],
+                    options=[row[c] for c in "ABCD"],
+                    answer=row["answer"],
+                    id=f"{s}/{seen[s]}",
+                    country=s,
+                )
+            )  # country field holds the subject here
     return items
 
 
@@ -63,8 +80,10 @@ def mmlu_texts(tokenizer, items: list[MCQItem], *, shots: int = 2, dev: list[MCQ
         pool.setdefault(d.country, []).append(d)
     for it in items:
         if len(pool.get(it.country, [])) < shots:
-            raise YapoFastError(f"MMLU subject {it.country!r} has {len(pool.get(it.country, []))} dev questions, "
-                                f"fewer than shots={shots}")
+            raise YapoFastError(
+                f"MMLU subject {it.country!r} has {len(pool.get(it.country, []))} dev questions, "
+                f"fewer than shots={shots}"
+            )
     return [mmlu_prompt(tokenizer, it, pool[it.country][:shots]) for it in items]
 
 
@@ -74,10 +93,26 @@ def mmlu_from_logits(items: list[MCQItem], logits: torch.Tensor) -> torch.Tensor
     return (logits.argmax(-1) == answers).float()
 
 
-def mmlu_correct(model, tokenizer, items: list[MCQItem], *, shots: int = 2, dev: list[MCQItem] | None = None,
-                 batch_size: int = 4, progress: bool = False, desc: str = "MMLU") -> torch.Tensor:
+def mmlu_correct(
+    model,
+    tokenizer,
+    items: list[MCQItem],
+    *,
+    shots: int = 2,
+    dev: list[MCQItem] | None = None,
+    batch_size: int = 4,
+    progress: bool = False,
+    desc: str = "MMLU",
+) -> torch.Tensor:
     """1.0 per item the model answers right."""
     texts = mmlu_texts(tokenizer, items, shots=shots, dev=dev)
-    logits = next_token_logits(model, tokenizer, texts, letter_token_ids(tokenizer, "ABCD"), batch_size=batch_size,
-                               progress=progress, desc=desc)
+    logits = next_token_logits(
+        model,
+        tokenizer,
+        texts,
+        letter_token_ids(tokenizer, "ABCD"),
+        batch_size=batch_size,
+        progress=progress,
+        desc=desc,
+    )
     return mmlu_from_logits(items, logits)

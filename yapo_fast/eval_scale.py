@@ -42,10 +42,14 @@ def vector_scale(vector, h: torch.Tensor, *, sae=None, multiplier: float = 1.0, 
     h = h.to(torch.float32)
     h_steered = steer_fn(h).float()  # the hooks steer float32 hidden states (the SAE cast to float32)
     norms = h.norm(dim=-1)
-    out = {"multiplier": float(multiplier), "tokens": int(h.shape[0]), "resid_norm": float(norms.mean()),
-           "edit_norm": float((h_steered - h).norm(dim=-1).mean()),
-           "edit_ratio": float(((h_steered - h).norm(dim=-1) / norms.clamp_min(1e-6)).mean()),
-           "vector_norm": float(vector.values.float().norm())}
+    out = {
+        "multiplier": float(multiplier),
+        "tokens": int(h.shape[0]),
+        "resid_norm": float(norms.mean()),
+        "edit_norm": float((h_steered - h).norm(dim=-1).mean()),
+        "edit_ratio": float(((h_steered - h).norm(dim=-1) / norms.clamp_min(1e-6)).mean()),
+        "vector_norm": float(vector.values.float().norm()),
+    }
     if vector.is_sparse:
         v = vector.latent().float() * multiplier  # dense (d_sae,): .values holds the non-zeros only
         z = sae.to(dtype=torch.float32).encode(h).float()
@@ -53,9 +57,14 @@ def vector_scale(vector, h: torch.Tensor, *, sae=None, multiplier: float = 1.0, 
         idx = v.abs().topk(min(top, v.numel())).indices
         z_mean = torch.where(active[:, idx], z[:, idx], torch.nan).nanmean(0)  # nan: never active
         fired = ~torch.isnan(z_mean)
-        out.update({"max_abs_mv": float(v.abs().max()), "top": int(idx.numel()),
-                    "top_abs_mv_median": float(v[idx].abs().median()),
-                    "z_active_median": float(z_mean[fired].median()) if fired.any() else float("nan"),
-                    "top_never_active": int((~fired).sum()),
-                    "all_z_active_median": float(z[active].median()) if active.any() else float("nan")})
+        out.update(
+            {
+                "max_abs_mv": float(v.abs().max()),
+                "top": int(idx.numel()),
+                "top_abs_mv_median": float(v[idx].abs().median()),
+                "z_active_median": float(z_mean[fired].median()) if fired.any() else float("nan"),
+                "top_never_active": int((~fired).sum()),
+                "all_z_active_median": float(z[active].median()) if active.any() else float("nan"),
+            }
+        )
     return out

@@ -24,8 +24,10 @@ def letter_token_ids(tokenizer, letters: str, prefix: str = ANSWER_PREFIX) -> li
     for letter in letters:
         full = tokenizer(prefix + letter, add_special_tokens=False)["input_ids"]
         if full[: len(base)] != base or len(full) != len(base) + 1:
-            raise YapoFastError(f"the tokenizer does not write option letter {letter!r} as one token after "
-                                f"{prefix!r} ({base} -> {full}); multiple-choice scoring needs single-token letters")
+            raise YapoFastError(
+                f"the tokenizer does not write option letter {letter!r} as one token after "
+                f"{prefix!r} ({base} -> {full}); multiple-choice scoring needs single-token letters"
+            )
         ids.append(full[-1])
     if len(set(ids)) != len(ids):
         raise YapoFastError(f"option letters {letters!r} map to repeated token ids {ids}")
@@ -33,8 +35,16 @@ def letter_token_ids(tokenizer, letters: str, prefix: str = ANSWER_PREFIX) -> li
 
 
 @torch.no_grad()
-def next_token_logits(model, tokenizer, texts: list[str], token_ids: list[int], *, batch_size: int = 8,
-                      progress: bool = False, desc: str = "scoring") -> torch.Tensor:
+def next_token_logits(
+    model,
+    tokenizer,
+    texts: list[str],
+    token_ids: list[int],
+    *,
+    batch_size: int = 8,
+    progress: bool = False,
+    desc: str = "scoring",
+) -> torch.Tensor:
     """(len(texts), len(token_ids)) float32 logits of `token_ids` at the position after each text."""
     if not texts:
         return torch.zeros(0, len(token_ids))
@@ -47,10 +57,14 @@ def next_token_logits(model, tokenizer, texts: list[str], token_ids: list[int], 
     index = torch.tensor(token_ids)
     device = next(model.parameters()).device
     for start in tqdm(range(0, len(order), batch_size), desc=desc, disable=not progress, leave=False):
-        rows = order[start:start + batch_size]
+        rows = order[start : start + batch_size]
         ids, mask, positions = _padded_batch(encoded, rows, pad)
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device),
-                       logits_to_keep=1).logits[:, -1]
+        logits = model(
+            input_ids=ids.to(device),
+            attention_mask=mask.to(device),
+            position_ids=positions.to(device),
+            logits_to_keep=1,
+        ).logits[:, -1]
         out[rows] = logits.float().cpu()[:, index]
     return out
 
@@ -66,14 +80,24 @@ def _padded_batch(encoded: list[list[int]], rows: list[int], pad: int):
     ids = torch.full((len(rows), width), pad, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
     for r, i in enumerate(rows):
-        ids[r, width - len(encoded[i]):] = torch.tensor(encoded[i])
-        mask[r, width - len(encoded[i]):] = 1
+        ids[r, width - len(encoded[i]) :] = torch.tensor(encoded[i])
+        mask[r, width - len(encoded[i]) :] = 1
     return ids, mask, (mask.cumsum(-1) - 1).clamp(min=0)
 
 
 @torch.no_grad()
-def steered_next_token_logits(model, tokenizer, texts: list[str], token_ids: list[int], layer: int, steerings: dict,
-                              *, batch_size: int = 8, progress: bool = False, desc: str = "scoring") -> dict:
+def steered_next_token_logits(
+    model,
+    tokenizer,
+    texts: list[str],
+    token_ids: list[int],
+    layer: int,
+    steerings: dict,
+    *,
+    batch_size: int = 8,
+    progress: bool = False,
+    desc: str = "scoring",
+) -> dict:
     """next_token_logits under several steerings of one layer at once: {key: logits}.
 
     steerings: {key: steer_fn or None}, steer_fn(h) -> h' applied to decoder layer `layer`'s output
@@ -99,7 +123,7 @@ def steered_next_token_logits(model, tokenizer, texts: list[str], token_ids: lis
     index = torch.tensor(token_ids)
     device = runner.device
     for start in tqdm(range(0, len(order), batch_size), desc=desc, disable=not progress, leave=False):
-        rows = order[start:start + batch_size]
+        rows = order[start : start + batch_size]
         ids, mask, positions = (t.to(device) for t in _padded_batch(encoded, rows, pad))
         width = ids.shape[1]
         causal = torch.ones(width, width, dtype=torch.bool, device=device).tril()

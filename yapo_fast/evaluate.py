@@ -51,8 +51,14 @@ def _steered(model, vector, multiplier, sae):
 
 
 def _vector_meta(vector) -> dict:
-    return {"method": vector.method, "layer": vector.layer, "nnz": int((vector.values != 0).sum()),
-            "norm": float(vector.values.norm()), "sae": (vector.sae or {}).get("name"), "info": vector.info}
+    return {
+        "method": vector.method,
+        "layer": vector.layer,
+        "nnz": int((vector.values != 0).sum()),
+        "norm": float(vector.values.norm()),
+        "sae": (vector.sae or {}).get("name"),
+        "info": vector.info,
+    }
 
 
 def _prefix_reuse(model) -> bool:
@@ -66,8 +72,18 @@ def _prefix_reuse(model) -> bool:
     return True
 
 
-def score_steerings(model, tokenizer, texts: list[str], letter_ids: list[int], steerings: dict, *, sae=None,
-                    batch_size: int = 8, progress: bool = True, desc: str = "") -> dict:
+def score_steerings(
+    model,
+    tokenizer,
+    texts: list[str],
+    letter_ids: list[int],
+    steerings: dict,
+    *,
+    sae=None,
+    batch_size: int = 8,
+    progress: bool = True,
+    desc: str = "",
+) -> dict:
     """{key: (texts, letters) logits} for steerings {key: (vector, multiplier)}; (None, 0) is unsteered.
 
     Steerings of the same layer share one pass through the layers below it (see the module doc)."""
@@ -83,36 +99,89 @@ def score_steerings(model, tokenizer, texts: list[str], letter_ids: list[int], s
                 by_layer.setdefault(vec.layer, {})[key] = make_steer_fn(vec, m, sae=sae if vec.is_sparse else None)
         plain = by_layer.pop(None, {})
         if plain and not by_layer:  # unsteered only
-            logits = next_token_logits(model, tokenizer, texts, letter_ids, batch_size=batch_size, progress=progress,
-                                       desc=f"{desc} unsteered")
+            logits = next_token_logits(
+                model, tokenizer, texts, letter_ids, batch_size=batch_size, progress=progress, desc=f"{desc} unsteered"
+            )
             return {key: logits for key in plain}
         for n, (layer, fns) in enumerate(by_layer.items()):
             fns = {**(plain if n == 0 else {}), **fns}  # the unsteered logits come with the first layer's pass
-            out.update(steered_next_token_logits(model, tokenizer, texts, letter_ids, layer, fns, batch_size=batch_size,
-                                                 progress=progress, desc=f"{desc} L{layer} x{len(fns)}"))
+            out.update(
+                steered_next_token_logits(
+                    model,
+                    tokenizer,
+                    texts,
+                    letter_ids,
+                    layer,
+                    fns,
+                    batch_size=batch_size,
+                    progress=progress,
+                    desc=f"{desc} L{layer} x{len(fns)}",
+                )
+            )
         return out
     for key, (vec, m) in steerings.items():  # any other model: one hooked forward per steering
         with _steered(model, vec, m, sae):
-            out[key] = next_token_logits(model, tokenizer, texts, letter_ids, batch_size=batch_size,
-                                         progress=progress, desc=f"{desc} {key}")
+            out[key] = next_token_logits(
+                model, tokenizer, texts, letter_ids, batch_size=batch_size, progress=progress, desc=f"{desc} {key}"
+            )
     return out
 
 
-def steering_curve(model, tokenizer, items, vector, *, sae=None, multipliers=MULTIPLIERS, batch_size: int = 8,
-                   progress: bool = True, desc: str = "") -> list[dict]:
+def steering_curve(
+    model,
+    tokenizer,
+    items,
+    vector,
+    *,
+    sae=None,
+    multipliers=MULTIPLIERS,
+    batch_size: int = 8,
+    progress: bool = True,
+    desc: str = "",
+) -> list[dict]:
     """[{multiplier, mean, ci_low, ci_high, n}] of the matching option's probability."""
-    curves, _ = steering_curves(model, tokenizer, items, {"v": vector}, sae=sae, multipliers=multipliers,
-                                batch_size=batch_size, progress=progress, desc=desc)
+    curves, _ = steering_curves(
+        model,
+        tokenizer,
+        items,
+        {"v": vector},
+        sae=sae,
+        multipliers=multipliers,
+        batch_size=batch_size,
+        progress=progress,
+        desc=desc,
+    )
     return curves["v"]
 
 
-def steering_curves(model, tokenizer, items, vectors: dict, *, sae=None, multipliers=MULTIPLIERS, batch_size: int = 8,
-                    progress: bool = True, desc: str = ""):
+def steering_curves(
+    model,
+    tokenizer,
+    items,
+    vectors: dict,
+    *,
+    sae=None,
+    multipliers=MULTIPLIERS,
+    batch_size: int = 8,
+    progress: bool = True,
+    desc: str = "",
+):
     """({name: curve}, unsteered scores) for every vector at every multiplier, in one scoring sweep."""
     steerings = {("unsteered", 0.0): (None, 0.0)}
-    steerings.update({(name, float(m)): (vec, float(m)) for name, vec in vectors.items() for m in multipliers if m != 0})
-    logits = score_steerings(model, tokenizer, ab_texts(tokenizer, items), letter_token_ids(tokenizer, "AB"), steerings,
-                             sae=sae, batch_size=batch_size, progress=progress, desc=desc)
+    steerings.update(
+        {(name, float(m)): (vec, float(m)) for name, vec in vectors.items() for m in multipliers if m != 0}
+    )
+    logits = score_steerings(
+        model,
+        tokenizer,
+        ab_texts(tokenizer, items),
+        letter_token_ids(tokenizer, "AB"),
+        steerings,
+        sae=sae,
+        batch_size=batch_size,
+        progress=progress,
+        desc=desc,
+    )
     scores = {key: ab_scores_from_logits(items, lg) for key, lg in logits.items()}
     base = scores[("unsteered", 0.0)]
     curves = {}
@@ -123,19 +192,47 @@ def steering_curves(model, tokenizer, items, vectors: dict, *, sae=None, multipl
             mean, lo, hi = mean_ci95(steered)
             # the effect against unsteered on the same items (paired: far tighter than the two CIs)
             delta, d_lo, d_hi = mean_ci95(steered - base)
-            points.append({"multiplier": float(m), "mean": mean, "ci_low": lo, "ci_high": hi, "n": len(items),
-                           "delta": delta, "delta_ci_low": d_lo, "delta_ci_high": d_hi})
+            points.append(
+                {
+                    "multiplier": float(m),
+                    "mean": mean,
+                    "ci_low": lo,
+                    "ci_high": hi,
+                    "n": len(items),
+                    "delta": delta,
+                    "delta_ci_low": d_lo,
+                    "delta_ci_high": d_hi,
+                }
+            )
         curves[name] = points
     return curves, base
 
 
-def evaluate(model, tokenizer, *, sae=None, behaviour_vectors: dict | None = None, country_vectors: dict | None = None,
-             multipliers=MULTIPLIERS, ab_limit: int | None = None, ab_files: dict | None = None,
-             mcq_limit: int | None = None, culture_multiplier: float = 1.0,
-             mmlu_per_subject: int | None = None, mmlu_shots: int = 2, mmlu_multiplier: float = 1.0,
-             mmlu: bool = True, generation_prompts: dict | None = None, generation_multiplier: float = 1.0,
-             max_new_tokens: int = 48, generate_fn=None, batch_size: int = 8, progress: bool = True,
-             scale_prompts: int = 12, parts=("scale", "ab", "culture", "mmlu", "generations")) -> dict:
+def evaluate(
+    model,
+    tokenizer,
+    *,
+    sae=None,
+    behaviour_vectors: dict | None = None,
+    country_vectors: dict | None = None,
+    multipliers=MULTIPLIERS,
+    ab_limit: int | None = None,
+    ab_files: dict | None = None,
+    mcq_limit: int | None = None,
+    culture_multiplier: float = 1.0,
+    mmlu_per_subject: int | None = None,
+    mmlu_shots: int = 2,
+    mmlu_multiplier: float = 1.0,
+    mmlu: bool = True,
+    generation_prompts: dict | None = None,
+    generation_multiplier: float = 1.0,
+    max_new_tokens: int = 48,
+    generate_fn=None,
+    batch_size: int = 8,
+    progress: bool = True,
+    scale_prompts: int = 12,
+    parts=("scale", "ab", "culture", "mmlu", "generations"),
+) -> dict:
     """Evaluate vectors; returns a JSON-ready dict (see yapo_fast.report for the files made from it).
 
     behaviour_vectors: {behaviour: {name: SteeringVector}} scored on that behaviour's A/B test set
@@ -157,13 +254,31 @@ def evaluate(model, tokenizer, *, sae=None, behaviour_vectors: dict | None = Non
                 raise YapoFastError(f"vector {name!r} is a yapo vector: pass the SAE it was trained with (sae=...)")
     ident = model_identity(model)
     results: dict = {
-        "meta": {"model": ident.get("name") or type(model).__name__, "model_identity": ident,
-                 "sae": None if sae is None else {"name": sae.name, "kind": sae.kind, "d_sae": sae.d_sae,
-                                                   "layer": sae.layer, "hash": sae.weights_hash()},
-                 "multipliers": [float(m) for m in multipliers], "created": time.strftime("%Y-%m-%d %H:%M:%S"),
-                 "vectors": {f"{k}/{n}": _vector_meta(v) for k, g in {**behaviour_vectors, **country_vectors}.items()
-                             for n, v in g.items()}},
-        "ab": {}, "culture": {}, "mmlu": None, "generations": {}, "scale": {},
+        "meta": {
+            "model": ident.get("name") or type(model).__name__,
+            "model_identity": ident,
+            "sae": None
+            if sae is None
+            else {
+                "name": sae.name,
+                "kind": sae.kind,
+                "d_sae": sae.d_sae,
+                "layer": sae.layer,
+                "hash": sae.weights_hash(),
+            },
+            "multipliers": [float(m) for m in multipliers],
+            "created": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "vectors": {
+                f"{k}/{n}": _vector_meta(v)
+                for k, g in {**behaviour_vectors, **country_vectors}.items()
+                for n, v in g.items()
+            },
+        },
+        "ab": {},
+        "culture": {},
+        "mmlu": None,
+        "generations": {},
+        "scale": {},
     }
     t0 = time.perf_counter()
 
@@ -177,8 +292,11 @@ def evaluate(model, tokenizer, *, sae=None, behaviour_vectors: dict | None = Non
                     texts = mcq_texts(tokenizer, blend.mcq_items(key, "non_localized", limit=scale_prompts))
                 else:
                     path = (ab_files or {}).get(key) or bipo_csv_path(key, "test_infer")
-                    texts = (ab_texts(tokenizer, load_ab_items(path, limit=scale_prompts)) if is_ab_file(path)
-                             else [format_prompt(tokenizer, p.prompt) for p in load_pairs(path, limit=scale_prompts)])
+                    texts = (
+                        ab_texts(tokenizer, load_ab_items(path, limit=scale_prompts))
+                        if is_ab_file(path)
+                        else [format_prompt(tokenizer, p.prompt) for p in load_pairs(path, limit=scale_prompts)]
+                    )
                 states = {}
                 for name, vec in vectors.items():
                     if vec.layer not in states:
@@ -192,8 +310,17 @@ def evaluate(model, tokenizer, *, sae=None, behaviour_vectors: dict | None = Non
             results["ab_skipped"] = {**results.get("ab_skipped", {}), behaviour: f"{path} has no A/B columns"}
             continue
         items = load_ab_items(path, limit=ab_limit)
-        curves, base = steering_curves(model, tokenizer, items, vectors, sae=sae, multipliers=multipliers,
-                                       batch_size=batch_size, progress=progress, desc=behaviour)
+        curves, base = steering_curves(
+            model,
+            tokenizer,
+            items,
+            vectors,
+            sae=sae,
+            multipliers=multipliers,
+            batch_size=batch_size,
+            progress=progress,
+            desc=behaviour,
+        )
         entry = {"data": str(path), "n": len(items), "baseline": mean_ci95(base)[0], "curves": curves}
         results["ab"][behaviour] = entry
 
@@ -207,17 +334,27 @@ def evaluate(model, tokenizer, *, sae=None, behaviour_vectors: dict | None = Non
                 if not items:
                     raise YapoFastError(f"no {setting} BLEnD items for {country}")
                 steerings = {name: (vec, culture_multiplier) for name, vec in (("unsteered", None), *vectors.items())}
-                logits = score_steerings(model, tokenizer, mcq_texts(tokenizer, items), letter_token_ids(tokenizer, LETTERS),
-                                         steerings, sae=sae, batch_size=batch_size, progress=progress,
-                                         desc=f"{country} {setting}")
+                logits = score_steerings(
+                    model,
+                    tokenizer,
+                    mcq_texts(tokenizer, items),
+                    letter_token_ids(tokenizer, LETTERS),
+                    steerings,
+                    sae=sae,
+                    batch_size=batch_size,
+                    progress=progress,
+                    desc=f"{country} {setting}",
+                )
                 acc = {}
                 for name in steerings:
                     mean, lo, hi = mean_ci95(mcq_from_logits(items, logits[name])[0])
                     acc[name] = {"accuracy": mean, "ci_low": lo, "ci_high": hi}
                 entry[setting] = {"n": len(items), "accuracy": acc}
-            entry["gap"] = {name: entry["localized"]["accuracy"][name]["accuracy"]
-                            - entry["non_localized"]["accuracy"][name]["accuracy"]
-                            for name in entry["localized"]["accuracy"]}
+            entry["gap"] = {
+                name: entry["localized"]["accuracy"][name]["accuracy"]
+                - entry["non_localized"]["accuracy"][name]["accuracy"]
+                for name in entry["localized"]["accuracy"]
+            }
             results["culture"][country] = entry
 
     # ---- MMLU before/after --------------------------------------------------------------------------
@@ -225,9 +362,17 @@ def evaluate(model, tokenizer, *, sae=None, behaviour_vectors: dict | None = Non
     if mmlu and all_vectors and "mmlu" in parts:
         items = load_mmlu("test", per_subject=mmlu_per_subject)
         steerings = {name: (vec, mmlu_multiplier) for name, vec in (("unsteered", None), *all_vectors.items())}
-        logits = score_steerings(model, tokenizer, mmlu_texts(tokenizer, items, shots=mmlu_shots),
-                                 letter_token_ids(tokenizer, "ABCD"), steerings, sae=sae,
-                                 batch_size=max(1, batch_size // 2), progress=progress, desc="MMLU")
+        logits = score_steerings(
+            model,
+            tokenizer,
+            mmlu_texts(tokenizer, items, shots=mmlu_shots),
+            letter_token_ids(tokenizer, "ABCD"),
+            steerings,
+            sae=sae,
+            batch_size=max(1, batch_size // 2),
+            progress=progress,
+            desc="MMLU",
+        )
         correct = {name: mmlu_from_logits(items, lg) for name, lg in logits.items()}
         accs, change, change_ci = {}, {}, {}
         for name, c in correct.items():
@@ -236,17 +381,33 @@ def evaluate(model, tokenizer, *, sae=None, behaviour_vectors: dict | None = Non
             if name != "unsteered":  # paired over the same items
                 change[name], d_lo, d_hi = mean_ci95(c - correct["unsteered"])
                 change_ci[name] = [d_lo, d_hi]
-        results["mmlu"] = {"n": len(items), "shots": mmlu_shots, "per_subject": mmlu_per_subject,
-                           "multiplier": mmlu_multiplier, "accuracy": accs, "change": change, "change_ci95": change_ci}
+        results["mmlu"] = {
+            "n": len(items),
+            "shots": mmlu_shots,
+            "per_subject": mmlu_per_subject,
+            "multiplier": mmlu_multiplier,
+            "accuracy": accs,
+            "change": change,
+            "change_ci95": change_ci,
+        }
 
     # ---- open-ended generations side by side -----------------------------------------------------------
     for behaviour, prompts in ((generation_prompts or {}) if "generations" in parts else {}).items():
         vectors = behaviour_vectors.get(behaviour, {})
         rows = [{"prompt": p} for p in prompts]
-        for name, vec in tqdm((("unsteered", None), *vectors.items()), desc=f"generate {behaviour}",
-                              disable=not progress):
-            texts = generate(model, tokenizer, prompts, vec, generation_multiplier, sae=sae,
-                             max_new_tokens=max_new_tokens, generate_fn=generate_fn)
+        for name, vec in tqdm(
+            (("unsteered", None), *vectors.items()), desc=f"generate {behaviour}", disable=not progress
+        ):
+            texts = generate(
+                model,
+                tokenizer,
+                prompts,
+                vec,
+                generation_multiplier,
+                sae=sae,
+                max_new_tokens=max_new_tokens,
+                generate_fn=generate_fn,
+            )
             for row, text in zip(rows, texts):
                 row[name] = text
         results["generations"][behaviour] = {"multiplier": generation_multiplier, "rows": rows}

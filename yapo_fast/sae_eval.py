@@ -24,12 +24,21 @@ from .errors import YapoFastError
 def _batches(sequences, size):
     order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
     for b in range(0, len(order), size):
-        yield [sequences[i] for i in order[b:b + size]]
+        yield [sequences[i] for i in order[b : b + size]]
 
 
 @torch.no_grad()
-def evaluate_sae(model, sae, sequences: list[list[int]], *, pad_id: int, layer: int | None = None,
-                 batch_size: int = 8, loss: bool = True, progress: bool = True) -> dict:
+def evaluate_sae(
+    model,
+    sae,
+    sequences: list[list[int]],
+    *,
+    pad_id: int,
+    layer: int | None = None,
+    batch_size: int = 8,
+    loss: bool = True,
+    progress: bool = True,
+) -> dict:
     """Metrics of `sae` at decoder layer `layer` (default sae.layer) over token sequences."""
     from tqdm.auto import tqdm
 
@@ -41,7 +50,9 @@ def evaluate_sae(model, sae, sequences: list[list[int]], *, pad_id: int, layer: 
         raise YapoFastError("the SAE names no layer; pass --layer")
     check_layer(model, layer)
     if sae.d_in != model.config.hidden_size:
-        raise YapoFastError(f"SAE d_in {sae.d_in} != model d_model {model.config.hidden_size}: wrong SAE for this model")
+        raise YapoFastError(
+            f"SAE d_in {sae.d_in} != model d_model {model.config.hidden_size}: wrong SAE for this model"
+        )
     sae32 = sae.to(dtype=torch.float32)
     block = decoder_layers(model)[layer]
     n_tok, sq_err, sum_h, sum_sq, l0_sum = 0, 0.0, None, 0.0, 0.0
@@ -62,7 +73,9 @@ def evaluate_sae(model, sae, sequences: list[list[int]], *, pad_id: int, layer: 
     handle = block.register_forward_hook(hook)
     total = sum(len(s) for s in sequences)
     try:
-        with tqdm(total=total, desc="sae eval", unit="tok", unit_scale=True, disable=not progress, file=sys.stderr) as bar:
+        with tqdm(
+            total=total, desc="sae eval", unit="tok", unit_scale=True, disable=not progress, file=sys.stderr
+        ) as bar:
             for batch in _batches(sequences, batch_size):
                 width = max(len(s) for s in batch)
                 ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
@@ -96,8 +109,12 @@ def evaluate_sae(model, sae, sequences: list[list[int]], *, pad_id: int, layer: 
                     # predict token t+1 from position t, for positions t >= 1 with a real next token
                     tgt_mask = keep[:, :-1] & mask[:, 1:].bool()
                     tgt = ids[:, 1:][tgt_mask]
-                    ce_clean += torch.nn.functional.cross_entropy(logits[:, :-1][tgt_mask].float(), tgt, reduction="sum").item()
-                    ce_spliced += torch.nn.functional.cross_entropy(logits_s[:, :-1][tgt_mask].float(), tgt, reduction="sum").item()
+                    ce_clean += torch.nn.functional.cross_entropy(
+                        logits[:, :-1][tgt_mask].float(), tgt, reduction="sum"
+                    ).item()
+                    ce_spliced += torch.nn.functional.cross_entropy(
+                        logits_s[:, :-1][tgt_mask].float(), tgt, reduction="sum"
+                    ).item()
                     n_pred += len(tgt)
                 bar.update(sum(len(s) for s in batch))
     finally:
@@ -116,8 +133,12 @@ def evaluate_sae(model, sae, sequences: list[list[int]], *, pad_id: int, layer: 
         "kind": sae.kind,
     }
     if loss:
-        out.update(ce_clean=ce_clean / n_pred, ce_with_sae=ce_spliced / n_pred,
-                   loss_increase=(ce_spliced - ce_clean) / n_pred, predicted_tokens=n_pred)
+        out.update(
+            ce_clean=ce_clean / n_pred,
+            ce_with_sae=ce_spliced / n_pred,
+            loss_increase=(ce_spliced - ce_clean) / n_pred,
+            predicted_tokens=n_pred,
+        )
     return out
 
 
@@ -140,12 +161,32 @@ def run_eval(args) -> dict:
     answers = None
     if mixture.chat > 0:
         answers = chat_answers_for(model, tok, args.model, work, split="heldout", progress=not args.quiet)
-    sequences, stats = token_sequences(tok, split="heldout", mixture=mixture, ctx=args.ctx, max_tokens=args.tokens,
-                                       seed=args.seed, chat_answers=answers)
-    result = evaluate_sae(model, sae, sequences, pad_id=tok.pad_token_id, layer=layer, batch_size=args.forward_batch,
-                          loss=not args.no_loss, progress=not args.quiet)
-    result.update(sae=str(args.sae or "default"), sae_name=sae.name, model=sae.model_name, text=stats,
-                  seconds=round(time.time() - t0, 1))
+    sequences, stats = token_sequences(
+        tok,
+        split="heldout",
+        mixture=mixture,
+        ctx=args.ctx,
+        max_tokens=args.tokens,
+        seed=args.seed,
+        chat_answers=answers,
+    )
+    result = evaluate_sae(
+        model,
+        sae,
+        sequences,
+        pad_id=tok.pad_token_id,
+        layer=layer,
+        batch_size=args.forward_batch,
+        loss=not args.no_loss,
+        progress=not args.quiet,
+    )
+    result.update(
+        sae=str(args.sae or "default"),
+        sae_name=sae.name,
+        model=sae.model_name,
+        text=stats,
+        seconds=round(time.time() - t0, 1),
+    )
     text = json.dumps(result, indent=1)
     print(text)
     if args.out:

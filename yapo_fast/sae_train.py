@@ -62,6 +62,7 @@ def layer_activations(model, layers: "int | list[int]", batch: list[list[int]], 
             seen[layer] = (output if isinstance(output, torch.Tensor) else output[0]).detach()
             if layer == last:
                 raise _StopForward
+
         return hook
 
     blocks = decoder_layers(model)
@@ -79,8 +80,15 @@ def layer_activations(model, layers: "int | list[int]", batch: list[list[int]], 
     return out[layers] if isinstance(layers, int) else out
 
 
-def collect_activations(model, cache_dirs: dict[int, Path], sequences: list[list[int]], *, pad_id: int,
-                        batch_size: int = 8, progress: bool = True) -> dict[int, list[Path]]:
+def collect_activations(
+    model,
+    cache_dirs: dict[int, Path],
+    sequences: list[list[int]],
+    *,
+    pad_id: int,
+    batch_size: int = 8,
+    progress: bool = True,
+) -> dict[int, list[Path]]:
     """Activations of `sequences` at each layer of `cache_dirs` (layer -> directory), in chunk files;
     one forward serves all layers. Existing chunks are kept: the sequence list is deterministic,
     so chunk i always holds the same sequences."""
@@ -89,24 +97,35 @@ def collect_activations(model, cache_dirs: dict[int, Path], sequences: list[list
 
     n_chunks = math.ceil(len(sequences) / CHUNK_SEQUENCES)
     # the name carries the chunk's sequence count: a shorter run's partial last chunk is another file
-    sizes = [len(sequences[i * CHUNK_SEQUENCES:(i + 1) * CHUNK_SEQUENCES]) for i in range(n_chunks)]
-    paths = {layer: [d / f"chunk_{i:05d}_{sizes[i]}.safetensors" for i in range(n_chunks)]
-             for layer, d in cache_dirs.items()}
+    sizes = [len(sequences[i * CHUNK_SEQUENCES : (i + 1) * CHUNK_SEQUENCES]) for i in range(n_chunks)]
+    paths = {
+        layer: [d / f"chunk_{i:05d}_{sizes[i]}.safetensors" for i in range(n_chunks)] for layer, d in cache_dirs.items()
+    }
     done = [all(paths[layer][i].exists() for layer in paths) for i in range(n_chunks)]
-    todo_tokens = sum(len(s) - 1 for i in range(n_chunks) if not done[i]
-                      for s in sequences[i * CHUNK_SEQUENCES:(i + 1) * CHUNK_SEQUENCES])
+    todo_tokens = sum(
+        len(s) - 1
+        for i in range(n_chunks)
+        if not done[i]
+        for s in sequences[i * CHUNK_SEQUENCES : (i + 1) * CHUNK_SEQUENCES]
+    )
     layers = sorted(cache_dirs)
-    with tqdm(total=todo_tokens, desc=f"activations L{','.join(map(str, layers))}", unit="tok", unit_scale=True,
-              disable=not progress, file=sys.stderr) as bar:
+    with tqdm(
+        total=todo_tokens,
+        desc=f"activations L{','.join(map(str, layers))}",
+        unit="tok",
+        unit_scale=True,
+        disable=not progress,
+        file=sys.stderr,
+    ) as bar:
         for i in range(n_chunks):
             if done[i]:
                 continue
-            chunk = sequences[i * CHUNK_SEQUENCES:(i + 1) * CHUNK_SEQUENCES]
+            chunk = sequences[i * CHUNK_SEQUENCES : (i + 1) * CHUNK_SEQUENCES]
             parts: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
             # similar lengths together: less padding
             order = sorted(range(len(chunk)), key=lambda j: len(chunk[j]))
             for b in range(0, len(order), batch_size):
-                batch = [chunk[j] for j in order[b:b + batch_size]]
+                batch = [chunk[j] for j in order[b : b + batch_size]]
                 for layer, acts in layer_activations(model, layers, batch, pad_id).items():
                     parts[layer].append(acts)
                 bar.update(sum(len(s) - 1 for s in batch))
@@ -130,8 +149,10 @@ class ActivationBatches:
 
     def __init__(self, acts: torch.Tensor, batch_size: int, seed: int, position: int = 0):
         if len(acts) < batch_size:
-            raise YapoFastError(f"only {len(acts)} activation rows for a batch of {batch_size}: raise the token "
-                                "budget (--tokens) or lower --batch-size")
+            raise YapoFastError(
+                f"only {len(acts)} activation rows for a batch of {batch_size}: raise the token "
+                "budget (--tokens) or lower --batch-size"
+            )
         self.acts, self.batch_size, self.seed, self.position = acts, batch_size, seed, position
         self._perm_epoch, self._perm = -1, None
 
@@ -151,7 +172,7 @@ class ActivationBatches:
         while need:
             epoch, offset = divmod(pos, n)
             take = min(need, n - offset)
-            rows.append(self._perm_of(epoch)[offset:offset + take])
+            rows.append(self._perm_of(epoch)[offset : offset + take])
             pos, need = pos + take, need - take
         self.position = pos
         return self.acts[torch.cat(rows)]
@@ -160,22 +181,46 @@ class ActivationBatches:
 # ---------------------------------------------------------------------------------------------
 # training (sae-lens)
 # ---------------------------------------------------------------------------------------------
-def _training_sae(kind: str, d_in: int, d_sae: int, *, k: int | None, target_l0: float, l0_coefficient: float,
-                  l0_warm_up_steps: int, init_threshold: float, pre_act_loss: float, aux_loss: float,
-                  decoder_init_norm: float, metadata: dict):
+def _training_sae(
+    kind: str,
+    d_in: int,
+    d_sae: int,
+    *,
+    k: int | None,
+    target_l0: float,
+    l0_coefficient: float,
+    l0_warm_up_steps: int,
+    init_threshold: float,
+    pre_act_loss: float,
+    aux_loss: float,
+    decoder_init_norm: float,
+    metadata: dict,
+):
     from sae_lens.saes.jumprelu_sae import JumpReLUTrainingSAE, JumpReLUTrainingSAEConfig
     from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
 
-    common = dict(d_in=d_in, d_sae=d_sae, dtype="float32", device="cpu", apply_b_dec_to_input=True,
-                  normalize_activations="expected_average_only_in", decoder_init_norm=decoder_init_norm)
+    common = dict(
+        d_in=d_in,
+        d_sae=d_sae,
+        dtype="float32",
+        device="cpu",
+        apply_b_dec_to_input=True,
+        normalize_activations="expected_average_only_in",
+        decoder_init_norm=decoder_init_norm,
+    )
     if kind == "jumprelu":
         # GemmaScope-2's quadratic L0 penalty pulls L0 towards target_l0 (no coefficient sweep);
         # Anthropic's pre-activation loss pushes latents that have not fired for dead_feature_window
         # steps back towards their threshold (sae-lens applies it to dead latents only)
-        cfg = JumpReLUTrainingSAEConfig(**common, jumprelu_sparsity_loss_mode="quadratic", target_l0=target_l0,
-                                        l0_coefficient=l0_coefficient, l0_warm_up_steps=l0_warm_up_steps,
-                                        jumprelu_init_threshold=init_threshold,
-                                        pre_act_loss_coefficient=pre_act_loss or None)
+        cfg = JumpReLUTrainingSAEConfig(
+            **common,
+            jumprelu_sparsity_loss_mode="quadratic",
+            target_l0=target_l0,
+            l0_coefficient=l0_coefficient,
+            l0_warm_up_steps=l0_warm_up_steps,
+            jumprelu_init_threshold=init_threshold,
+            pre_act_loss_coefficient=pre_act_loss or None,
+        )
         sae = JumpReLUTrainingSAE(cfg)
     elif kind == "topk":
         if not k:
@@ -190,11 +235,29 @@ def _training_sae(kind: str, d_in: int, d_sae: int, *, k: int | None, target_l0:
     return sae
 
 
-def train_on_activations(acts: torch.Tensor, *, kind: str, d_sae: int, k: int | None = None, target_l0: float = 64,
-                         l0_coefficient: float = 1.0, init_threshold: float = 0.1, total_samples: int, batch_size: int = 1024, lr: float = 1e-3,
-                         pre_act_loss: float = 3e-6, aux_loss: float = 1.0, decoder_init_norm: float = 0.1,
-                         dead_window: int | None = None, seed: int = 0, checkpoint_dir: Path | None = None, checkpoint_every: int | None = None,
-                         metadata: dict | None = None, progress: bool = False, log=None):
+def train_on_activations(
+    acts: torch.Tensor,
+    *,
+    kind: str,
+    d_sae: int,
+    k: int | None = None,
+    target_l0: float = 64,
+    l0_coefficient: float = 1.0,
+    init_threshold: float = 0.1,
+    total_samples: int,
+    batch_size: int = 1024,
+    lr: float = 1e-3,
+    pre_act_loss: float = 3e-6,
+    aux_loss: float = 1.0,
+    decoder_init_norm: float = 0.1,
+    dead_window: int | None = None,
+    seed: int = 0,
+    checkpoint_dir: Path | None = None,
+    checkpoint_every: int | None = None,
+    metadata: dict | None = None,
+    progress: bool = False,
+    log=None,
+):
     """Train with sae-lens's SAETrainer on rows of `acts`; return the yapo_fast SAE (float32).
     With checkpoint_dir, a checkpoint there is resumed and new ones are written atomically.
     dead_window: samples without firing after which a latent counts as dead for the pre-activation
@@ -206,23 +269,56 @@ def train_on_activations(acts: torch.Tensor, *, kind: str, d_sae: int, k: int | 
 
     torch.manual_seed(seed)
     steps = total_samples // batch_size
-    sae = _training_sae(kind, acts.shape[1], d_sae, k=k, target_l0=target_l0, l0_coefficient=l0_coefficient,
-                        l0_warm_up_steps=max(1, steps // 10), init_threshold=init_threshold, pre_act_loss=pre_act_loss,
-                        aux_loss=aux_loss, decoder_init_norm=decoder_init_norm, metadata=metadata or {})
+    sae = _training_sae(
+        kind,
+        acts.shape[1],
+        d_sae,
+        k=k,
+        target_l0=target_l0,
+        l0_coefficient=l0_coefficient,
+        l0_warm_up_steps=max(1, steps // 10),
+        init_threshold=init_threshold,
+        pre_act_loss=pre_act_loss,
+        aux_loss=aux_loss,
+        decoder_init_norm=decoder_init_norm,
+        metadata=metadata or {},
+    )
     dead_steps = max(10, steps // 4) if dead_window is None else max(1, dead_window // batch_size)
     n_ckpt = 0 if not (checkpoint_dir and checkpoint_every) else max(0, total_samples // checkpoint_every - 1)
-    cfg = SAETrainerConfig(total_training_samples=total_samples, train_batch_size_samples=batch_size, lr=lr,
-                           lr_scheduler_name="cosineannealing", lr_warm_up_steps=max(1, steps // 20),
-                           lr_decay_steps=0, lr_end=lr / 10, device="cpu", dead_feature_window=dead_steps,
-                           feature_sampling_window=max(10, steps // 4), n_checkpoints=n_ckpt,
-                           n_batches_for_norm_estimate=min(50, max(1, len(acts) // batch_size)))
+    cfg = SAETrainerConfig(
+        total_training_samples=total_samples,
+        train_batch_size_samples=batch_size,
+        lr=lr,
+        lr_scheduler_name="cosineannealing",
+        lr_warm_up_steps=max(1, steps // 20),
+        lr_decay_steps=0,
+        lr_end=lr / 10,
+        device="cpu",
+        dead_feature_window=dead_steps,
+        feature_sampling_window=max(10, steps // 4),
+        n_checkpoints=n_ckpt,
+        n_batches_for_norm_estimate=min(50, max(1, len(acts) // batch_size)),
+    )
     provider = ActivationBatches(acts, batch_size, seed)
     trainer_box = {}
     # what a checkpoint must agree on to be resumed (the schedule and data order depend on it)
-    run_config = {"kind": kind, "d_in": acts.shape[1], "d_sae": d_sae, "k": k, "target_l0": target_l0,
-                  "l0_coefficient": l0_coefficient, "total_samples": total_samples, "batch_size": batch_size,
-                  "lr": lr, "seed": seed, "rows": len(acts), "pre_act_loss": pre_act_loss, "aux_loss": aux_loss,
-                  "decoder_init_norm": decoder_init_norm, "dead_steps": dead_steps}
+    run_config = {
+        "kind": kind,
+        "d_in": acts.shape[1],
+        "d_sae": d_sae,
+        "k": k,
+        "target_l0": target_l0,
+        "l0_coefficient": l0_coefficient,
+        "total_samples": total_samples,
+        "batch_size": batch_size,
+        "lr": lr,
+        "seed": seed,
+        "rows": len(acts),
+        "pre_act_loss": pre_act_loss,
+        "aux_loss": aux_loss,
+        "decoder_init_norm": decoder_init_norm,
+        "dead_steps": dead_steps,
+    }
 
     def save_checkpoint(checkpoint_path=None):
         trainer = trainer_box["t"]
@@ -230,12 +326,20 @@ def train_on_activations(acts: torch.Tensor, *, kind: str, d_sae: int, k: int | 
             trainer.sae.save_model(str(tmp))
             trainer.save_trainer_state(tmp)
             # the trainer bumps n_training_steps only after checkpointing a step: count it here
-            (tmp / "yapo_fast_resume.json").write_text(json.dumps({
-                "provider_position": provider.position, "n_training_steps": trainer.n_training_steps + 1,
-                "n_training_samples": trainer.n_training_samples, "config": run_config}))
+            (tmp / "yapo_fast_resume.json").write_text(
+                json.dumps(
+                    {
+                        "provider_position": provider.position,
+                        "n_training_steps": trainer.n_training_steps + 1,
+                        "n_training_samples": trainer.n_training_samples,
+                        "config": run_config,
+                    }
+                )
+            )
 
-    trainer = SAETrainer(cfg=cfg, sae=sae, data_provider=provider,
-                         save_checkpoint_fn=save_checkpoint if checkpoint_dir else None)
+    trainer = SAETrainer(
+        cfg=cfg, sae=sae, data_provider=provider, save_checkpoint_fn=save_checkpoint if checkpoint_dir else None
+    )
     trainer_box["t"] = trainer
     # sae-lens moves its bar every 100 steps; short CPU runs want every step (the bar counts
     # samples, i.e. tokens, so its rate is tokens/s)
@@ -247,21 +351,26 @@ def train_on_activations(acts: torch.Tensor, *, kind: str, d_sae: int, k: int | 
         try:
             state = json.loads((latest / "yapo_fast_resume.json").read_text())
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise YapoFastError(f"the checkpoint in {latest} is unreadable ({exc}); delete {checkpoint_dir} to start "
-                                "afresh") from None
+            raise YapoFastError(
+                f"the checkpoint in {latest} is unreadable ({exc}); delete {checkpoint_dir} to start afresh"
+            ) from None
         if not isinstance(state, dict) or state.get("config") != run_config:
             theirs = state.get("config") if isinstance(state, dict) else state
-            raise YapoFastError(f"the checkpoint in {latest} belongs to another run ({theirs}); this run "
-                                f"is {run_config}. Resume with the same options, or delete {checkpoint_dir} "
-                                "(or pass another --work-dir) to start afresh")
+            raise YapoFastError(
+                f"the checkpoint in {latest} belongs to another run ({theirs}); this run "
+                f"is {run_config}. Resume with the same options, or delete {checkpoint_dir} "
+                "(or pass another --work-dir) to start afresh"
+            )
         try:
             sae.load_state_dict(load_file(str(latest / "sae_weights.safetensors")))
             # sae-lens keeps its optimizer state in a torch.save file; torch.load reads it with
             # weights_only=True (plain tensors and containers; a pickle naming code is refused)
             trainer.load_trainer_state(latest)
         except Exception as exc:
-            raise YapoFastError(f"the checkpoint in {latest} is unreadable ({type(exc).__name__}: {exc}); delete "
-                                f"{checkpoint_dir} (or pass another --work-dir) to start afresh") from exc
+            raise YapoFastError(
+                f"the checkpoint in {latest} is unreadable ({type(exc).__name__}: {exc}); delete "
+                f"{checkpoint_dir} (or pass another --work-dir) to start afresh"
+            ) from exc
         trainer.n_training_steps = state["n_training_steps"]
         provider.position = state["provider_position"]
         trainer.checkpoint_thresholds = [t for t in trainer.checkpoint_thresholds if t >= trainer.n_training_samples]
@@ -346,8 +455,11 @@ def _answers_record(answers: dict[str, str], path: Path) -> dict:
         shown = str(path.relative_to(Path(__file__).resolve().parent))  # yapo_fast/<...> for the shipped file
     except ValueError:
         shown = str(path)
-    return {"file": shown, "prompts_answered": len(used),
-            "sha256_of_used": hashlib.sha256(json.dumps(used).encode()).hexdigest()[:16]}
+    return {
+        "file": shown,
+        "prompts_answered": len(used),
+        "sha256_of_used": hashlib.sha256(json.dumps(used).encode()).hexdigest()[:16],
+    }
 
 
 def _digest(sequences: list[list[int]]) -> str:
@@ -367,7 +479,8 @@ def default_name(kind: str, d_sae: int, layer: int, k: int | None, target_l0: fl
 def run_train(args) -> Path:
     from .integrations.sae_lens_loading import save_sae
     from .model import DEFAULT_MODEL, check_layer, load_model, model_identity
-    from .text_source import TextMixture, mixture_counts, source_pools, text_stats as make_text_stats
+    from .text_source import TextMixture, mixture_counts, source_pools
+    from .text_source import text_stats as make_text_stats
 
     log = lambda msg: print(f"[sae train] {msg}", file=sys.stderr, flush=True)  # noqa: E731
     if args.kind not in TRAIN_KINDS:
@@ -397,7 +510,9 @@ def run_train(args) -> Path:
     pools = source_pools(tok, split="train", mixture=mixture, ctx=args.ctx, seed=args.seed, chat_answers=answers)
     order, used = mixture_counts(pools, mixture, args.tokens)
     text_stats = make_text_stats(pools, mixture, "train", args.ctx, order, used)
-    extra = sorted({int(x) for x in args.cache_layers.split(",") if x.strip()} - {args.layer}) if args.cache_layers else []
+    extra = (
+        sorted({int(x) for x in args.cache_layers.split(",") if x.strip()} - {args.layer}) if args.cache_layers else []
+    )
     for layer in extra:
         check_layer(model, layer)
     parts = []
@@ -408,17 +523,27 @@ def run_train(args) -> Path:
         # the cache is keyed by everything that decides its rows, the pool's exact token sequences included
         key = f"{source}-ctx{args.ctx}-s{args.seed}-{_digest(pool)}"
         cache_dirs = {layer: act_root / f"{ident['fingerprint']}-L{layer}-{key}" for layer in [args.layer, *extra]}
-        chunks = collect_activations(model, cache_dirs, pool[:taken], pad_id=tok.pad_token_id,
-                                     batch_size=args.forward_batch, progress=not args.quiet)
+        chunks = collect_activations(
+            model,
+            cache_dirs,
+            pool[:taken],
+            pad_id=tok.pad_token_id,
+            batch_size=args.forward_batch,
+            progress=not args.quiet,
+        )
         parts.append(load_activation_chunks(chunks[args.layer]))
     if args.collect_only:
-        log(f"collected {sum(len(p) for p in parts)} activation rows of layer {args.layer} "
-            f"({text_stats['tokens_by_source']}) in {time.time() - t0:.0f}s; --collect-only: no training")
+        log(
+            f"collected {sum(len(p) for p in parts)} activation rows of layer {args.layer} "
+            f"({text_stats['tokens_by_source']}) in {time.time() - t0:.0f}s; --collect-only: no training"
+        )
         return act_root
     acts = torch.cat(parts)
     del parts
-    log(f"{len(acts)} activation rows of layer {args.layer} ({time.time() - t0:.0f}s); training {args.kind} "
-        f"width {d_sae} on {args.samples or len(acts)} samples")
+    log(
+        f"{len(acts)} activation rows of layer {args.layer} ({time.time() - t0:.0f}s); training {args.kind} "
+        f"width {d_sae} on {args.samples or len(acts)} samples"
+    )
     meta = {
         "model_name": DEFAULT_MODEL if ident["name"] == DEFAULT_MODEL else ident["name"],
         "model_fingerprint": ident["fingerprint"],
@@ -427,25 +552,55 @@ def run_train(args) -> Path:
         "yapo_fast_kind": args.kind,
         "text_mixture": str(mixture),
         "text_stats": text_stats,
-        **({"chat_answers": _answers_record(answers, chat_answers_path(args.model, work))} if answers is not None else {}),
-        "train": {"seed": args.seed, "tokens": len(acts), "samples": args.samples or len(acts),
-                  "batch_size": args.batch_size, "lr": args.lr, "width": d_sae, "k": args.k,
-                  "target_l0": args.target_l0, "l0_coefficient": args.l0_coefficient,
-                  "init_threshold": args.init_threshold, "pre_act_loss": args.pre_act_loss,
-                  "aux_loss": args.aux_loss, "decoder_init_norm": args.decoder_init_norm,
-                  "dead_window": args.dead_window, "threads": args.threads, "ctx": args.ctx,
-                  "command": "yapo-fast sae train " + " ".join(sys.argv[3:] if sys.argv[1:3] == ["sae", "train"]
-                                                                  else sys.argv[1:])},
+        **(
+            {"chat_answers": _answers_record(answers, chat_answers_path(args.model, work))}
+            if answers is not None
+            else {}
+        ),
+        "train": {
+            "seed": args.seed,
+            "tokens": len(acts),
+            "samples": args.samples or len(acts),
+            "batch_size": args.batch_size,
+            "lr": args.lr,
+            "width": d_sae,
+            "k": args.k,
+            "target_l0": args.target_l0,
+            "l0_coefficient": args.l0_coefficient,
+            "init_threshold": args.init_threshold,
+            "pre_act_loss": args.pre_act_loss,
+            "aux_loss": args.aux_loss,
+            "decoder_init_norm": args.decoder_init_norm,
+            "dead_window": args.dead_window,
+            "threads": args.threads,
+            "ctx": args.ctx,
+            "command": "yapo-fast sae train "
+            + " ".join(sys.argv[3:] if sys.argv[1:3] == ["sae", "train"] else sys.argv[1:]),
+        },
     }
     samples = args.samples or len(acts)
-    sae = train_on_activations(acts, kind=args.kind, d_sae=d_sae, k=args.k, target_l0=args.target_l0,
-                               l0_coefficient=args.l0_coefficient, init_threshold=args.init_threshold,
-                               pre_act_loss=args.pre_act_loss, aux_loss=args.aux_loss,
-                               decoder_init_norm=args.decoder_init_norm, dead_window=args.dead_window,
-                               total_samples=samples,
-                               batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                               checkpoint_dir=work / f"checkpoint-{args.kind}-w{d_sae}",
-                               checkpoint_every=args.checkpoint_every, metadata=meta, progress=not args.quiet, log=log)
+    sae = train_on_activations(
+        acts,
+        kind=args.kind,
+        d_sae=d_sae,
+        k=args.k,
+        target_l0=args.target_l0,
+        l0_coefficient=args.l0_coefficient,
+        init_threshold=args.init_threshold,
+        pre_act_loss=args.pre_act_loss,
+        aux_loss=args.aux_loss,
+        decoder_init_norm=args.decoder_init_norm,
+        dead_window=args.dead_window,
+        total_samples=samples,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        seed=args.seed,
+        checkpoint_dir=work / f"checkpoint-{args.kind}-w{d_sae}",
+        checkpoint_every=args.checkpoint_every,
+        metadata=meta,
+        progress=not args.quiet,
+        log=log,
+    )
     sae.name = args.name or out.name
     sae.layer, sae.model_name = args.layer, meta["model_name"]
     sae.metadata = {**sae.metadata, **meta}
@@ -454,38 +609,56 @@ def run_train(args) -> Path:
     out.chmod(0o755)  # the atomic temp dir was created 0700
     for f in out.iterdir():
         f.chmod(0o644)
-    write_text_atomic(work / "train_result.json", json.dumps({"out": str(out), "seconds": time.time() - t0, **meta},
-                                                             indent=1))
+    write_text_atomic(
+        work / "train_result.json", json.dumps({"out": str(out), "seconds": time.time() - t0, **meta}, indent=1)
+    )
     log(f"wrote {out} ({args.kind}, layer {args.layer}, width {d_sae}, {args.dtype}) in {time.time() - t0:.0f}s")
     return out
 
 
 def add_train_parser(sub) -> None:
     p = sub.add_parser("train", help="train an SAE on a model's residual stream with sae-lens (resumable)")
-    p.add_argument("--model", default=None, help="transformers model id or path (default: embedded SmolLM2-135M-Instruct)")
+    p.add_argument(
+        "--model", default=None, help="transformers model id or path (default: embedded SmolLM2-135M-Instruct)"
+    )
     p.add_argument("--layer", type=int, required=True, help="decoder layer whose OUTPUT the SAE reads")
     p.add_argument("--kind", default="jumprelu", choices=TRAIN_KINDS)
     p.add_argument("--width", type=int, default=None, help="number of latents (default 8 x d_model)")
     p.add_argument("--k", type=int, default=None, help="topk: active latents per token")
     p.add_argument("--target-l0", type=float, default=96.0, help="jumprelu: L0 the quadratic sparsity penalty aims at")
     p.add_argument("--l0-coefficient", type=float, default=1.0, help="jumprelu: weight of the sparsity penalty")
-    p.add_argument("--init-threshold", type=float, default=0.1,
-                   help="jumprelu: initial threshold (in units of the normalised input, |h| = sqrt(d_model))")
-    p.add_argument("--pre-act-loss", type=float, default=3e-6,
-                   help="jumprelu: coefficient of the pre-activation loss on dead latents (0: off)")
+    p.add_argument(
+        "--init-threshold",
+        type=float,
+        default=0.1,
+        help="jumprelu: initial threshold (in units of the normalised input, |h| = sqrt(d_model))",
+    )
+    p.add_argument(
+        "--pre-act-loss",
+        type=float,
+        default=3e-6,
+        help="jumprelu: coefficient of the pre-activation loss on dead latents (0: off)",
+    )
     p.add_argument("--aux-loss", type=float, default=1.0, help="topk: coefficient of the AuxK loss on dead latents")
     p.add_argument("--decoder-init-norm", type=float, default=0.1, help="initial norm of decoder rows")
-    p.add_argument("--dead-window", type=int, default=None,
-                   help="samples without firing after which a latent counts as dead for the pre-activation / "
-                        "AuxK loss (default: a quarter of the run)")
+    p.add_argument(
+        "--dead-window",
+        type=int,
+        default=None,
+        help="samples without firing after which a latent counts as dead for the pre-activation / "
+        "AuxK loss (default: a quarter of the run)",
+    )
     p.add_argument("--tokens", type=int, default=100_000, help="token budget of distinct activations")
     p.add_argument("--samples", type=int, default=None, help="training samples (default: --tokens; more = epochs)")
     p.add_argument("--batch-size", type=int, default=128, help="SAE training batch (tokens)")
     p.add_argument("--lr", type=float, default=5e-3, help="Adam lr (cosine to lr/10); high because CPU runs are short")
     p.add_argument("--ctx", type=int, default=256, help="tokens per text window")
-    p.add_argument("--mix", default="corpus=0.7,chat=0.3",
-                   help="token shares of the text sources (corpus: books+WikiText; chat: steering prompts "
-                        "with the model's own answers), recorded in the SAE's metadata")
+    p.add_argument(
+        "--mix",
+        default="corpus=0.7,chat=0.3",
+        help="token shares of the text sources (corpus: books+WikiText; chat: steering prompts "
+        "with the model's own answers), recorded in the SAE's metadata",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--forward-batch", type=int, default=8, help="sequences per model forward")
     p.add_argument("--checkpoint-every", type=int, default=50_000, help="samples between resumable checkpoints")
@@ -493,12 +666,19 @@ def add_train_parser(sub) -> None:
     p.add_argument("--name", default=None, help="SAE name (default: the output directory's name)")
     p.add_argument("--work-dir", default=None, help="activation cache + checkpoints (default: .<out>.work beside out)")
     p.add_argument("--activations-dir", default=None, help="share an activation cache between runs")
-    p.add_argument("--cache-layers", default=None,
-                   help="also cache these layers' activations in the same forward (e.g. 9,12,18: layer comparisons)")
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch threads (default 1: measured fastest on a shared 2-core machine)")
-    p.add_argument("--collect-only", action="store_true",
-                   help="collect (cache) the activations for this budget and stop; a later run trains on them")
+    p.add_argument(
+        "--cache-layers",
+        default=None,
+        help="also cache these layers' activations in the same forward (e.g. 9,12,18: layer comparisons)",
+    )
+    p.add_argument(
+        "--threads", type=int, default=1, help="torch threads (default 1: measured fastest on a shared 2-core machine)"
+    )
+    p.add_argument(
+        "--collect-only",
+        action="store_true",
+        help="collect (cache) the activations for this budget and stop; a later run trains on them",
+    )
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--out", required=True, help="output directory (sae-lens format)")
     p.set_defaults(func=run_train)
@@ -517,10 +697,20 @@ def run_answers(args) -> Path:
     prompts = [p for split in splits for p in interleaved_chat_prompts(split)[: args.limit]]
     model, tok = load_model(args.model)
     t0 = time.time()
-    answers = write_answers(model, tok, prompts, Path(args.out), batch_size=args.batch_size,
-                            max_new_tokens=args.max_new_tokens or ANSWER_TOKENS, progress=not args.quiet)
-    print(f"[sae answers] {sum(p in answers for p in prompts)} of {len(prompts)} prompts answered in {args.out} "
-          f"({time.time() - t0:.0f}s)", file=sys.stderr)
+    answers = write_answers(
+        model,
+        tok,
+        prompts,
+        Path(args.out),
+        batch_size=args.batch_size,
+        max_new_tokens=args.max_new_tokens or ANSWER_TOKENS,
+        progress=not args.quiet,
+    )
+    print(
+        f"[sae answers] {sum(p in answers for p in prompts)} of {len(prompts)} prompts answered in {args.out} "
+        f"({time.time() - t0:.0f}s)",
+        file=sys.stderr,
+    )
     return Path(args.out)
 
 
@@ -528,8 +718,12 @@ def add_answers_parser(sub) -> None:
     p = sub.add_parser("answers", help="the model's greedy answers to the SAE text source's chat prompts (resumable)")
     p.add_argument("--model", default=None, help="default: the embedded SmolLM2-135M-Instruct")
     p.add_argument("--split", default="all", choices=("train", "heldout", "all"))
-    p.add_argument("--limit", type=int, default=None, help="answer only the first N prompts of each split "
-                   "(round-robin over BiPO behaviours and BLEnD)")
+    p.add_argument(
+        "--limit",
+        type=int,
+        default=None,
+        help="answer only the first N prompts of each split (round-robin over BiPO behaviours and BLEnD)",
+    )
     p.add_argument("--batch-size", type=int, default=48, help="prompts per generate() call")
     p.add_argument("--max-new-tokens", type=int, default=None, help="default: text_source.ANSWER_TOKENS (48)")
     p.add_argument("--threads", type=int, default=1)

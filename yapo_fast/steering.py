@@ -15,11 +15,15 @@ from .vector import SteeringVector
 
 def _check_hidden(h: torch.Tensor, d_model: int, what: str) -> None:
     if h.shape[-1] != d_model:
-        raise YapoFastError(f"hidden states have size {h.shape[-1]} but the {what} expects d_model={d_model}: "
-                            "use a vector and SAE trained for this model")
+        raise YapoFastError(
+            f"hidden states have size {h.shape[-1]} but the {what} expects d_model={d_model}: "
+            "use a vector and SAE trained for this model"
+        )
 
 
-def sparse_steer(h: torch.Tensor, sae, vector: "SteeringVector | torch.Tensor", multiplier: float = 1.0) -> torch.Tensor:
+def sparse_steer(
+    h: torch.Tensor, sae, vector: "SteeringVector | torch.Tensor", multiplier: float = 1.0
+) -> torch.Tensor:
     """YaPO at every position of h (..., d_model): h + Dec(ReLU(Enc(h) + m*v)) - Dec(Enc(h)).
 
     Exact, through the fused kernels (yapo_fast.kernels.sparse_steer); differentiable wrt h and
@@ -58,8 +62,9 @@ def make_steer_fn(vector: SteeringVector, multiplier: float, sae=None):
             key = h.device
             if key not in cache:
                 _check_hidden(h, sae.d_in, f"SAE {sae.name!r}")
-                cache[key] = prepare_sparse_steer(sae.to(device=h.device, dtype=torch.float32),
-                                                  latent.to(h.device), multiplier)
+                cache[key] = prepare_sparse_steer(
+                    sae.to(device=h.device, dtype=torch.float32), latent.to(h.device), multiplier
+                )
             return fused_sparse_steer(h, cache[key])
 
         return steer_fn

@@ -38,8 +38,14 @@ SHIPPED_ANSWERS = ANSWERS_DIR / "SmolLM2-135M-Instruct.jsonl"  # the default mod
 SOURCES = ("corpus", "chat")
 ANSWER_TOKENS = 48  # greedy answer length for the chat source
 
-_TRAIN_FILES = ("gutenberg/austen-persuasion.txt", "gutenberg/bryant-stories.txt", "gutenberg/carroll-alice.txt",
-                "gutenberg/chesterton-brown.txt", "gutenberg/shakespeare-hamlet.txt", "wikitext-2/valid.txt")
+_TRAIN_FILES = (
+    "gutenberg/austen-persuasion.txt",
+    "gutenberg/bryant-stories.txt",
+    "gutenberg/carroll-alice.txt",
+    "gutenberg/chesterton-brown.txt",
+    "gutenberg/shakespeare-hamlet.txt",
+    "wikitext-2/valid.txt",
+)
 _HELDOUT_FILES = ("wikitext-2/test.txt",)
 # chat prompts per BiPO behaviour and BLEnD questions (train, held-out); the default model's answers
 # to all of them are shipped (assets/data/chat_answers)
@@ -63,8 +69,10 @@ class TextMixture:
             name, _, value = part.partition("=")
             name = name.strip()
             if name not in SOURCES:
-                raise YapoFastError(f"text mixture {spec!r}: unknown source {name!r}; use e.g. 'corpus=0.7,chat=0.3' "
-                                    f"(sources: {', '.join(SOURCES)})")
+                raise YapoFastError(
+                    f"text mixture {spec!r}: unknown source {name!r}; use e.g. 'corpus=0.7,chat=0.3' "
+                    f"(sources: {', '.join(SOURCES)})"
+                )
             try:
                 shares[name] = float(value)
             except ValueError:
@@ -123,12 +131,15 @@ def chat_prompt_groups(split: str = "train") -> list[list[str]]:
     """Steering prompts by source: BiPO questions per behaviour (train.csv for train, test.csv
     held out), then BLEnD questions (every 4th one held out)."""
     per = _BIPO_PER_BEHAVIOUR[split]
-    groups = [[p.prompt for p in load_pairs(bipo_csv_path(b, "train" if split == "train" else "test"), limit=per)]
-              for b in BEHAVIOURS]
+    groups = [
+        [p.prompt for p in load_pairs(bipo_csv_path(b, "train" if split == "train" else "test"), limit=per)]
+        for b in BEHAVIOURS
+    ]
     with (CORPUS_DIR / "blend_questions.csv").open(encoding="utf-8", newline="") as f:
         rows = list(csv.DictReader(f))
-    groups.append([r["question"] for i, r in enumerate(rows)
-                   if (i % 4 == 3) == (split == "heldout")][: _BLEND_QUESTIONS[split]])
+    groups.append(
+        [r["question"] for i, r in enumerate(rows) if (i % 4 == 3) == (split == "heldout")][: _BLEND_QUESTIONS[split]]
+    )
     return groups
 
 
@@ -145,8 +156,16 @@ def interleaved_chat_prompts(split: str = "train") -> list[str]:
     return list(dict.fromkeys(out))
 
 
-def write_answers(model, tokenizer, prompts: list[str], path: Path, *, batch_size: int = 16,
-                  max_new_tokens: int = ANSWER_TOKENS, progress: bool = True) -> dict[str, str]:
+def write_answers(
+    model,
+    tokenizer,
+    prompts: list[str],
+    path: Path,
+    *,
+    batch_size: int = 16,
+    max_new_tokens: int = ANSWER_TOKENS,
+    progress: bool = True,
+) -> dict[str, str]:
     """Greedy answers of `model` to `prompts`, appended to a JSONL cache (resumable: answered
     prompts are skipped; each batch is appended whole, a torn last line is ignored on reload)."""
     from tqdm.auto import tqdm
@@ -163,10 +182,12 @@ def write_answers(model, tokenizer, prompts: list[str], path: Path, *, batch_siz
                 f.truncate(data.rfind(b"\n") + 1)
     done = load_answers(path)
     todo = [p for p in dict.fromkeys(prompts) if p not in done]
-    with path.open("a", encoding="utf-8") as f, tqdm(total=len(todo), desc="model answers", unit="prompt",
-                                                    disable=not progress) as bar:
+    with (
+        path.open("a", encoding="utf-8") as f,
+        tqdm(total=len(todo), desc="model answers", unit="prompt", disable=not progress) as bar,
+    ):
         for i in range(0, len(todo), batch_size):
-            batch = todo[i:i + batch_size]
+            batch = todo[i : i + batch_size]
             answers = generate_text(model, tokenizer, batch, max_new_tokens=max_new_tokens)
             f.write("".join(json.dumps({"prompt": p, "answer": a}) + "\n" for p, a in zip(batch, answers)))
             f.flush()
@@ -199,29 +220,36 @@ def chat_documents(tokenizer, split: str, answers: dict[str, str] | None) -> lis
     end = tokenizer.eos_token or ""
     docs = []
     for behaviour in BEHAVIOURS:
-        pairs = load_pairs(bipo_csv_path(behaviour, "train" if split == "train" else "test"),
-                           limit=_BIPO_PER_BEHAVIOUR[split])
+        pairs = load_pairs(
+            bipo_csv_path(behaviour, "train" if split == "train" else "test"), limit=_BIPO_PER_BEHAVIOUR[split]
+        )
         for p in pairs:
-            docs += [format_prompt(tokenizer, p.prompt) + p.chosen + end,
-                     format_prompt(tokenizer, p.prompt) + p.rejected + end]
+            docs += [
+                format_prompt(tokenizer, p.prompt) + p.chosen + end,
+                format_prompt(tokenizer, p.prompt) + p.rejected + end,
+            ]
     answers = answers or {}
     docs += [format_prompt(tokenizer, p) + answers[p] + end for p in chat_prompts(split) if p in answers]
     return docs
 
 
 def _window(ids: list[int], ctx: int) -> list[list[int]]:
-    return [ids[s:s + ctx] for s in range(0, len(ids), ctx) if len(ids[s:s + ctx]) >= 8]
+    return [ids[s : s + ctx] for s in range(0, len(ids), ctx) if len(ids[s : s + ctx]) >= 8]
 
 
-def source_pools(tokenizer, *, split: str, mixture: "TextMixture | str", ctx: int, seed: int,
-                 chat_answers: dict[str, str] | None) -> dict[str, list[list[int]]]:
+def source_pools(
+    tokenizer, *, split: str, mixture: "TextMixture | str", ctx: int, seed: int, chat_answers: dict[str, str] | None
+) -> dict[str, list[list[int]]]:
     """source -> all its token sequences (each <= ctx tokens) in an order seeded by (seed, source),
     for the sources with a positive share. A pool does not depend on the other sources."""
     mixture = TextMixture.parse(mixture)
     pools: dict[str, list[list[int]]] = {}
     if mixture.corpus > 0:
-        pools["corpus"] = [w for doc in corpus_documents(split)
-                           for w in _window(tokenizer(doc, add_special_tokens=False)["input_ids"], ctx)]
+        pools["corpus"] = [
+            w
+            for doc in corpus_documents(split)
+            for w in _window(tokenizer(doc, add_special_tokens=False)["input_ids"], ctx)
+        ]
     if mixture.chat > 0:
         docs = chat_documents(tokenizer, split, chat_answers)
         pools["chat"] = [tokenizer(d, add_special_tokens=False)["input_ids"][:ctx] for d in docs]
@@ -230,8 +258,9 @@ def source_pools(tokenizer, *, split: str, mixture: "TextMixture | str", ctx: in
     return pools
 
 
-def mixture_counts(pools: dict[str, list[list[int]]], mixture: "TextMixture | str",
-                   max_tokens: int) -> tuple[list[tuple[str, int]], dict[str, int]]:
+def mixture_counts(
+    pools: dict[str, list[list[int]]], mixture: "TextMixture | str", max_tokens: int
+) -> tuple[list[tuple[str, int]], dict[str, int]]:
     """Which sequences a budget of `max_tokens` takes: the source furthest below its share goes next
     (whole sequences only, position 0 not counted, since consumers drop it). Returns the order as
     (source, index in its pool) and the tokens taken per source; every source's picks are a
@@ -255,8 +284,16 @@ def mixture_counts(pools: dict[str, list[list[int]]], mixture: "TextMixture | st
     return order, used
 
 
-def token_sequences(tokenizer, *, split: str, mixture: "TextMixture | str", ctx: int, max_tokens: int,
-                    seed: int, chat_answers: dict[str, str] | None) -> tuple[list[list[int]], dict]:
+def token_sequences(
+    tokenizer,
+    *,
+    split: str,
+    mixture: "TextMixture | str",
+    ctx: int,
+    max_tokens: int,
+    seed: int,
+    chat_answers: dict[str, str] | None,
+) -> tuple[list[list[int]], dict]:
     """Token-id sequences (each <= ctx tokens) whose token counts follow `mixture` until
     `max_tokens`, interleaved. Returns (sequences, stats of what was used)."""
     mixture = TextMixture.parse(mixture)
@@ -267,6 +304,12 @@ def token_sequences(tokenizer, *, split: str, mixture: "TextMixture | str", ctx:
 
 def text_stats(pools, mixture, split, ctx, order, used) -> dict:
     taken = {s: sum(1 for src, _ in order if src == s) for s in pools}
-    return {"mixture": str(TextMixture.parse(mixture)), "split": split, "ctx": ctx, "tokens_by_source": used,
-            "sequences": len(order), "sequences_by_source": taken,
-            "exhausted": [s for s in pools if taken[s] >= len(pools[s])]}
+    return {
+        "mixture": str(TextMixture.parse(mixture)),
+        "split": split,
+        "ctx": ctx,
+        "tokens_by_source": used,
+        "sequences": len(order),
+        "sequences_by_source": taken,
+        "exhausted": [s for s in pools if taken[s] >= len(pools[s])],
+    }

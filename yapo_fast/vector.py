@@ -41,23 +41,55 @@ class SteeringVector:
 
     # ---- construction ----------------------------------------------------------------------
     @classmethod
-    def from_latent(cls, latent: torch.Tensor, *, layer: int, sae, model: dict | None = None,
-                    multiplier: float = 1.0, info: dict | None = None) -> "SteeringVector":
+    def from_latent(
+        cls,
+        latent: torch.Tensor,
+        *,
+        layer: int,
+        sae,
+        model: dict | None = None,
+        multiplier: float = 1.0,
+        info: dict | None = None,
+    ) -> "SteeringVector":
         """A YaPO vector from a dense (d_sae,) latent tensor; its non-zero entries are kept."""
         latent = latent.detach().to("cpu", torch.float32).reshape(-1)
         if latent.numel() != sae.d_sae:
             raise YapoFastError(f"latent vector has {latent.numel()} entries but the SAE has d_sae={sae.d_sae}")
         idx = torch.nonzero(latent).reshape(-1)
-        return cls(method="yapo", layer=layer, values=latent[idx].clone(), indices=idx, d_model=sae.d_in,
-                   d_sae=sae.d_sae, multiplier=multiplier, model=dict(model or {}), sae=sae.identity(),
-                   info=dict(info or {}))
+        return cls(
+            method="yapo",
+            layer=layer,
+            values=latent[idx].clone(),
+            indices=idx,
+            d_model=sae.d_in,
+            d_sae=sae.d_sae,
+            multiplier=multiplier,
+            model=dict(model or {}),
+            sae=sae.identity(),
+            info=dict(info or {}),
+        )
 
     @classmethod
-    def from_dense(cls, vector: torch.Tensor, *, method: str, layer: int, model: dict | None = None,
-                   multiplier: float = 1.0, info: dict | None = None) -> "SteeringVector":
+    def from_dense(
+        cls,
+        vector: torch.Tensor,
+        *,
+        method: str,
+        layer: int,
+        model: dict | None = None,
+        multiplier: float = 1.0,
+        info: dict | None = None,
+    ) -> "SteeringVector":
         vector = vector.detach().to("cpu", torch.float32).reshape(-1).clone()
-        return cls(method=method, layer=layer, values=vector, d_model=vector.numel(), multiplier=multiplier,
-                   model=dict(model or {}), info=dict(info or {}))
+        return cls(
+            method=method,
+            layer=layer,
+            values=vector,
+            d_model=vector.numel(),
+            multiplier=multiplier,
+            model=dict(model or {}),
+            info=dict(info or {}),
+        )
 
     # ---- views -----------------------------------------------------------------------------
     @property
@@ -88,12 +120,14 @@ class SteeringVector:
         check_multiplier(self.multiplier, "default multiplier")
         if not isinstance(self.values, torch.Tensor) or self.values.dim() != 1 or not self.values.is_floating_point():
             raise YapoFastError("vector values must be a 1-D floating-point tensor")
-        check_finite(f"{self.method} steering vector", self.values,
-                     "Retrain it (lower the learning rate) or fix the file.")
+        check_finite(
+            f"{self.method} steering vector", self.values, "Retrain it (lower the learning rate) or fix the file."
+        )
         if self.is_sparse:
             if not isinstance(self.d_sae, int) or not 0 < self.d_sae <= MAX_WIDTH:
-                raise YapoFastError(f"a yapo vector needs d_sae (a positive int, at most {MAX_WIDTH}), "
-                                    f"got {self.d_sae!r}")
+                raise YapoFastError(
+                    f"a yapo vector needs d_sae (a positive int, at most {MAX_WIDTH}), got {self.d_sae!r}"
+                )
             idx = self.indices
             if idx is None or idx.dim() != 1 or idx.dtype not in (torch.int32, torch.int64):
                 raise YapoFastError("a yapo vector needs 1-D integer `indices` beside its values")
@@ -113,33 +147,44 @@ class SteeringVector:
             if model.get("d_model") not in (None, self.d_model):
                 raise VectorMismatchError(
                     f"vector was trained for hidden size d_model={self.d_model} but the model "
-                    f"{model.get('name')!r} has {model['d_model']}: use a vector trained for this model")
+                    f"{model.get('name')!r} has {model['d_model']}: use a vector trained for this model"
+                )
             for key in ("fingerprint", "name"):
                 mine, theirs = self.model.get(key), model.get(key)
                 if key == "fingerprint" and mine and theirs and mine != theirs:
                     raise VectorMismatchError(
                         f"vector was trained for model {self.model.get('name')!r} (weights {mine}) but is "
-                        f"applied to {model.get('name')!r} (weights {theirs}): use a vector trained for this model")
+                        f"applied to {model.get('name')!r} (weights {theirs}): use a vector trained for this model"
+                    )
         if n_layers is not None and self.layer >= n_layers:
-            raise YapoFastError(f"vector steers layer {self.layer} but the model has {n_layers} decoder layers "
-                                f"(0..{n_layers - 1}): use a vector trained for this model")
+            raise YapoFastError(
+                f"vector steers layer {self.layer} but the model has {n_layers} decoder layers "
+                f"(0..{n_layers - 1}): use a vector trained for this model"
+            )
         if self.is_sparse:
             if sae is None:
                 raise YapoFastError("a yapo vector needs the SAE it was trained with: pass sae=...")
             if sae.d_in != self.d_model:
-                raise VectorMismatchError(f"SAE {sae.name!r} reads d_in={sae.d_in} but the vector steers "
-                                          f"d_model={self.d_model}: load the SAE the vector was trained with")
+                raise VectorMismatchError(
+                    f"SAE {sae.name!r} reads d_in={sae.d_in} but the vector steers "
+                    f"d_model={self.d_model}: load the SAE the vector was trained with"
+                )
             if sae.d_sae != self.d_sae:
-                raise VectorMismatchError(f"vector was trained for an SAE of width d_sae={self.d_sae} but SAE "
-                                          f"{sae.name!r} has d_sae={sae.d_sae}: load the SAE the vector was trained with")
+                raise VectorMismatchError(
+                    f"vector was trained for an SAE of width d_sae={self.d_sae} but SAE "
+                    f"{sae.name!r} has d_sae={sae.d_sae}: load the SAE the vector was trained with"
+                )
             want = (self.sae or {}).get("hash")
             if want and want != sae.weights_hash():
                 raise VectorMismatchError(
                     f"vector was trained for SAE {self.sae.get('name')!r} (weights {want}) but SAE {sae.name!r} "
-                    f"has weights {sae.weights_hash()}: load the SAE the vector was trained with")
+                    f"has weights {sae.weights_hash()}: load the SAE the vector was trained with"
+                )
             if sae.layer is not None and sae.layer != self.layer:
-                raise VectorMismatchError(f"vector steers layer {self.layer} but SAE {sae.name!r} reads layer "
-                                          f"{sae.layer}: load the SAE the vector was trained with")
+                raise VectorMismatchError(
+                    f"vector steers layer {self.layer} but SAE {sae.name!r} reads layer "
+                    f"{sae.layer}: load the SAE the vector was trained with"
+                )
 
     # ---- files -----------------------------------------------------------------------------
     def save(self, path: str | os.PathLike) -> Path:
@@ -175,23 +220,28 @@ def load_vector(path: str | os.PathLike, *, model: dict | None = None, sae=None)
             meta = f.metadata() or {}
             names = set(f.keys())
             if "yapo_fast" not in meta:
-                raise YapoFastError(f"{path} is a safetensors file but not a yapo-fast steering vector "
-                                    "(no 'yapo_fast' metadata): save vectors with SteeringVector.save")
+                raise YapoFastError(
+                    f"{path} is a safetensors file but not a yapo-fast steering vector "
+                    "(no 'yapo_fast' metadata): save vectors with SteeringVector.save"
+                )
             header = json.loads(meta["yapo_fast"])
             tensors = {name: f.get_tensor(name) for name in names & {"values", "indices"}}
     except YapoFastError:
         raise
     except Exception as exc:  # safetensors raises its own error types for truncated/corrupt headers
-        raise YapoFastError(f"{path} is not a readable steering vector (corrupt or truncated file: "
-                            f"{type(exc).__name__}: {exc}); re-save or re-download it") from exc
+        raise YapoFastError(
+            f"{path} is not a readable steering vector (corrupt or truncated file: "
+            f"{type(exc).__name__}: {exc}); re-save or re-download it"
+        ) from exc
     if not isinstance(header, dict) or "values" not in tensors:
         raise YapoFastError(f"{path}: steering vector file lacks its 'values' tensor or header")
     known = set(SteeringVector.__dataclass_fields__) - {"values", "indices"}
     header.pop("format_version", None)
     unknown = set(header) - known
     if unknown:
-        raise YapoFastError(f"{path}: unknown fields {sorted(unknown)} in the vector header (written by a "
-                            "newer yapo-fast?)")
+        raise YapoFastError(
+            f"{path}: unknown fields {sorted(unknown)} in the vector header (written by a newer yapo-fast?)"
+        )
     try:
         vec = SteeringVector(values=tensors["values"], indices=tensors.get("indices"), **header)
     except TypeError as exc:

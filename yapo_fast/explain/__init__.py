@@ -9,9 +9,17 @@
 """
 
 from .core import DEFINITIONS, explain, write_report
-from .ranking import Ranking, RankedEntry, rank_entries, rank_vector
+from .ranking import RankedEntry, Ranking, rank_entries, rank_vector
 
 explain_vector = explain
 
-__all__ = ["DEFINITIONS", "RankedEntry", "Ranking", "explain", "explain_vector", "rank_entries", "rank_vector",
-           "write_report"]
+__all__ = [
+    "DEFINITIONS",
+    "RankedEntry",
+    "Ranking",
+    "explain",
+    "explain_vector",
+    "rank_entries",
+    "rank_vector",
+    "write_report",
+]

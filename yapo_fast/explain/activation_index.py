@@ -48,8 +48,7 @@ def default_documents(tokenizer, chat_per_behaviour: int = 40) -> list[tuple[str
     from ..chat import format_prompt
     from ..data import BEHAVIOURS, bipo_csv_path, load_pairs
 
-    docs = [(p.stem, detokenize(p.read_text(encoding="utf-8")), False)
-            for p in sorted(CORPUS_DIR.glob("*.txt"))]
+    docs = [(p.stem, detokenize(p.read_text(encoding="utf-8")), False) for p in sorted(CORPUS_DIR.glob("*.txt"))]
     per_behaviour = {b: load_pairs(bipo_csv_path(b, "test"), limit=chat_per_behaviour) for b in BEHAVIOURS}
     for i in range(chat_per_behaviour):  # interleaved, so a small token budget still sees every behaviour
         for behaviour, pairs in per_behaviour.items():
@@ -59,8 +58,9 @@ def default_documents(tokenizer, chat_per_behaviour: int = 40) -> list[tuple[str
     return docs
 
 
-def token_sequences(tokenizer, docs: list[tuple[str, str, bool]], *, seq_len: int, max_tokens: int,
-                    chat_fraction: float = 0.25):
+def token_sequences(
+    tokenizer, docs: list[tuple[str, str, bool]], *, seq_len: int, max_tokens: int, chat_fraction: float = 0.25
+):
     """Cut documents into (n_seq, seq_len) token ids with a validity mask and one source per row.
 
     Plain documents are tokenised whole and cut into consecutive windows, taken round-robin over
@@ -78,7 +78,7 @@ def token_sequences(tokenizer, docs: list[tuple[str, str, bool]], *, seq_len: in
         if is_chat:
             continue
         ids = _tokenize_long(tokenizer, text)
-        chunks_per_doc.append([(name, ids[s:s + seq_len]) for s in range(0, len(ids) - seq_len + 1, seq_len)])
+        chunks_per_doc.append([(name, ids[s : s + seq_len]) for s in range(0, len(ids) - seq_len + 1, seq_len)])
     for step in range(max((len(c) for c in chunks_per_doc), default=0)):
         for chunks in chunks_per_doc:
             if step < len(chunks) and len(rows) < plain_budget:
@@ -173,8 +173,14 @@ class ActivationIndex:
             lo, hi = max(0, col - left), min(self.seq_len, col + right + 1)
             keep = [c for c in range(lo, hi) if bool(self.mask[row, c])]
             ids = self.tokens[row, keep].tolist()
-            out.append({"activation": value, "source": self.sources[row], "tokens": [decode(i) for i in ids],
-                        "highlight": keep.index(col)})
+            out.append(
+                {
+                    "activation": value,
+                    "source": self.sources[row],
+                    "tokens": [decode(i) for i in ids],
+                    "highlight": keep.index(col),
+                }
+            )
         return out
 
     # ---- files ------------------------------------------------------------------------------
@@ -182,10 +188,15 @@ class ActivationIndex:
         from safetensors.torch import save_file
 
         names = sorted(set(self.sources))
-        tensors = {"tokens": self.tokens.contiguous(), "mask": self.mask.to(torch.uint8).contiguous(),
-                   "source_ids": torch.tensor([names.index(s) for s in self.sources], dtype=torch.int64),
-                   "values": self.values.contiguous(), "positions": self.positions.contiguous(),
-                   "frequency": self.frequency.contiguous(), "mean_activation": self.mean_activation.contiguous()}
+        tensors = {
+            "tokens": self.tokens.contiguous(),
+            "mask": self.mask.to(torch.uint8).contiguous(),
+            "source_ids": torch.tensor([names.index(s) for s in self.sources], dtype=torch.int64),
+            "values": self.values.contiguous(),
+            "positions": self.positions.contiguous(),
+            "frequency": self.frequency.contiguous(),
+            "mean_activation": self.mean_activation.contiguous(),
+        }
         header = {"format": INDEX_FORMAT, "source_names": names, "n_tokens": self.n_tokens, "meta": self.meta}
         with atomic_path(path) as tmp:
             save_file(tensors, str(tmp), metadata={"yapo_fast_index": json.dumps(header)})
@@ -200,21 +211,32 @@ class ActivationIndex:
                 header = json.loads((f.metadata() or {})["yapo_fast_index"])
                 t = {k: f.get_tensor(k) for k in f.keys()}
         except Exception as exc:  # a corrupt cache file: say so, the caller rebuilds or the user deletes it
-            raise YapoFastError(f"activation index {path} is unreadable ({type(exc).__name__}: {exc}); "
-                                "delete it and it will be rebuilt") from exc
+            raise YapoFastError(
+                f"activation index {path} is unreadable ({type(exc).__name__}: {exc}); delete it and it will be rebuilt"
+            ) from exc
         if header.get("format") != INDEX_FORMAT:
             raise YapoFastError(f"activation index {path} has format {header.get('format')}, expected {INDEX_FORMAT}")
         names = header["source_names"]
-        return cls(tokens=t["tokens"], mask=t["mask"].bool(), sources=[names[i] for i in t["source_ids"].tolist()],
-                   values=t["values"], positions=t["positions"], frequency=t["frequency"],
-                   mean_activation=t["mean_activation"], n_tokens=int(header["n_tokens"]), meta=header["meta"])
+        return cls(
+            tokens=t["tokens"],
+            mask=t["mask"].bool(),
+            sources=[names[i] for i in t["source_ids"].tolist()],
+            values=t["values"],
+            positions=t["positions"],
+            frequency=t["frequency"],
+            mean_activation=t["mean_activation"],
+            n_tokens=int(header["n_tokens"]),
+            meta=header["meta"],
+        )
 
 
 class _StopForward(Exception):
     """Raised by the layer-L hook: nothing after layer L is needed for the index."""
 
 
-def layer_states(model, layer: int, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+def layer_states(
+    model, layer: int, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+) -> torch.Tensor:
     """Decoder layer `layer`'s output hidden states for a batch, without running the later layers."""
     seen = []
 
@@ -225,8 +247,10 @@ def layer_states(model, layer: int, input_ids: torch.Tensor, attention_mask: tor
     handle = decoder_layers(model)[layer].register_forward_hook(hook)
     try:
         with torch.no_grad():
-            model(input_ids=input_ids.to(model.device), attention_mask=None if attention_mask is None
-                  else attention_mask.to(model.device).long())
+            model(
+                input_ids=input_ids.to(model.device),
+                attention_mask=None if attention_mask is None else attention_mask.to(model.device).long(),
+            )
     except _StopForward:
         pass
     finally:
@@ -234,9 +258,19 @@ def layer_states(model, layer: int, input_ids: torch.Tensor, attention_mask: tor
     return seen[0]
 
 
-def build_activation_index(model, sae, layer: int, tokens: torch.Tensor, mask: torch.Tensor, sources: list[str], *,
-                           top_n: int = 16, batch_size: int = 16, skip_first: bool = True,
-                           progress: bool = True) -> ActivationIndex:
+def build_activation_index(
+    model,
+    sae,
+    layer: int,
+    tokens: torch.Tensor,
+    mask: torch.Tensor,
+    sources: list[str],
+    *,
+    top_n: int = 16,
+    batch_size: int = 16,
+    skip_first: bool = True,
+    progress: bool = True,
+) -> ActivationIndex:
     """Stream `tokens` through the model up to `layer`, encode with `sae`, keep the top-N per latent."""
     acc = TopNAccumulator(sae.d_sae, top_n)
     n_seq, seq_len = tokens.shape
@@ -245,31 +279,58 @@ def build_activation_index(model, sae, layer: int, tokens: torch.Tensor, mask: t
         valid[:, 0] = False
     flat = torch.arange(n_seq * seq_len).reshape(n_seq, seq_len)
     for s in tqdm(range(0, n_seq, batch_size), desc=f"activation index (layer {layer})", disable=not progress):
-        ids, m = tokens[s:s + batch_size], mask[s:s + batch_size]
+        ids, m = tokens[s : s + batch_size], mask[s : s + batch_size]
         h = layer_states(model, layer, ids, m)
-        keep = valid[s:s + batch_size]
+        keep = valid[s : s + batch_size]
         with torch.no_grad():
             z = sae.encode(h[keep.to(h.device)].to(sae.device))
-        acc.update(z, flat[s:s + batch_size][keep])
+        acc.update(z, flat[s : s + batch_size][keep])
     n = max(acc.n_tokens, 1)
-    return ActivationIndex(tokens=tokens, mask=mask, sources=list(sources), values=acc.values, positions=acc.positions,
-                           frequency=(acc.fired.double() / n).float(), mean_activation=(acc.sums / n).float(),
-                           n_tokens=acc.n_tokens)
+    return ActivationIndex(
+        tokens=tokens,
+        mask=mask,
+        sources=list(sources),
+        values=acc.values,
+        positions=acc.positions,
+        frequency=(acc.fired.double() / n).float(),
+        mean_activation=(acc.sums / n).float(),
+        n_tokens=acc.n_tokens,
+    )
 
 
 def index_key(model, sae, layer: int, tokens: torch.Tensor, mask: torch.Tensor, settings: dict) -> str:
     """Cache key: SAE weights, model weights fingerprint, layer, exact token stream and settings."""
-    digest = hashlib.sha256(json.dumps({"format": INDEX_FORMAT, "sae": sae.weights_hash(), "layer": layer,
-                                        "model": model_identity(model).get("fingerprint"), **settings},
-                                       sort_keys=True).encode())
+    digest = hashlib.sha256(
+        json.dumps(
+            {
+                "format": INDEX_FORMAT,
+                "sae": sae.weights_hash(),
+                "layer": layer,
+                "model": model_identity(model).get("fingerprint"),
+                **settings,
+            },
+            sort_keys=True,
+        ).encode()
+    )
     digest.update(tokens.numpy().tobytes())
     digest.update(mask.numpy().tobytes())
     return digest.hexdigest()[:16]
 
 
-def load_or_build_index(model, tokenizer, sae, layer: int, *, docs: list[tuple[str, str, bool]] | None = None,
-                        top_n: int = 16, seq_len: int = 64, max_tokens: int = 32768, batch_size: int = 16,
-                        cache: str | Path | None = None, progress: bool = True) -> tuple[ActivationIndex, Path]:
+def load_or_build_index(
+    model,
+    tokenizer,
+    sae,
+    layer: int,
+    *,
+    docs: list[tuple[str, str, bool]] | None = None,
+    top_n: int = 16,
+    seq_len: int = 64,
+    max_tokens: int = 32768,
+    batch_size: int = 16,
+    cache: str | Path | None = None,
+    progress: bool = True,
+) -> tuple[ActivationIndex, Path]:
     """The cached index for these inputs (built and written atomically on first use) and its path."""
     docs = default_documents(tokenizer) if docs is None else docs
     tokens, mask, sources = token_sequences(tokenizer, docs, seq_len=seq_len, max_tokens=max_tokens)
@@ -282,8 +343,9 @@ def load_or_build_index(model, tokenizer, sae, layer: int, *, docs: list[tuple[s
             return ActivationIndex.load(path), path
         except YapoFastError:
             pass  # unreadable (e.g. disk trouble): rebuild over it
-    index = build_activation_index(model, sae, layer, tokens, mask, sources, top_n=top_n, batch_size=batch_size,
-                                   progress=progress)
+    index = build_activation_index(
+        model, sae, layer, tokens, mask, sources, top_n=top_n, batch_size=batch_size, progress=progress
+    )
     index.meta = {"key": key, "sae": sae.identity(), "layer": layer, "model": model_identity(model), **settings}
     index.save(path)
     return index, path

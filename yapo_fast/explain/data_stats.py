@@ -17,8 +17,9 @@ from .activation_index import layer_states
 
 
 @torch.no_grad()
-def chosen_rejected_stats(model, tokenizer, sae, layer: int, pairs, latents: list[int] | None, *, batch_size: int = 8,
-                          progress: bool = True) -> dict:
+def chosen_rejected_stats(
+    model, tokenizer, sae, layer: int, pairs, latents: list[int] | None, *, batch_size: int = 8, progress: bool = True
+) -> dict:
     """{"chosen"|"rejected": {"tokens": n, "frequency": [..], "mean": [..]}} for `latents` (in order;
     None: every latent).
 
@@ -31,19 +32,21 @@ def chosen_rejected_stats(model, tokenizer, sae, layer: int, pairs, latents: lis
         fired = torch.zeros(len(idx), dtype=torch.float64)
         sums = torch.zeros(len(idx), dtype=torch.float64)
         n = 0
-        seqs = [prompt_and_response_ids(tokenizer, format_prompt(tokenizer, pair.prompt), getattr(pair, side))
-                for pair in pairs]
+        seqs = [
+            prompt_and_response_ids(tokenizer, format_prompt(tokenizer, pair.prompt), getattr(pair, side))
+            for pair in pairs
+        ]
         seqs = [(p, r) for p, r in seqs if r]
         for s in tqdm(range(0, len(seqs), batch_size), desc=f"feature stats ({side})", disable=not progress):
-            batch = seqs[s:s + batch_size]
+            batch = seqs[s : s + batch_size]
             width = max(len(p) + len(r) for p, r in batch)
             ids = torch.full((len(batch), width), pad, dtype=torch.int64)
             mask = torch.zeros((len(batch), width), dtype=torch.bool)
             resp = torch.zeros((len(batch), width), dtype=torch.bool)
             for row, (p, r) in enumerate(batch):
-                ids[row, :len(p) + len(r)] = torch.tensor(p + r)
-                mask[row, :len(p) + len(r)] = True
-                resp[row, len(p):len(p) + len(r)] = True
+                ids[row, : len(p) + len(r)] = torch.tensor(p + r)
+                mask[row, : len(p) + len(r)] = True
+                resp[row, len(p) : len(p) + len(r)] = True
             h = layer_states(model, layer, ids, mask)
             z = sae.encode(h[resp.to(h.device)].to(sae.device))[:, idx.to(sae.device)].double().cpu()
             fired += (z > 0).sum(0)

@@ -52,8 +52,10 @@ def project_dense(vector: torch.Tensor, W_dec: torch.Tensor, *, max_features: in
     v = vector.detach().to("cpu", torch.float64).reshape(-1)
     D = W_dec.detach().to("cpu", torch.float64)
     if D.shape[1] != v.numel():
-        raise YapoFastError(f"the vector has {v.numel()} dims but the SAE decodes to d_in={D.shape[1]}: "
-                            "use the SAE of the vector's model")
+        raise YapoFastError(
+            f"the vector has {v.numel()} dims but the SAE decodes to d_in={D.shape[1]}: "
+            "use the SAE of the vector's model"
+        )
     vnorm = float(v.norm())
     if vnorm == 0.0:
         raise YapoFastError("the vector is all zeros: nothing to explain")
@@ -78,7 +80,7 @@ def project_dense(vector: torch.Tensor, W_dec: torch.Tensor, *, max_features: in
         if float(q.norm()) > 1e-10:
             basis = torch.cat([basis, (q / q.norm())[None]], dim=0)
             r = v - basis.T @ (basis @ v)
-        explained.append(max(0.0, 1.0 - float(r @ r) / vnorm ** 2))
+        explained.append(max(0.0, 1.0 - float(r @ r) / vnorm**2))
         if explained[-1] >= 1.0 - 1e-12:
             break
     return DenseProjection(cosines=cosines.float(), omp_latents=picked, omp_explained=explained, vector_norm=vnorm)

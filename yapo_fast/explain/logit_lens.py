@@ -12,8 +12,16 @@ from ..model import find_submodule
 
 def final_norm(model):
     """The norm applied before the unembedding (Llama/Gemma/Mistral/Qwen: model.model.norm)."""
-    norm = find_submodule(model, ("model.norm", "model.model.norm", "transformer.ln_f", "gpt_neox.final_layer_norm",
-                                  "model.decoder.final_layer_norm"))
+    norm = find_submodule(
+        model,
+        (
+            "model.norm",
+            "model.model.norm",
+            "transformer.ln_f",
+            "gpt_neox.final_layer_norm",
+            "model.decoder.final_layer_norm",
+        ),
+    )
     if norm is None:
         raise YapoFastError(f"cannot find the final norm of {type(model).__name__} for the logit lens")
     return norm
@@ -29,6 +37,10 @@ def logit_lens(model, directions: torch.Tensor, k: int = 10) -> list[dict]:
     logits = unembed(norm(directions.to(param.device, param.dtype))).float().cpu()  # (n, vocab)
     k = min(k, logits.shape[1])
     top, bottom = logits.topk(k, dim=1), logits.topk(k, dim=1, largest=False)
-    return [{"top": list(zip(top.indices[r].tolist(), top.values[r].tolist())),
-             "bottom": list(zip(bottom.indices[r].tolist(), bottom.values[r].tolist()))}
-            for r in range(logits.shape[0])]
+    return [
+        {
+            "top": list(zip(top.indices[r].tolist(), top.values[r].tolist())),
+            "bottom": list(zip(bottom.indices[r].tolist(), bottom.values[r].tolist())),
+        }
+        for r in range(logits.shape[0])
+    ]

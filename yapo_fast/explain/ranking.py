@@ -79,30 +79,40 @@ class Ranking:
         return len(self.entries)
 
 
-def rank_entries(latent_indices: torch.Tensor, values: torch.Tensor, W_dec: torch.Tensor,
-                 multiplier: float) -> Ranking:
+def rank_entries(latent_indices: torch.Tensor, values: torch.Tensor, W_dec: torch.Tensor, multiplier: float) -> Ranking:
     """Rank a sparse latent vector's entries by effect (ties broken by the lower latent index)."""
     idx = latent_indices.detach().to("cpu", torch.int64).reshape(-1)
     val = values.detach().to("cpu", torch.float64).reshape(-1)
     if idx.numel() != val.numel():
         raise YapoFastError(f"{idx.numel()} latent indices but {val.numel()} values")
     if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= W_dec.shape[0]):
-        raise YapoFastError(f"latent indices must lie in [0, d_sae={W_dec.shape[0]}): the vector belongs to another SAE")
+        raise YapoFastError(
+            f"latent indices must lie in [0, d_sae={W_dec.shape[0]}): the vector belongs to another SAE"
+        )
     norms = W_dec.detach().to("cpu", torch.float64)[idx].norm(dim=1)
     scaled = float(multiplier) * val
     effect = scaled.abs() * norms
     keep = scaled != 0
     order = sorted((i for i in range(idx.numel()) if keep[i]), key=lambda i: (-float(effect[i]), int(idx[i])))
-    entries = [RankedEntry(latent=int(idx[i]), value=float(val[i]), scaled=float(scaled[i]),
-                           decoder_norm=float(norms[i]), effect=float(effect[i]), rank=r)
-               for r, i in enumerate(order, 1)]
+    entries = [
+        RankedEntry(
+            latent=int(idx[i]),
+            value=float(val[i]),
+            scaled=float(scaled[i]),
+            decoder_norm=float(norms[i]),
+            effect=float(effect[i]),
+            rank=r,
+        )
+        for r, i in enumerate(order, 1)
+    ]
     return Ranking(entries=entries, multiplier=float(multiplier), total_effect=float(sum(e.effect for e in entries)))
 
 
 def rank_vector(vector, sae, multiplier: float | None = None) -> Ranking:
     """Ranking of a YaPO SteeringVector's entries against its SAE (multiplier: the vector's own by default)."""
     if not vector.is_sparse:
-        raise YapoFastError(f"a {vector.method} vector is dense; rank its SAE projection "
-                            "(yapo_fast.explain.dense_projection) instead")
+        raise YapoFastError(
+            f"a {vector.method} vector is dense; rank its SAE projection (yapo_fast.explain.dense_projection) instead"
+        )
     m = vector.multiplier if multiplier is None else multiplier
     return rank_entries(vector.indices, vector.values, sae.W_dec, m)

@@ -41,24 +41,30 @@ def _context(ctx: dict) -> str:
     parts = []
     for j, t in enumerate(ctx["tokens"]):
         parts.append(f"<mark>{_tok(t)}</mark>" if j == ctx["highlight"] else _tok(t))
-    return (f'<div class="ctx"><span class="act">{ctx["activation"]:.3g}</span>{"".join(parts)} '
-            f'<span class="src">[{escape(ctx["source"])}]</span></div>')
+    return (
+        f'<div class="ctx"><span class="act">{ctx["activation"]:.3g}</span>{"".join(parts)} '
+        f'<span class="src">[{escape(ctx["source"])}]</span></div>'
+    )
 
 
 def _card(c: dict) -> str:
     if "effect" in c:
-        head = (f'<span class="{c["role"]}">{c["role"]}</span> · effect {_num(c["effect"])} · m·v = {c["scaled"]:+.4g}')
+        head = f'<span class="{c["role"]}">{c["role"]}</span> · effect {_num(c["effect"])} · m·v = {c["scaled"]:+.4g}'
     else:
         head = f'<span class="{c["role"]}">{c["role"]}</span> · cos {c["cos"]:+.4f}'
     out = [f'<div class="card" id="latent-{c["latent"]}"><h3>#{c["rank"]} latent {c["latent"]} — {head}</h3>']
     if "corpus" in c:
         k = c["corpus"]
-        out.append(f'<p class="stats">corpus: fires on {k["frequency"]:.2%} of tokens · mean {_num(k["mean"])} · '
-                   f'max {_num(k["max"])}</p>')
+        out.append(
+            f'<p class="stats">corpus: fires on {k["frequency"]:.2%} of tokens · mean {_num(k["mean"])} · '
+            f"max {_num(k['max'])}</p>"
+        )
     if c.get("training"):
         t = c["training"]
-        out.append(f'<p class="stats">training data: chosen {t["chosen"]["frequency"]:.2%} (mean {_num(t["chosen"]["mean"])})'
-                   f' · rejected {t["rejected"]["frequency"]:.2%} (mean {_num(t["rejected"]["mean"])})</p>')
+        out.append(
+            f'<p class="stats">training data: chosen {t["chosen"]["frequency"]:.2%} (mean {_num(t["chosen"]["mean"])})'
+            f" · rejected {t['rejected']['frequency']:.2%} (mean {_num(t['rejected']['mean'])})</p>"
+        )
     if "logit_lens" in c:
         up = "".join(f'<span class="up">{_tok(x["token"])}</span>' for x in c["logit_lens"]["top"])
         down = "".join(f'<span class="down">{_tok(x["token"])}</span>' for x in c["logit_lens"]["bottom"])
@@ -81,11 +87,16 @@ def _latent_cell(latent: int, carded: set[int]) -> str:
 def _entries_table(title: str, rows: list[dict], carded: set[int]) -> str:
     if not rows:
         return f"<div><h2>{escape(title)}</h2><p>(none)</p></div>"
-    body = "".join(f'<tr><td>{e["rank"]}</td><td>{_latent_cell(e["latent"], carded)}</td>'
-                   f'<td>{e["value"]:.4g}</td><td>{e["scaled"]:.4g}</td><td>{e["decoder_norm"]:.4g}</td>'
-                   f'<td>{e["effect"]:.4g}</td></tr>' for e in rows[:TABLE_ROWS])
-    return (f"<div><h2>{escape(title)}</h2><table><tr><th>rank</th><th>latent</th><th>v</th><th>m·v</th>"
-            f"<th>‖W_dec‖</th><th>effect</th></tr>{body}</table></div>")
+    body = "".join(
+        f"<tr><td>{e['rank']}</td><td>{_latent_cell(e['latent'], carded)}</td>"
+        f"<td>{e['value']:.4g}</td><td>{e['scaled']:.4g}</td><td>{e['decoder_norm']:.4g}</td>"
+        f"<td>{e['effect']:.4g}</td></tr>"
+        for e in rows[:TABLE_ROWS]
+    )
+    return (
+        f"<div><h2>{escape(title)}</h2><table><tr><th>rank</th><th>latent</th><th>v</th><th>m·v</th>"
+        f"<th>‖W_dec‖</th><th>effect</th></tr>{body}</table></div>"
+    )
 
 
 def _md_inline(s: str) -> str:
@@ -98,25 +109,39 @@ def render_html(r: dict) -> str:
     lines = summary_lines(r)
     carded = {c["latent"] for c in r["features"]}
     title = escape(lines[0].lstrip("# "))
-    out = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
-           '<meta name="viewport" content="width=device-width,initial-scale=1">',
-           f"<title>{title}</title><style>{CSS}</style></head><body>", f"<h1>{title}</h1>",
-           '<ul class="summary">' + "".join(f"<li>{_md_inline(x)}</li>" for x in lines[2:]) + "</ul>"]
+    out = [
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        '<meta name="viewport" content="width=device-width,initial-scale=1">',
+        f"<title>{title}</title><style>{CSS}</style></head><body>",
+        f"<h1>{title}</h1>",
+        '<ul class="summary">' + "".join(f"<li>{_md_inline(x)}</li>" for x in lines[2:]) + "</ul>",
+    ]
     if "ranking" in r:
-        out.append('<div class="tables">' + _entries_table("Entries that add a feature (m·v > 0)", r["ranking"]["add"], carded)
-                   + _entries_table("Entries that cap a feature (m·v < 0)", r["ranking"]["cap"], carded) + "</div>")
+        out.append(
+            '<div class="tables">'
+            + _entries_table("Entries that add a feature (m·v > 0)", r["ranking"]["add"], carded)
+            + _entries_table("Entries that cap a feature (m·v < 0)", r["ranking"]["cap"], carded)
+            + "</div>"
+        )
     if "projection" in r:
         p = r["projection"]
-        rows = "".join(f'<tr><td>{a["rank"]}</td><td>{_latent_cell(a["latent"], carded)}</td>'
-                       f'<td>{a["cos"]:+.4f}</td></tr>' for a in p["top_aligned"][:TABLE_ROWS])
-        omp = "".join(f'<tr><td>{t}</td><td>{o["latent"]}</td><td>{o["explained"]:.1%}</td></tr>'
-                      for t, o in enumerate(p["omp"][:TABLE_ROWS], 1))
-        out.append('<div class="tables"><div><h2>Top aligned SAE features</h2><table><tr><th>rank</th><th>latent</th>'
-                   f'<th>cos</th></tr>{rows}</table></div><div><h2>Matching pursuit</h2><table><tr><th>picks</th>'
-                   f'<th>latent</th><th>explained ‖v‖²</th></tr>{omp}</table></div></div>')
+        rows = "".join(
+            f"<tr><td>{a['rank']}</td><td>{_latent_cell(a['latent'], carded)}</td><td>{a['cos']:+.4f}</td></tr>"
+            for a in p["top_aligned"][:TABLE_ROWS]
+        )
+        omp = "".join(
+            f"<tr><td>{t}</td><td>{o['latent']}</td><td>{o['explained']:.1%}</td></tr>"
+            for t, o in enumerate(p["omp"][:TABLE_ROWS], 1)
+        )
+        out.append(
+            '<div class="tables"><div><h2>Top aligned SAE features</h2><table><tr><th>rank</th><th>latent</th>'
+            f"<th>cos</th></tr>{rows}</table></div><div><h2>Matching pursuit</h2><table><tr><th>picks</th>"
+            f"<th>latent</th><th>explained ‖v‖²</th></tr>{omp}</table></div></div>"
+        )
     out.append(f'<h2>Feature cards ({len(r["features"])})</h2><div class="cards">')
     out += [_card(c) for c in r["features"]]
-    out.append("</div><h2>Definitions</h2><ul class=\"defs\">")
+    out.append('</div><h2>Definitions</h2><ul class="defs">')
     out += [f"<li><b>{escape(k)}</b>: {escape(v)}</li>" for k, v in r["definitions"].items()]
     out.append("</ul></body></html>")
     return "\n".join(out) + "\n"

@@ -110,13 +110,15 @@ def response_targets(responses: list[torch.Tensor], device):
 
 def _shift_codes(parts: list[tuple[dict, int]], device) -> dict[str, torch.Tensor]:
     rows = torch.cat([c["rows"].long() + off for c, off in parts])
-    return {"rows": rows.to(device), "cols": torch.cat([c["cols"].long() for c, _ in parts]).to(device),
-            "vals": torch.cat([c["vals"] for c, _ in parts]).to(device)}
+    return {
+        "rows": rows.to(device),
+        "cols": torch.cat([c["cols"].long() for c, _ in parts]).to(device),
+        "vals": torch.cat([c["vals"] for c, _ in parts]).to(device),
+    }
 
 
 def assemble(cache: ExampleCache, indices: list[int], device, pack_tokens: int = 256) -> Batch:
     ex = [cache.get(i) for i in indices]
-    B = len(ex)
     prompts = [e["hp"] for e in ex]
     responses = [e["hc"] for e in ex] + [e["hr"] for e in ex]
     layout = make_layout([x.shape[0] for x in prompts], [x.shape[0] for x in responses], device, pack_tokens)
@@ -131,27 +133,37 @@ def assemble(cache: ExampleCache, indices: list[int], device, pack_tokens: int =
         get = lambda e, k: {"rows": e[f"{k}_rows"], "cols": e[f"{k}_cols"], "vals": e[f"{k}_vals"]}  # noqa: E731
         codes_p = _shift_codes([(get(e, "p"), g * lp + off) for e, (g, off, _) in zip(ex, layout.p_slots)], device)
         keys = [(e, "c") for e in ex] + [(e, "r") for e in ex]
-        codes_r = _shift_codes([(get(e, k), g * lr + off) for (e, k), (g, off, _) in zip(keys, layout.r_slots)],
-                               device)
+        codes_r = _shift_codes([(get(e, k), g * lr + off) for (e, k), (g, off, _) in zip(keys, layout.r_slots)], device)
     return Batch(hp, hr, layout, tf, tp, ref, codes_p, codes_r)
 
 
 @torch.no_grad()
-def build_cache(runner: DecoderRunner, tokens: list[Tokens], indices: list[int], layer: int, *, sae=None,
-                batch_size: int = 8, max_memory_bytes: int | None = None, spill_dir=None,
-                progress: bool = True, pack_tokens: int = 256) -> ExampleCache:
+def build_cache(
+    runner: DecoderRunner,
+    tokens: list[Tokens],
+    indices: list[int],
+    layer: int,
+    *,
+    sae=None,
+    batch_size: int = 8,
+    max_memory_bytes: int | None = None,
+    spill_dir=None,
+    progress: bool = True,
+    pack_tokens: int = 256,
+) -> ExampleCache:
     """Run layers 0..L once per pair (the prompt once for both responses), then layers L+1..N
     unsteered for the reference log-probs; keep what every later step needs."""
     cache = ExampleCache(max_memory_bytes, spill_dir)
     device = runner.device
     bar = tqdm(total=len(indices), desc=f"caching layer {layer}", disable=not progress, leave=False)
     for start in range(0, len(indices), batch_size):
-        chunk = indices[start:start + batch_size]
+        chunk = indices[start : start + batch_size]
         toks = [tokens[i] for i in chunk]
         B = len(chunk)
         ids_p = [torch.tensor(t.prompt, dtype=torch.long) for t in toks]
-        ids_r = [torch.tensor(t.chosen, dtype=torch.long) for t in toks] + \
-            [torch.tensor(t.rejected, dtype=torch.long) for t in toks]
+        ids_r = [torch.tensor(t.chosen, dtype=torch.long) for t in toks] + [
+            torch.tensor(t.rejected, dtype=torch.long) for t in toks
+        ]
         layout = make_layout([len(x) for x in ids_p], [len(x) for x in ids_r], device, pack_tokens)
         G, lp = layout.pos_p.shape
         lr = layout.pos_r.shape[1]
@@ -165,9 +177,14 @@ def build_cache(runner: DecoderRunner, tokens: list[Tokens], indices: list[int],
         ref = forward_from_layer(runner, layer + 1, hp, hr, layout, tf, tp).float()
         states_p, states_r = gather_rows(hp, layout.p_slots), gather_rows(hr, layout.r_slots)
         for j, i in enumerate(chunk):
-            entry = {"hp": states_p[j].float().cpu().clone(), "hc": states_r[j].float().cpu().clone(),
-                     "hr": states_r[B + j].float().cpu().clone(), "tc": ids_r[j].clone(), "tr": ids_r[B + j].clone(),
-                     "ref": torch.stack([ref[j], ref[B + j]]).cpu()}
+            entry = {
+                "hp": states_p[j].float().cpu().clone(),
+                "hc": states_r[j].float().cpu().clone(),
+                "hr": states_r[B + j].float().cpu().clone(),
+                "tc": ids_r[j].clone(),
+                "tr": ids_r[B + j].clone(),
+                "ref": torch.stack([ref[j], ref[B + j]]).cpu(),
+            }
             if sae is not None:
                 for key, h in (("p", entry["hp"]), ("c", entry["hc"]), ("r", entry["hr"])):
                     for name, t in sparse_codes(sae, h.to(sae.device)).items():

@@ -19,10 +19,18 @@ def save_checkpoint(path: Path, *, v, optimizer, scheduler, step: int, fingerpri
     opt = optimizer.state_dict()
     tensors = {"v": v.detach().cpu().contiguous(), "rng": torch.get_rng_state()}
     for key, value in opt["state"].get(0, {}).items():
-        tensors[f"opt.{key}"] = value.detach().cpu().contiguous().reshape(-1) if value.dim() == 0 else value.detach().cpu().contiguous()
+        tensors[f"opt.{key}"] = (
+            value.detach().cpu().contiguous().reshape(-1) if value.dim() == 0 else value.detach().cpu().contiguous()
+        )
     sched = {k: val for k, val in scheduler.state_dict().items() if k != "lr_lambdas"}
-    meta = {"step": step, "stopped": stopped, "fingerprint": fingerprint, "param_groups": opt["param_groups"], "scheduler": sched,
-            "scalar_opt_keys": [k for k, val in opt["state"].get(0, {}).items() if val.dim() == 0]}
+    meta = {
+        "step": step,
+        "stopped": stopped,
+        "fingerprint": fingerprint,
+        "param_groups": opt["param_groups"],
+        "scheduler": sched,
+        "scalar_opt_keys": [k for k, val in opt["state"].get(0, {}).items() if val.dim() == 0],
+    }
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata={"yapo_fast_checkpoint": json.dumps(meta)})
 
@@ -36,11 +44,15 @@ def load_checkpoint(path: Path, *, v, optimizer, scheduler, fingerprint: str) ->
             meta = json.loads((f.metadata() or {})["yapo_fast_checkpoint"])
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as exc:
-        raise YapoFastError(f"checkpoint {path} is unreadable ({type(exc).__name__}: {exc}); delete it to start "
-                            "over or pass resume=False") from exc
+        raise YapoFastError(
+            f"checkpoint {path} is unreadable ({type(exc).__name__}: {exc}); delete it to start "
+            "over or pass resume=False"
+        ) from exc
     if meta["fingerprint"] != fingerprint:
-        raise YapoFastError(f"checkpoint {path} belongs to a different run (other data, model, SAE or settings); "
-                            "delete it, choose another output path, or pass resume=False (--no-resume) to start over")
+        raise YapoFastError(
+            f"checkpoint {path} belongs to a different run (other data, model, SAE or settings); "
+            "delete it, choose another output path, or pass resume=False (--no-resume) to start over"
+        )
     with torch.no_grad():
         v.copy_(tensors["v"].to(v.device, v.dtype))
     state = {}

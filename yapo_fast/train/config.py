@@ -72,7 +72,7 @@ def batch_schedule(n_pairs: int, batch_size: int, epochs: int, seed: int) -> lis
         perm = torch.randperm(n_pairs, generator=g).tolist()
         for start in range(0, n_pairs, batch_size):
             d = 1 if int(torch.randint(0, 2, (1,), generator=g)) else -1
-            out.append((epoch, perm[start:start + batch_size], d))
+            out.append((epoch, perm[start : start + batch_size], d))
     return out
 
 

@@ -73,18 +73,26 @@ class DecoderRunner:
         cfg = model.config
         needed = ("embed_tokens", "rotary_emb", "norm")
         if core is None or any(not hasattr(core, n) for n in needed) or not hasattr(model, "lm_head"):
-            raise YapoFastError(f"the lean trainer runs Llama-style decoders (model.model.embed_tokens, rotary_emb, "
-                                f"norm, model.lm_head); {type(model).__name__} is not one")
+            raise YapoFastError(
+                f"the lean trainer runs Llama-style decoders (model.model.embed_tokens, rotary_emb, "
+                f"norm, model.lm_head); {type(model).__name__} is not one"
+            )
         for attr in ("final_logit_softcapping", "attn_logit_softcapping"):
             if getattr(cfg, attr, None):
-                raise YapoFastError(f"{type(model).__name__} uses {attr}, which the lean trainer does not implement: "
-                                    "train on a Llama/Mistral/Qwen-style model")
+                raise YapoFastError(
+                    f"{type(model).__name__} uses {attr}, which the lean trainer does not implement: "
+                    "train on a Llama/Mistral/Qwen-style model"
+                )
         if getattr(cfg, "sliding_window", None) and getattr(cfg, "use_sliding_window", True):
-            raise YapoFastError(f"{type(model).__name__} uses sliding-window attention, which the lean trainer "
-                                "does not implement: train on a model with full attention (sliding_window=None)")
+            raise YapoFastError(
+                f"{type(model).__name__} uses sliding-window attention, which the lean trainer "
+                "does not implement: train on a model with full attention (sliding_window=None)"
+            )
         if "gemma" in str(getattr(cfg, "model_type", "")):
-            raise YapoFastError("Gemma models scale embeddings and soft-cap logits; the lean trainer runs "
-                                "Llama/Mistral/Qwen-style decoders only")
+            raise YapoFastError(
+                "Gemma models scale embeddings and soft-cap logits; the lean trainer runs "
+                "Llama/Mistral/Qwen-style decoders only"
+            )
         self.model = model
         self.layers = decoder_layers(model)
         self.n_layers = len(self.layers)
@@ -96,8 +104,7 @@ class DecoderRunner:
         self.device = self.embed.weight.device
         self.split_mlp = self._check_split()
 
-    def run(self, h, positions, allowed, start: int, end: int, prefix=None, record=False, rows=None,
-            last_rows=None):
+    def run(self, h, positions, allowed, start: int, end: int, prefix=None, record=False, rows=None, last_rows=None):
         """Layers start..end-1 on h (N, T, d) at `positions` (N, T); allowed (N, T, kv) bool.
 
         rows: flat indices (into N*T) of the real tokens; with it, the MLP of every layer runs on
@@ -119,8 +126,14 @@ class DecoderRunner:
                 keep = torch.unique(last_rows) if (idx == end - 1 and last_rows is not None) else rows
                 h = self._layer_split(layer, h, mask, positions, kv, pos_emb, keep)
             else:
-                out = layer(h, attention_mask=mask, position_ids=positions, **_with_cache(layer, kv), use_cache=True,
-                            position_embeddings=pos_emb)
+                out = layer(
+                    h,
+                    attention_mask=mask,
+                    position_ids=positions,
+                    **_with_cache(layer, kv),
+                    use_cache=True,
+                    position_embeddings=pos_emb,
+                )
                 h = out[0] if isinstance(out, tuple) else out
         return h, kv
 
@@ -128,8 +141,14 @@ class DecoderRunner:
     def _layer_split(layer, h, mask, positions, kv, pos_emb, keep):
         """A pre-norm decoder layer (attention block, then MLP block, each with its residual), the
         attention on the (N, T) rows, the MLP block on the flat positions `keep` only."""
-        attn, _ = layer.self_attn(hidden_states=layer.input_layernorm(h), attention_mask=mask, position_ids=positions,
-                                  **_with_cache(layer.self_attn, kv), use_cache=True, position_embeddings=pos_emb)
+        attn, _ = layer.self_attn(
+            hidden_states=layer.input_layernorm(h),
+            attention_mask=mask,
+            position_ids=positions,
+            **_with_cache(layer.self_attn, kv),
+            use_cache=True,
+            position_embeddings=pos_emb,
+        )
         h = h + attn
         flat = h.reshape(-1, h.shape[-1])
         x = flat.index_select(0, keep)
@@ -152,8 +171,14 @@ class DecoderRunner:
         pos_emb = self.rotary(h, position_ids=positions)
         keep = torch.arange(10, device=self.device)
         for layer in self.layers[:2]:
-            out = layer(h, attention_mask=mask, position_ids=positions, **_with_cache(layer, _PrefixKV()), use_cache=True,
-                        position_embeddings=pos_emb)
+            out = layer(
+                h,
+                attention_mask=mask,
+                position_ids=positions,
+                **_with_cache(layer, _PrefixKV()),
+                use_cache=True,
+                position_embeddings=pos_emb,
+            )
             out = out[0] if isinstance(out, tuple) else out
             mine = self._layer_split(layer, h, mask, positions, _PrefixKV(), pos_emb, keep)
             if not torch.allclose(mine, out, rtol=1e-4, atol=1e-4 * float(out.abs().max())):
@@ -167,8 +192,12 @@ class DecoderRunner:
         autograd (the cache pass) in chunks of positions, so that the (M x vocab) logits never
         exist at once: the same values, a bounded peak memory."""
         if not torch.is_grad_enabled() and h.shape[0] > self.LOGIT_ROWS:
-            return torch.cat([self.token_logprobs(h[i:i + self.LOGIT_ROWS], targets[i:i + self.LOGIT_ROWS])
-                              for i in range(0, h.shape[0], self.LOGIT_ROWS)])
+            return torch.cat(
+                [
+                    self.token_logprobs(h[i : i + self.LOGIT_ROWS], targets[i : i + self.LOGIT_ROWS])
+                    for i in range(0, h.shape[0], self.LOGIT_ROWS)
+                ]
+            )
         logits = self.lm_head(self.norm(h)).float()
         return -F.cross_entropy(logits, targets, reduction="none")
 
@@ -231,13 +260,13 @@ def make_layout(p_lens: list[int], r_lens: list[int], device, pack_tokens: int =
     seg_r = torch.full((G, lr), -1, dtype=torch.long)
     first_rows, pred_rows, pred_resp = [], [], []
     for i, (g, off, n) in enumerate(p_slots):
-        pos_p[g, off:off + n] = torch.arange(n)
-        seg_p[g, off:off + n] = i
+        pos_p[g, off : off + n] = torch.arange(n)
+        seg_p[g, off : off + n] = i
     for j, (g, off, n) in enumerate(r_slots):
         pair = j % B
-        pos_r[g, off:off + n] = p_lens[pair] + torch.arange(n)
-        pair_r[g, off:off + n] = pair
-        seg_r[g, off:off + n] = j
+        pos_r[g, off : off + n] = p_lens[pair] + torch.arange(n)
+        pair_r[g, off : off + n] = pair
+        seg_r[g, off : off + n] = j
         pg, poff, pn = p_slots[pair]
         first_rows.append(pg * lp + poff + pn - 1)
         pred_rows.extend(range(g * lr + off, g * lr + off + n - 1))
@@ -245,25 +274,35 @@ def make_layout(p_lens: list[int], r_lens: list[int], device, pack_tokens: int =
     causal_p = pos_p[:, None, :] <= pos_p[:, :, None]
     allowed_p = (seg_p[:, :, None] == seg_p[:, None, :]) & (seg_p[:, None, :] >= 0) & causal_p
     to_prompt = pair_r[:, :, None] == seg_p[:, None, :]
-    to_resp = (seg_r[:, :, None] == seg_r[:, None, :]) & (seg_r[:, None, :] >= 0) & \
-        (pos_r[:, None, :] <= pos_r[:, :, None])
+    to_resp = (
+        (seg_r[:, :, None] == seg_r[:, None, :]) & (seg_r[:, None, :] >= 0) & (pos_r[:, None, :] <= pos_r[:, :, None])
+    )
     t = lambda x: torch.as_tensor(x, dtype=torch.long).to(device)  # noqa: E731
-    return Layout(p_slots, r_slots, pos_p.to(device), pos_r.to(device), allowed_p.to(device),
-                  torch.cat([to_prompt, to_resp], dim=2).to(device), t(first_rows), t(pred_rows), t(pred_resp),
-                  torch.nonzero(seg_p.reshape(-1) >= 0)[:, 0].to(device),
-                  torch.nonzero(seg_r.reshape(-1) >= 0)[:, 0].to(device))
+    return Layout(
+        p_slots,
+        r_slots,
+        pos_p.to(device),
+        pos_r.to(device),
+        allowed_p.to(device),
+        torch.cat([to_prompt, to_resp], dim=2).to(device),
+        t(first_rows),
+        t(pred_rows),
+        t(pred_resp),
+        torch.nonzero(seg_p.reshape(-1) >= 0)[:, 0].to(device),
+        torch.nonzero(seg_r.reshape(-1) >= 0)[:, 0].to(device),
+    )
 
 
 def scatter_rows(parts: list[torch.Tensor], slots, n_rows: int, length: int) -> torch.Tensor:
     """Per-sequence states (n_i, d) placed at their (row, offset) slots of a (G, length, d) tensor."""
     out = parts[0].new_zeros(n_rows, length, parts[0].shape[-1])
     for x, (g, off, n) in zip(parts, slots):
-        out[g, off:off + n] = x
+        out[g, off : off + n] = x
     return out
 
 
 def gather_rows(x: torch.Tensor, slots) -> list[torch.Tensor]:
-    return [x[g, off:off + n] for g, off, n in slots]
+    return [x[g, off : off + n] for g, off, n in slots]
 
 
 def forward_from_layer(runner: DecoderRunner, start: int, hp, hr, layout: Layout, targets_first, targets_pred):
@@ -275,12 +314,21 @@ def forward_from_layer(runner: DecoderRunner, start: int, hp, hr, layout: Layout
     keys and values; the LM head runs only at the 2B + M predicting positions, and the last layer's
     MLP only there too (its other outputs are never read; its keys and values come before the MLP)."""
     end = runner.n_layers
-    out_p, kv = runner.run(hp, layout.pos_p, layout.allowed_p, start, end, record=True, rows=layout.valid_p,
-                           last_rows=layout.first_rows)
+    out_p, kv = runner.run(
+        hp, layout.pos_p, layout.allowed_p, start, end, record=True, rows=layout.valid_p, last_rows=layout.first_rows
+    )
     first = runner.token_logprobs(out_p.reshape(-1, out_p.shape[-1])[layout.first_rows], targets_first)
     if layout.pred_rows.numel() == 0:
         return first
-    out_r, _ = runner.run(hr, layout.pos_r, layout.allowed_r, start, end, prefix=kv.layers, rows=layout.valid_r,
-                          last_rows=layout.pred_rows)
+    out_r, _ = runner.run(
+        hr,
+        layout.pos_r,
+        layout.allowed_r,
+        start,
+        end,
+        prefix=kv.layers,
+        rows=layout.valid_r,
+        last_rows=layout.pred_rows,
+    )
     lp = runner.token_logprobs(out_r.reshape(-1, out_r.shape[-1])[layout.pred_rows], targets_pred)
     return first + torch.zeros_like(first).index_add(0, layout.pred_resp, lp)

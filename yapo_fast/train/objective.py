@@ -19,7 +19,6 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-
 DENSE_CODE_LIMIT = 1 << 24  # rows x d_sae entries up to which the correction runs as a dense GEMM
 SPARSE_MATMUL = True  # on CPU: the correction as a sparse CSR product (20x fewer operations at L0 ~75)
 
@@ -46,8 +45,9 @@ class CodeMatmul(torch.autograd.Function):
         order, crow, c, W = ctx.saved_tensors
         with torch.sparse.check_sparse_tensor_invariants(False), warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
-            pattern = torch.sparse_csr_tensor(crow, c, torch.zeros(c.shape[0], dtype=W.dtype, device=W.device),
-                                              (ctx.n_rows, W.shape[0]))
+            pattern = torch.sparse_csr_tensor(
+                crow, c, torch.zeros(c.shape[0], dtype=W.dtype, device=W.device), (ctx.n_rows, W.shape[0])
+            )
         sampled = torch.sparse.sampled_addmm(pattern, grad.contiguous(), W.t(), beta=0.0).values()
         out = torch.empty_like(sampled)
         out[order] = sampled

@@ -47,8 +47,7 @@ class TrainResult:
 class LeanObjective:
     """The loss of a batch as a function of v, from the cached layer-L states (this process's pairs)."""
 
-    def __init__(self, runner: DecoderRunner, cache: ExampleCache, cfg: TrainConfig, sae=None,
-                 pack_tokens: int = 256):
+    def __init__(self, runner: DecoderRunner, cache: ExampleCache, cfg: TrainConfig, sae=None, pack_tokens: int = 256):
         self.runner, self.cache, self.cfg, self.pack_tokens = runner, cache, cfg, pack_tokens
         self.W_dec = None if sae is None else sae.W_dec.to(runner.device, runner.dtype)
 
@@ -65,8 +64,7 @@ class LeanObjective:
             hr = b.hr + yapo_delta(b.codes_r, G * lr, v, d, self.W_dec).reshape(G, lr, dm)
         else:  # bipo: h + m v at every position
             hp, hr = b.hp + d * v, b.hr + d * v
-        policy = forward_from_layer(self.runner, self.cfg.layer + 1, hp, hr, b.layout, b.targets_first,
-                                    b.targets_pred)
+        policy = forward_from_layer(self.runner, self.cfg.layer + 1, hp, hr, b.layout, b.targets_first, b.targets_pred)
         return dpo_losses(policy.float(), b.ref, d, self.cfg.beta)
 
     @torch.no_grad()
@@ -75,7 +73,7 @@ class LeanObjective:
         chosen response's log-ratio above the rejected one's (DPO's implicit reward accuracy)."""
         out = torch.zeros(3, dtype=torch.float64)
         for start in range(0, len(indices), batch_size):
-            batch = indices[start:start + batch_size]
+            batch = indices[start : start + batch_size]
             losses = self.loss_sum_per_pair(batch, v, 1)
             out += torch.tensor([len(batch), float((losses < math.log(2)).sum()), float(losses.sum())])
         return out
@@ -104,10 +102,14 @@ def _resolve(method, pairs, model, tokenizer, sae, layer):
         layer = sae.layer
     if method == "yapo":
         if sae.layer is not None and sae.layer != layer:
-            raise YapoFastError(f"the SAE reads layer {sae.layer} but layer={layer} was asked: train at the SAE's layer")
+            raise YapoFastError(
+                f"the SAE reads layer {sae.layer} but layer={layer} was asked: train at the SAE's layer"
+            )
         if sae.d_in != model.config.hidden_size:
-            raise YapoFastError(f"SAE {sae.name!r} reads d_in={sae.d_in} but the model has hidden size "
-                                f"{model.config.hidden_size}: use an SAE trained on this model")
+            raise YapoFastError(
+                f"SAE {sae.name!r} reads d_in={sae.d_in} but the model has hidden size "
+                f"{model.config.hidden_size}: use an SAE trained on this model"
+            )
     check_layer(model, layer)
     return pairs, model, tokenizer, (sae if method == "yapo" else None), layer
 
@@ -140,6 +142,7 @@ def _weights_frozen(train_fn):
     from_pretrained) would otherwise make every backward also compute and accumulate weight
     gradients (about twice the step's backward work, and .grad left on the caller's model).
     Frozen for the call, restored after."""
+
     @functools.wraps(train_fn)
     def wrapper(method, pairs, *, model=None, **kwargs):
         params = [p for p in model.parameters() if p.requires_grad] if isinstance(model, torch.nn.Module) else []
@@ -150,16 +153,40 @@ def _weights_frozen(train_fn):
         finally:
             for p in params:
                 p.requires_grad_(True)
+
     return wrapper
 
 
 @_weights_frozen
-def train(method: str, pairs, *, model=None, tokenizer=None, sae=None, layer: int | None = None, epochs: int = 1,
-          batch_size: int = 4, lr: float = 5e-4, beta: float = 0.1, warmup_steps: int = 100, grad_clip: float = 1.0,
-          seed: int = 0, system: str | None = None, out=None, resume: bool = True, checkpoint_every: int = 50,
-          caa_reduce: str = "mean", multiplier: float = 1.0, cache_batch_size: int = 8,
-          cache_memory_bytes: int | None = None, pack_tokens: int = 256, holdout: float = 0.0,
-          patience: int | None = None, progress: bool = True, callback=None) -> TrainResult:
+def train(
+    method: str,
+    pairs,
+    *,
+    model=None,
+    tokenizer=None,
+    sae=None,
+    layer: int | None = None,
+    epochs: int = 1,
+    batch_size: int = 4,
+    lr: float = 5e-4,
+    beta: float = 0.1,
+    warmup_steps: int = 100,
+    grad_clip: float = 1.0,
+    seed: int = 0,
+    system: str | None = None,
+    out=None,
+    resume: bool = True,
+    checkpoint_every: int = 50,
+    caa_reduce: str = "mean",
+    multiplier: float = 1.0,
+    cache_batch_size: int = 8,
+    cache_memory_bytes: int | None = None,
+    pack_tokens: int = 256,
+    holdout: float = 0.0,
+    patience: int | None = None,
+    progress: bool = True,
+    callback=None,
+) -> TrainResult:
     """Train a steering vector.
 
     method: 'yapo' (sparse, in the SAE's latent space), 'bipo' (dense) or 'caa' (mean difference).
@@ -183,13 +210,32 @@ def train(method: str, pairs, *, model=None, tokenizer=None, sae=None, layer: in
     t0 = time.perf_counter()
     multiplier = check_multiplier(multiplier, "the vector's default multiplier")  # refuse before hours of training
     pairs, model, tokenizer, sae, layer = _resolve(method, pairs, model, tokenizer, sae, layer)
-    cfg = TrainConfig(method=method, layer=layer, epochs=epochs, batch_size=batch_size, lr=lr, beta=beta,
-                      warmup_steps=warmup_steps, grad_clip=grad_clip, seed=seed, system=system,
-                      checkpoint_every=checkpoint_every, caa_reduce=caa_reduce).validate()
+    cfg = TrainConfig(
+        method=method,
+        layer=layer,
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        beta=beta,
+        warmup_steps=warmup_steps,
+        grad_clip=grad_clip,
+        seed=seed,
+        system=system,
+        checkpoint_every=checkpoint_every,
+        caa_reduce=caa_reduce,
+    ).validate()
     out_path, log_path, ckpt_path = _paths(out)
     ident = model_identity(model)
-    info = {"pairs": len(pairs), "epochs": epochs, "batch_size": batch_size, "lr": lr, "beta": beta,
-            "warmup_steps": warmup_steps, "seed": seed, "system": system}
+    info = {
+        "pairs": len(pairs),
+        "epochs": epochs,
+        "batch_size": batch_size,
+        "lr": lr,
+        "beta": beta,
+        "warmup_steps": warmup_steps,
+        "seed": seed,
+        "system": system,
+    }
     if method == "caa":
         from ..caa import train_caa
 
@@ -204,7 +250,11 @@ def train(method: str, pairs, *, model=None, tokenizer=None, sae=None, layer: in
     main = rank == 0
     runner = DecoderRunner(model)
     tokens = tokenize_pairs(tokenizer, pairs, system)
-    data_hash = __import__("hashlib").sha256(json.dumps([[t.prompt, t.chosen, t.rejected] for t in tokens]).encode()).hexdigest()[:16]
+    data_hash = (
+        __import__("hashlib")
+        .sha256(json.dumps([[t.prompt, t.chosen, t.rejected] for t in tokens]).encode())
+        .hexdigest()[:16]
+    )
     if not (isinstance(holdout, (int, float)) and 0 <= holdout < 1):
         raise YapoFastError(f"holdout must be a fraction in [0, 1), got {holdout!r}")
     if patience is not None and (not holdout or not isinstance(patience, int) or patience < 1):
@@ -212,10 +262,16 @@ def train(method: str, pairs, *, model=None, tokenizer=None, sae=None, layer: in
     order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(seed + 7919)).tolist()
     n_hold = min(len(pairs) - 1, max(1, round(holdout * len(pairs)))) if holdout else 0
     held, train_ids = sorted(order[:n_hold]), sorted(order[n_hold:])
-    schedule = [(e, [train_ids[i] for i in b], d) for e, b, d in batch_schedule(len(train_ids), batch_size, epochs, seed)]
+    schedule = [
+        (e, [train_ids[i] for i in b], d) for e, b, d in batch_schedule(len(train_ids), batch_size, epochs, seed)
+    ]
     total = len(schedule)
-    fingerprint = cfg.fingerprint(data=data_hash, model=ident.get("fingerprint"), holdout=[held, patience],
-                                  sae=None if sae is None else sae.weights_hash())
+    fingerprint = cfg.fingerprint(
+        data=data_hash,
+        model=ident.get("fingerprint"),
+        holdout=[held, patience],
+        sae=None if sae is None else sae.weights_hash(),
+    )
 
     size = sae.d_sae if method == "yapo" else model.config.hidden_size
     v = torch.zeros(size, dtype=runner.dtype, device=runner.device, requires_grad=True)
@@ -230,18 +286,28 @@ def train(method: str, pairs, *, model=None, tokenizer=None, sae=None, layer: in
     def vector_now() -> SteeringVector:
         run_info = {**info, "steps": total}
         if method == "yapo":
-            return SteeringVector.from_latent(v.detach(), layer=layer, sae=sae, model=ident, multiplier=multiplier,
-                                              info=run_info)
-        return SteeringVector.from_dense(v.detach(), method=method, layer=layer, model=ident, multiplier=multiplier,
-                                         info=run_info)
+            return SteeringVector.from_latent(
+                v.detach(), layer=layer, sae=sae, model=ident, multiplier=multiplier, info=run_info
+            )
+        return SteeringVector.from_dense(
+            v.detach(), method=method, layer=layer, model=ident, multiplier=multiplier, info=run_info
+        )
 
     cache_seconds = 0.0
     if start < total and not stopped:
         tc = time.perf_counter()
         mine = ddp.local_share(sorted(train_ids + held), rank, world)
-        cache = build_cache(runner, tokens, mine, layer, sae=sae, batch_size=cache_batch_size,
-                            max_memory_bytes=cache_memory_bytes, progress=progress and main,
-                            pack_tokens=pack_tokens)
+        cache = build_cache(
+            runner,
+            tokens,
+            mine,
+            layer,
+            sae=sae,
+            batch_size=cache_batch_size,
+            max_memory_bytes=cache_memory_bytes,
+            progress=progress and main,
+            pack_tokens=pack_tokens,
+        )
         cache_seconds = time.perf_counter() - tc
         objective = LeanObjective(runner, cache, cfg, sae, pack_tokens)
         if main and log_path is not None:
@@ -265,15 +331,24 @@ def train(method: str, pairs, *, model=None, tokenizer=None, sae=None, layer: in
                 grad_norm = float(torch.nn.utils.clip_grad_norm_([v], grad_clip))
                 if not (math.isfinite(grad_norm) and bool(torch.isfinite(stats).all())):
                     # stop before AdamW writes NaN into v: the last checkpoint stays a good one
-                    raise YapoFastError(f"step {step + 1}: the loss or the gradient of v is NaN or inf (loss "
-                                        f"{float(stats[0]) / len(batch)}, grad norm {grad_norm}); lower --lr or "
-                                        "--beta, or check the data; the run resumes from its last checkpoint")
+                    raise YapoFastError(
+                        f"step {step + 1}: the loss or the gradient of v is NaN or inf (loss "
+                        f"{float(stats[0]) / len(batch)}, grad norm {grad_norm}); lower --lr or "
+                        "--beta, or check the data; the run resumes from its last checkpoint"
+                    )
                 opt.step()
                 lr_now = sched.get_last_lr()[0]
                 sched.step()
-                rec = {"step": step + 1, "epoch": epoch, "d": d, "loss": float(stats[0]) / len(batch),
-                       "grad_norm": grad_norm, "lr": lr_now, "nnz": int(torch.count_nonzero(v.detach())),
-                       "seconds": time.perf_counter() - ts}
+                rec = {
+                    "step": step + 1,
+                    "epoch": epoch,
+                    "d": d,
+                    "loss": float(stats[0]) / len(batch),
+                    "grad_norm": grad_norm,
+                    "lr": lr_now,
+                    "nnz": int(torch.count_nonzero(v.detach())),
+                    "seconds": time.perf_counter() - ts,
+                }
                 if main:
                     losses.append(rec)
                     if log_file is not None:
@@ -285,8 +360,16 @@ def train(method: str, pairs, *, model=None, tokenizer=None, sae=None, layer: in
                 if epoch_end and held:
                     ev = objective.heldout(ddp.local_share(held, rank, world), v.detach(), batch_size)
                     ev = ddp.all_reduce_sum(ev.to(v.device), world).cpu()
-                    evals.append({"eval": True, "step": step + 1, "epoch": epoch, "heldout_pairs": int(ev[0]),
-                                  "heldout_accuracy": float(ev[1] / ev[0]), "heldout_loss": float(ev[2] / ev[0])})
+                    evals.append(
+                        {
+                            "eval": True,
+                            "step": step + 1,
+                            "epoch": epoch,
+                            "heldout_pairs": int(ev[0]),
+                            "heldout_accuracy": float(ev[1] / ev[0]),
+                            "heldout_loss": float(ev[2] / ev[0]),
+                        }
+                    )
                     if main and log_file is not None:
                         log_file.write(json.dumps(evals[-1]) + "\n")
                         log_file.flush()
@@ -300,8 +383,15 @@ def train(method: str, pairs, *, model=None, tokenizer=None, sae=None, layer: in
                         vec.save(out_path.with_suffix(f".epoch{epoch + 1}.safetensors"))
                         vec.save(out_path)
                     if epoch_end or (step + 1) % checkpoint_every == 0:
-                        save_checkpoint(ckpt_path, v=v, optimizer=opt, scheduler=sched, step=step + 1,
-                                        fingerprint=fingerprint, stopped=stopped)
+                        save_checkpoint(
+                            ckpt_path,
+                            v=v,
+                            optimizer=opt,
+                            scheduler=sched,
+                            step=step + 1,
+                            fingerprint=fingerprint,
+                            stopped=stopped,
+                        )
                 if callback is not None:
                     callback(rec)
                 if stopped:
@@ -314,6 +404,15 @@ def train(method: str, pairs, *, model=None, tokenizer=None, sae=None, layer: in
     vec = vector_now()
     if main and out_path is not None and not out_path.exists():
         vec.save(out_path)
-    return TrainResult(vector=vec, losses=losses, seconds=time.perf_counter() - t0, cache_seconds=cache_seconds,
-                       steps=total, resumed_from=start, out=out_path, log_path=log_path, evals=evals,
-                       stopped_early=stopped)
+    return TrainResult(
+        vector=vec,
+        losses=losses,
+        seconds=time.perf_counter() - t0,
+        cache_seconds=cache_seconds,
+        steps=total,
+        resumed_from=start,
+        out=out_path,
+        log_path=log_path,
+        evals=evals,
+        stopped_early=stopped,
+    )
