@@ -16,10 +16,10 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import YapoFastError
-from ..model import check_layer, decoder_layers, model_identity
-from ..steering import make_steer_fn
-from ..vector import SteeringVector
+from yapo_fast.errors import YapoFastError
+from yapo_fast.model import check_layer, decoder_layers, model_identity
+from yapo_fast.steering import make_steer_fn
+from yapo_fast.vector import SteeringVector
 
 
 @dataclass

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import torch
 
-from ..errors import YapoFastError
-from ..sae import SAE, layer_from_hook_name
+from yapo_fast.errors import YapoFastError
+from yapo_fast.sae import SAE, layer_from_hook_name
 
 # sae-lens architecture name -> our kind
 _KIND_OF_ARCHITECTURE = {"standard": "relu", "jumprelu": "jumprelu", "topk": "topk"}
@@ -89,7 +89,7 @@ def to_sae_lens(sae: SAE):
 
 def save_sae(sae: SAE, path: str | Path) -> Path:
     """Write `sae` in sae-lens's on-disk format, atomically."""
-    from ..atomic import atomic_dir
+    from yapo_fast.atomic import atomic_dir
 
     path = Path(path)
     with atomic_dir(path) as tmp:
@@ -105,7 +105,7 @@ def _check_files_agree(cfg_path: Path, weights_path: Path) -> None:
     refused before sae-lens builds an SAE (and allocates its tensors) from cfg.json."""
     from safetensors import safe_open
 
-    from ..errors import MAX_WIDTH
+    from yapo_fast.errors import MAX_WIDTH
 
     try:
         cfg = json.loads(cfg_path.read_text(encoding="utf-8"))

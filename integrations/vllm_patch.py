@@ -18,11 +18,11 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
-from ..errors import YapoFastError
-from ..steering import check_multiplier
-from ..vector import SteeringVector, load_vector
-from . import vllm_vectors
-from .vllm_state import GLOBAL_NAME
+from yapo_fast.errors import YapoFastError
+from yapo_fast.integrations import vllm_vectors
+from yapo_fast.integrations.vllm_state import GLOBAL_NAME
+from yapo_fast.steering import check_multiplier
+from yapo_fast.vector import SteeringVector, load_vector
 
 _NOT_LOADED = (
     "the yapo-fast vLLM plugin is not loaded in this engine's workers, so the steering op is not "

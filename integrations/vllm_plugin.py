@@ -75,7 +75,7 @@ def _source_hash() -> str:
 
 # ---- 1. the op -------------------------------------------------------------------------------
 def _steer_layer(hidden: torch.Tensor, residual: torch.Tensor, layer: int) -> torch.Tensor:
-    from .vllm_state import STATE
+    from yapo_fast.integrations.vllm_state import STATE
 
     return STATE.apply(hidden, residual, layer)
 
@@ -116,7 +116,7 @@ def _decoder_layer_classes():
 def _patch_decoder_layers() -> None:
     from vllm.model_executor.models.utils import extract_layer_index
 
-    from .vllm_state import STATE
+    from yapo_fast.integrations.vllm_state import STATE
 
     wanted = installed_layer_filter()
     for cls in _decoder_layer_classes():
@@ -150,8 +150,8 @@ def _patch_decoder_layers() -> None:
 
 
 def _load_startup_vectors() -> None:
-    from .vllm_state import STATE
-    from .vllm_vectors import load_startup_vectors
+    from yapo_fast.integrations.vllm_state import STATE
+    from yapo_fast.integrations.vllm_vectors import load_startup_vectors
 
     if getattr(STATE, "_startup_loaded", False):
         return
@@ -182,7 +182,7 @@ def _salt_compile_cache() -> None:
 def _patch_model_runner() -> None:
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
-    from .vllm_state import STATE
+    from yapo_fast.integrations.vllm_state import STATE
 
     if getattr(GPUModelRunner, "_yapo_fast_patched", False):
         return
@@ -218,7 +218,7 @@ def _patch_model_runner() -> None:
 def _patch_request_salt() -> None:
     from vllm.v1.request import Request
 
-    from .vllm_state import cache_salt_for, parse_request_args
+    from yapo_fast.integrations.vllm_state import cache_salt_for, parse_request_args
 
     if getattr(Request, "_yapo_fast_patched", False):
         return
@@ -245,7 +245,7 @@ def _patch_front_end_validation() -> None:
     except Exception as exc:
         logger.warning("yapo_fast: cannot validate steering requests in the front end: %s", exc)
         return
-    from .vllm_vectors import check_request_args
+    from yapo_fast.integrations.vllm_vectors import check_request_args
 
     if getattr(InputProcessor, "_yapo_fast_patched", False):
         return
@@ -253,7 +253,7 @@ def _patch_front_end_validation() -> None:
 
     from vllm.exceptions import VLLMValidationError
 
-    from ..errors import YapoFastError
+    from yapo_fast.errors import YapoFastError
 
     class YapoFastRequestError(VLLMValidationError, YapoFastError):
         """A bad steering request: vLLM's server answers its VLLMClientError side with HTTP 400
@@ -274,6 +274,6 @@ def _patch_front_end_validation() -> None:
 def _add_worker_rpc() -> None:
     from vllm.v1.worker.worker_base import WorkerBase
 
-    from .vllm_rpc import yapo_fast_rpc
+    from yapo_fast.integrations.vllm_rpc import yapo_fast_rpc
 
     WorkerBase.yapo_fast_rpc = yapo_fast_rpc

@@ -5,7 +5,7 @@ msgpack-encoded process boundaries without insecure serialization."""
 
 from __future__ import annotations
 
-from .vllm_state import GLOBAL_NAME, STATE
+from yapo_fast.integrations.vllm_state import GLOBAL_NAME, STATE
 
 
 def yapo_fast_rpc(worker, action: str, args: dict | None = None) -> dict:
@@ -15,7 +15,7 @@ def yapo_fast_rpc(worker, action: str, args: dict | None = None) -> dict:
     if device is not None:
         STATE.device = device
     if action == "register":
-        from .vllm_vectors import from_payload
+        from yapo_fast.integrations.vllm_vectors import from_payload
 
         vector, sae = from_payload(args["files"])
         if vector.is_sparse and sae is None:

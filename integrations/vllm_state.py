@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from ..errors import YapoFastError, check_multiplier
+from yapo_fast.errors import YapoFastError, check_multiplier
 
 GLOBAL_NAME = "__patch__"  # the engine-wide vector of yapo_fast.patch(llm, vector)
 UNSET = object()  # request carries no yapo arguments
@@ -194,7 +194,7 @@ class SteerState:
     def _prepare(self, key, nv: NamedVector, m: float) -> Slot:
         vec = nv.vector
         if vec.is_sparse:
-            from ..kernels.sparse_steer_prepare import prepare_sparse_steer
+            from yapo_fast.kernels.sparse_steer_prepare import prepare_sparse_steer
 
             sae = nv.sae.to(device=self.device, dtype=torch.float32)
             prepared = prepare_sparse_steer(sae, vec.latent().to(self.device), m)
@@ -214,7 +214,7 @@ class SteerState:
     def _stack(self, layer: int, group: str, ids: tuple):
         """The sparse slots `ids` (one SAE group at one layer) stacked, with their remap; cached
         by the set of slots, so a steady batch composition builds it once."""
-        from ..kernels.sparse_steer_prepare import stack_prepared
+        from yapo_fast.kernels.sparse_steer_prepare import stack_prepared
 
         key = (layer, group, ids)
         hit = self.stacks.get(key)
@@ -362,14 +362,14 @@ class SteerState:
             if slot.dense_add is not None:
                 _add_float32(x, slot.dense_add)
             else:
-                from ..kernels.sparse_steer import sparse_steer
+                from yapo_fast.kernels.sparse_steer import sparse_steer
 
                 sparse_steer(x, slot.sparse, inplace=True)
             return h
         if lp.dense_index is not None:
             _add_float32(x, lp.dense_table[lp.dense_index[:n]])
         if lp.sparse or lp.segments:
-            from ..kernels.sparse_steer import sparse_steer
+            from yapo_fast.kernels.sparse_steer import sparse_steer
 
             for stack, idx in lp.sparse:
                 sparse_steer(x, stack, slot_index=idx[:n], inplace=True)

@@ -11,8 +11,8 @@ import os
 import tempfile
 from pathlib import Path
 
-from ..errors import YapoFastError, check_multiplier
-from .vllm_state import GLOBAL_NAME, parse_request_args
+from yapo_fast.errors import YapoFastError, check_multiplier
+from yapo_fast.integrations.vllm_state import GLOBAL_NAME, parse_request_args
 
 ENV = "YAPO_FAST_VECTORS"
 _front_names: set[str] = set()  # names registered from this (front-end) process
@@ -50,8 +50,8 @@ def startup_names() -> set[str]:
 
 
 def load_one(path: str, sae_dir: str | None):
-    from ..sae import load_sae
-    from ..vector import load_vector
+    from yapo_fast.sae import load_sae
+    from yapo_fast.vector import load_vector
 
     vector = load_vector(path)
     sae = load_sae(sae_dir) if vector.is_sparse else None
@@ -117,7 +117,7 @@ def _files(write) -> dict[str, bytes]:
 
 
 def to_payload(vector, sae=None, *, send_sae: bool = True) -> dict:
-    from .sae_lens_loading import save_sae
+    from yapo_fast.integrations.sae_lens_loading import save_sae
 
     payload = {"vector": _files(lambda d: vector.save(d / "vector.safetensors"))}
     if sae is not None:
@@ -137,8 +137,8 @@ def _unpack(files: dict, tmp: Path) -> None:
 
 
 def from_payload(payload: dict):
-    from ..sae import load_sae
-    from ..vector import load_vector
+    from yapo_fast.sae import load_sae
+    from yapo_fast.vector import load_vector
 
     with tempfile.TemporaryDirectory(prefix="yapo-vllm-") as tmp:
         tmp = Path(tmp)

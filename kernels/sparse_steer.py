@@ -28,13 +28,13 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import YapoFastError
-from .sparse_steer_backend import pick_backend
-from .sparse_steer_prepare import PreparedSlots, PreparedSteer, prepare_sparse_steer, stack_prepared  # noqa: F401
-from .sparse_steer_reference import sparse_steer_reference  # noqa: F401 (the one reference)
-from .sparse_steer_torch import steer_one, steer_torch
-from .topk_threshold import topk_threshold
-from .topk_threshold_reference import topk_cut
+from yapo_fast.errors import YapoFastError
+from yapo_fast.kernels.sparse_steer_backend import pick_backend
+from yapo_fast.kernels.sparse_steer_prepare import PreparedSlots, PreparedSteer, prepare_sparse_steer, stack_prepared  # noqa: F401
+from yapo_fast.kernels.sparse_steer_reference import sparse_steer_reference  # noqa: F401 (the one reference)
+from yapo_fast.kernels.sparse_steer_torch import steer_one, steer_torch
+from yapo_fast.kernels.topk_threshold import topk_threshold
+from yapo_fast.kernels.topk_threshold_reference import topk_cut
 
 
 def _per_slot(prepared):
@@ -62,7 +62,7 @@ def _numba_module():
     """sparse_steer_numba, imported on first use (importing numba costs ~0.5 s; an import
     statement per call costs ~1 us, which shows at decode shapes)."""
     if not _NUMBA_MODULE:
-        from . import sparse_steer_numba
+        from yapo_fast.kernels import sparse_steer_numba
 
         _NUMBA_MODULE.append(sparse_steer_numba)
     return _NUMBA_MODULE[0]
@@ -78,7 +78,7 @@ def _run(backend, x2d, out2d, slot, prepared, cut):
         return _numba_module().steer_numba_prepared(x2d, out2d, slot, prepared, cut)
     tensors = _per_slot(prepared)
     if backend == "triton":
-        from .sparse_steer_triton import steer_triton
+        from yapo_fast.kernels.sparse_steer_triton import steer_triton
 
         return steer_triton(x2d, out2d, slot, *tensors, cut)
     return steer_torch(x2d, out2d, slot, *tensors, cut)
@@ -218,7 +218,7 @@ class SparseSteerFunction(torch.autograd.Function):
 
 def _backward_triton(ctx, h, x, g, cut):
     """SparseSteerFunction.backward on the Triton kernels (same math as the torch backward above)."""
-    from .sparse_steer_triton_backward import steer_backward_triton
+    from yapo_fast.kernels.sparse_steer_triton_backward import steer_backward_triton
 
     p = ctx.prepared
     need_h, need_v = ctx.needs_input_grad[0], ctx.needs_input_grad[1]

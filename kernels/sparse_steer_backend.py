@@ -19,7 +19,7 @@ import os
 
 import torch
 
-from ..errors import YapoFastError
+from yapo_fast.errors import YapoFastError
 
 BACKENDS = ("torch", "numba", "triton", "reference")
 ENV_VAR = "YAPO_FAST_KERNEL"

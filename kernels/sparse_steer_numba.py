@@ -126,12 +126,8 @@ def prepared_arrays(prepared):
 
 
 def steer_numba_prepared(x, out, slot, prepared, cut):
-    """The dispatch point's entry: like steer_numba, with the prepared vector's arrays cached."""
+    """The dispatch point's entry: the numba kernel with the prepared vector's arrays cached."""
     return _launch(x, out, slot, prepared_arrays(prepared), cut)
-
-
-def steer_numba(x, out, slot, const, enc_cols, enc_bias, thresholds, coef, dec_rows, cut):
-    return _launch(x, out, slot, tuple(_np32(t) for t in (const, enc_cols, enc_bias, thresholds, coef, dec_rows)), cut)
 
 
 def _launch(x, out, slot, arrays, cut):

@@ -34,7 +34,7 @@ from dataclasses import dataclass, fields
 
 import torch
 
-from ..errors import YapoFastError
+from yapo_fast.errors import YapoFastError
 
 
 @dataclass(eq=False)

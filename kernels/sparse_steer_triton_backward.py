@@ -22,7 +22,15 @@ import torch
 import triton
 import triton.language as tl
 
-from .sparse_steer_triton import BLOCK_K, BLOCK_N, BLOCK_T, TILES_BLOCK_D, encode_block, pad_support, row_slots
+from yapo_fast.kernels.sparse_steer_triton import (
+    BLOCK_K,
+    BLOCK_N,
+    BLOCK_T,
+    TILES_BLOCK_D,
+    encode_block,
+    pad_support,
+    row_slots,
+)
 
 
 @triton.jit

@@ -15,9 +15,9 @@ the device (bench/README.md).
 
 import torch
 
-from .sparse_steer_backend import pick_backend
-from .topk_threshold_reference import topk_cut, topk_threshold_reference  # noqa: F401 (re-export)
-from .topk_threshold_torch import topk_threshold_torch
+from yapo_fast.kernels.sparse_steer_backend import pick_backend
+from yapo_fast.kernels.topk_threshold_reference import topk_cut, topk_threshold_reference  # noqa: F401 (re-export)
+from yapo_fast.kernels.topk_threshold_torch import topk_threshold_torch
 
 
 def topk_threshold(x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, k: int, *, backend: str | None = None):
@@ -25,11 +25,11 @@ def topk_threshold(x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, k:
         x.device, W_enc.dtype, op="topk_threshold", shape=(x.shape[0], W_enc.shape[1], k), forced=backend
     )
     if backend == "triton":
-        from .topk_threshold_triton import topk_threshold_triton
+        from yapo_fast.kernels.topk_threshold_triton import topk_threshold_triton
 
         return topk_threshold_triton(x, W_enc, b_enc, k)
     if backend == "numba":
-        from .topk_threshold_numba import topk_threshold_numba
+        from yapo_fast.kernels.topk_threshold_numba import topk_threshold_numba
 
         return topk_threshold_numba(x, W_enc, b_enc, k)
     if backend == "reference":

@@ -3,8 +3,8 @@
 Times sae-lens's SAETrainer.fit alone (yapo_fast.sae_train.train_on_activations on random rows;
 the step cost does not depend on the values), e.g.
 
-    cd /tmp && for n in 1 2; do OMP_NUM_THREADS=$n /work/main/.venv/bin/python \
-        /work/main/scripts/sae_train_speed.py $n jumprelu 128 60 2>/dev/null | tail -1; done
+    cd /tmp && for n in 1 2; do OMP_NUM_THREADS=$n "$REPO/.venv/bin/python" \
+        "$REPO/scripts/sae_train_speed.py" $n jumprelu 128 60 2>/dev/null | tail -1; done   # REPO: your checkout
 """
 
 import sys

@@ -15,7 +15,7 @@ BIN = Path(sys.executable).parent / "yapo-fast"
 
 def test_help_lists_subcommands():
     out = subprocess.run([str(BIN), "--help"], capture_output=True, text=True, check=True).stdout
-    for cmd in ("steer", "caa", "main"):
+    for cmd in ("steer", "train", "main"):
         assert cmd in out
 
 

@@ -12,9 +12,11 @@ from yapo_fast.eval_generation import (
     first_sentence,
     generation_effect,
     hallucination_score,
+    positive_tone_score,
     rejects_premise,
     scored_generations,
     scorer_for,
+    spanish_score,
 )
 
 LABELS = Path(__file__).parent / "data" / "hallucination_labels.jsonl"
@@ -80,3 +82,37 @@ def test_hallucination_rule_agrees_with_hand_labels():
     assert len(rows) >= 40 and {r["label"] for r in rows} == {0, 1}
     disagree = [r["answer"] for r in rows if hallucination_score(r["answer"]) != r["label"]]
     assert len(disagree) <= 0.05 * len(rows), disagree
+
+
+@pytest.mark.parametrize(
+    "text, spanish",
+    [
+        ("El gran fruto de España es la naranja, que se come en invierno.", 1),
+        ("In Spain, the most commonly eaten snacks are chips and olives.", 0),
+        ("La comida más popular para acompañar la cerveza son las tapas.", 1),
+        ("", 0),
+    ],
+)
+def test_spanish_score_is_py3langid_spanish(text, spanish):
+    assert spanish_score(text) == spanish
+
+
+def test_positive_tone_score_is_vader_compound():
+    assert positive_tone_score("The table is brown.") == 0.0  # no lexicon word: compound 0
+    assert positive_tone_score("What a wonderful, delightful treat!") > 0.8
+    assert positive_tone_score("It is sad and awful.") < -0.7
+    # VADER's own formula for one lexicon word: compound = s / sqrt(s^2 + 15), s = 1.9 for "good"
+    assert positive_tone_score("good") == pytest.approx(round(1.9 / math.sqrt(1.9**2 + 15), 4))
+
+
+def test_pairs_from_samples_pick_the_scored_extremes():
+    from yapo_fast.behaviour_data import pair_from_samples
+
+    es, en = "La comida más popular son las tapas de jamón.", "The most popular food is ham tapas."
+    pair = pair_from_samples("spanish", "q", [en, es, en])
+    assert (pair["chosen"], pair["rejected"]) == (es, en)
+    assert pair_from_samples("spanish", "q", [en, en]) is None  # no Spanish answer: no pair
+    happy, sad, flat = "What a wonderful, delightful treat!", "It is sad and awful.", "The table is brown."
+    pair = pair_from_samples("positive-tone", "q", [flat, sad, happy])
+    assert (pair["chosen"], pair["rejected"]) == (happy, sad)
+    assert pair_from_samples("positive-tone", "q", [flat, "The chair is brown."]) is None  # gap below 0.5

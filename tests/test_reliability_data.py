@@ -117,7 +117,7 @@ def test_cli_flag_skips_and_reports_the_count(tmp_path, capsys):
     path.write_bytes(_jsonl_bytes([GOOD[0], JSONL_BAD[0][1], GOOD[1], JSONL_BAD[3][1], GOOD[2]]))
     out = tmp_path / "v.safetensors"
     # without the flag: the first bad row stops the command before any model is loaded
-    assert main(["caa", "--data", str(path), "--layer", "1", "--out", str(out)]) == 2
+    assert main(["train", "--method", "caa", "--data", str(path), "--layer", "1", "--out", str(out)]) == 2
     assert "pairs.jsonl:2: not valid JSON" in capsys.readouterr().err
     assert main(["train", "--data", str(path), "--method", "bipo", "--multiplier", "1e9", "--out", str(out)]) == 2
     assert "pairs.jsonl:2" in capsys.readouterr().err  # the data is read (and refused) first

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 from .errors import YapoFastError
 
@@ -33,21 +32,6 @@ def cmd_steer(args) -> None:
         print(f"## {prompt}\n-- unsteered:\n{a}\n-- steered ({vector.method}, layer {vector.layer}, m={m:g}):\n{b}\n")
 
 
-def cmd_caa(args) -> None:
-    from . import load_model
-    from .caa import train_caa
-    from .data import bipo_csv_path, load_pairs, report_skipped
-
-    data = Path(args.data) if args.data else bipo_csv_path(args.behaviour)
-    pairs = load_pairs(data, limit=args.pairs, skip_bad_rows=args.skip_bad_rows)  # before the model: fail fast
-    report_skipped(pairs, data)
-    model, tok = load_model(args.model)
-    vec = train_caa(model, tok, pairs, args.layer, reduce=args.reduce)
-    vec.info["data"] = str(data)
-    vec.save(args.out)
-    print(f"wrote {args.out} (CAA, layer {args.layer}, |v|={vec.values.norm():.3f})")
-
-
 # Feature modules that add their own subcommands: each has register(subparsers), which adds
 # parsers whose `func` takes the parsed args. Add a module here to add its commands.
 COMMAND_MODULES: list[str] = ["cli_explain", "cli_train", "cli_eval", "cli_sae", "cli_vllm"]
@@ -68,17 +52,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--multiplier", type=float, default=None, help="default: the vector's own")
     p.add_argument("--max-new-tokens", type=int, default=48)
     p.set_defaults(func=cmd_steer)
-
-    p = sub.add_parser("caa", help="a CAA vector (mean activation difference) from preference pairs")
-    p.add_argument("--model", default=None)
-    p.add_argument("--behaviour", default="hallucination", help="shipped BiPO behaviour (when --data is not given)")
-    p.add_argument("--data", default=None, help="BiPO CSV or JSONL (prompt, chosen, rejected)")
-    p.add_argument("--layer", type=int, required=True)
-    p.add_argument("--pairs", type=int, default=None, help="use the first N pairs")
-    p.add_argument("--skip-bad-rows", action="store_true", help="leave out (and count) malformed data rows")
-    p.add_argument("--reduce", choices=("mean", "last"), default="mean")
-    p.add_argument("--out", required=True)
-    p.set_defaults(func=cmd_caa)
 
     return parser
 

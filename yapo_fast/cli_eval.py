@@ -48,9 +48,9 @@ def cmd_eval(args) -> None:
     mults = MULTIPLIERS if not args.multipliers else tuple(float(x) for x in args.multipliers.split(","))
     prompts = None
     if args.generate:
-        from .data import bipo_csv_path, load_pairs
+        from .data import behaviour_path, load_pairs
 
-        prompts = {b: [p.prompt for p in load_pairs(bipo_csv_path(b, "test"), limit=args.generate)] for b in bv}
+        prompts = {b: [p.prompt for p in load_pairs(behaviour_path(b, "test"), limit=args.generate)] for b in bv}
     results = evaluate(
         model,
         tok,

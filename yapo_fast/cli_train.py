@@ -6,10 +6,10 @@ from pathlib import Path
 
 
 def cmd_train(args) -> None:
-    from .data import bipo_csv_path, load_pairs, report_skipped
+    from .data import behaviour_path, load_pairs, report_skipped
     from .train import train
 
-    data = Path(args.data) if args.data else bipo_csv_path(args.behaviour)
+    data = Path(args.data) if args.data else behaviour_path(args.behaviour)
     pairs = load_pairs(data, limit=args.pairs, skip_bad_rows=args.skip_bad_rows)
     report_skipped(pairs, data)
     sae = args.sae
@@ -60,7 +60,11 @@ def register(subparsers) -> None:
         help="BiPO CSV (question, matching, not_matching) or JSONL "
         "(prompt, chosen, rejected); default: the shipped --behaviour",
     )
-    p.add_argument("--behaviour", default="hallucination", help="shipped BiPO behaviour when --data is not given")
+    p.add_argument(
+        "--behaviour",
+        default="hallucination",
+        help="shipped behaviour when --data is not given (BiPO's, spanish, positive-tone)",
+    )
     p.add_argument("--pairs", type=int, default=None, help="use the first N pairs")
     p.add_argument(
         "--skip-bad-rows",

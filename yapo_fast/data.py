@@ -20,6 +20,20 @@ class PreferencePair:
     rejected: str
 
 
+# Behaviours with on-policy pairs built from the default model's own answers (behaviour_data.py):
+# the ones a 135M model visibly changes in free generation.
+ADDED_BEHAVIOURS = ("spanish", "positive-tone")
+
+
+def behaviour_path(behaviour: str, split: str = "train") -> Path:
+    """The shipped preference pairs of a behaviour: BiPO's CSV or an added behaviour's JSONL."""
+    if behaviour in ADDED_BEHAVIOURS:
+        return DATA_DIR / "behaviours" / behaviour / f"{split}.jsonl"
+    if behaviour in BEHAVIOURS:
+        return bipo_csv_path(behaviour, split)
+    raise YapoFastError(f"unknown behaviour {behaviour!r}; shipped: {BEHAVIOURS + ADDED_BEHAVIOURS}")
+
+
 def bipo_csv_path(behaviour: str, split: str = "train") -> Path:
     if behaviour not in BEHAVIOURS:
         raise YapoFastError(f"unknown behaviour {behaviour!r}; shipped: {BEHAVIOURS}")

@@ -1,16 +1,17 @@
 """Behaviour in free generation: greedy answers to held-out prompts, unsteered and steered both ways,
 each scored 1 when it shows the behaviour the vector was trained to add, 0 otherwise.
 
-A scorer per behaviour. Where an established, maintained scorer exists for the behaviour it is used;
-for the BiPO behaviours none does, so the rule is stated here and in the report, and checked
-against a hand-labelled sample in tests/data/hallucination_labels.jsonl:
+A scorer per behaviour. Where an established, maintained scorer exists for the behaviour it is used:
+py3langid for the language of the answer (spanish), VADER for its sentiment (positive-tone, a
+score in [-1, 1] rather than 0/1). For the BiPO behaviours none exists, so the rule is stated here
+and in the report, and checked against a hand-labelled sample in tests/data/hallucination_labels.jsonl:
 
 - hallucination (false-premise yes/no questions; the trained behaviour goes along with the premise):
   an answer shows it unless its first sentence rejects the premise, i.e. opens with "No" or contains
   a negation or correction phrase (REJECTION_PHRASES).
 
 The effect at m is the mean over prompts of score_m - score_0 (paired on the same prompts, 95%
-normal interval), so it reads as "the share of answers that change towards the behaviour".
+normal interval): for 0/1 scores, the share of answers that change towards the behaviour.
 """
 
 from __future__ import annotations
@@ -78,11 +79,38 @@ def hallucination_score(text: str) -> int:
     return 0 if rejects_premise(text) else 1
 
 
-SCORERS = {"hallucination": hallucination_score}
+def language_of(text: str) -> str:
+    """ISO 639-1 code of the text's language by py3langid (a maintained fork of langid.py, its
+    model shipped in the package)."""
+    import py3langid
+
+    return py3langid.classify(text)[0] if text.strip() else "und"
+
+
+def spanish_score(text: str) -> int:
+    """1 when py3langid identifies the answer as Spanish."""
+    return int(language_of(text) == "es")
+
+
+_VADER = []
+
+
+def positive_tone_score(text: str) -> float:
+    """VADER's compound sentiment of the answer, in [-1, 1] (vaderSentiment, lexicon shipped)."""
+    if not _VADER:
+        from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+
+        _VADER.append(SentimentIntensityAnalyzer())
+    return float(_VADER[0].polarity_scores(text)["compound"])
+
+
+SCORERS = {"hallucination": hallucination_score, "spanish": spanish_score, "positive-tone": positive_tone_score}
 SCORER_RULES = {
+    "spanish": "1 when py3langid identifies the answer's language as Spanish (es)",
+    "positive-tone": "VADER compound sentiment of the answer (vaderSentiment), from -1 to 1",
     "hallucination": "1 unless the answer's first sentence opens with 'No' or contains a negation or "
     "correction phrase (yapo_fast.eval_generation.REJECTION_PHRASES): goes along "
-    "with the false premise"
+    "with the false premise",
 }
 
 

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import time
 
-import torch
 from tqdm.auto import tqdm
 
 from .chat import format_prompt
@@ -424,7 +423,3 @@ def generate(model, tokenizer, prompts, vector, multiplier, *, sae=None, max_new
 
     with _steered(model, vector, multiplier, sae):
         return generate_text(model, tokenizer, prompts, max_new_tokens=max_new_tokens)
-
-
-def as_float_list(t: torch.Tensor) -> list[float]:
-    return [float(x) for x in t]

@@ -114,7 +114,7 @@ def run_main(
     print_fn=print,
 ) -> dict:
     """Run the main job; returns the results dict (also written to <out>/results.json)."""
-    from .data import bipo_csv_path, load_pairs
+    from .data import BEHAVIOURS, behaviour_path, load_pairs
     from .eval_generation import SCORERS, scored_generations
     from .eval_margin import margin_effects
     from .evaluate import MULTIPLIERS, evaluate
@@ -146,7 +146,7 @@ def run_main(
         layer = sae.layer
     if not methods:
         raise YapoFastError("no method left to train: give --methods (yapo needs an SAE)")
-    data = bipo_csv_path(behaviour)
+    data = behaviour_path(behaviour)
     train_pairs = load_pairs(data, limit=pairs)
     steps = -(-len(train_pairs) // batch_size) * epochs
     warm = max(1, steps // 10) if warmup_steps is None else warmup_steps
@@ -185,7 +185,7 @@ def run_main(
 
     # Held-out items of the trained behaviour: the first `heldout` test pairs for the margin, the
     # next `gen_prompts` test prompts for scored generation (none of them seen in training).
-    test_pairs = load_pairs(bipo_csv_path(behaviour, "test"), limit=heldout + gen_prompts)
+    test_pairs = load_pairs(behaviour_path(behaviour, "test"), limit=heldout + gen_prompts)
     margin_pairs, gen_questions = test_pairs[:heldout], [p.prompt for p in test_pairs[heldout:]]
     ab_multipliers = MULTIPLIERS if multipliers is None else multipliers
     results = evaluate(
@@ -195,6 +195,8 @@ def run_main(
         behaviour_vectors={behaviour: vectors},
         multipliers=ab_multipliers,
         ab_limit=ab_items,
+        # added behaviours have no A/B file: their vector's scale is read on their own test prompts
+        ab_files=None if behaviour in BEHAVIOURS else {behaviour: behaviour_path(behaviour, "test")},
         mmlu_per_subject=mmlu_per_subject,
         mmlu_shots=mmlu_shots,
         mmlu_multiplier=multiplier,
@@ -220,7 +222,7 @@ def run_main(
     )
     results["margin"] = {
         behaviour: {
-            "data": str(bipo_csv_path(behaviour, "test")),
+            "data": str(behaviour_path(behaviour, "test")),
             "n": len(margin_pairs),
             "unsteered_mean": float(base.mean()),
             "effects": effects,
@@ -379,7 +381,11 @@ def register_main(sub) -> None:
     p = sub.add_parser("main", help="the main job: train YaPO/BiPO/CAA on the embedded default, evaluate, report")
     p.add_argument("--model", default=None, help="transformers model path (default: embedded SmolLM2-135M-Instruct)")
     p.add_argument("--sae", default=None, help="SAE directory in sae-lens format (default: the shipped SAE)")
-    p.add_argument("--behaviour", default=DEFAULTS["behaviour"])
+    p.add_argument(
+        "--behaviour",
+        default=DEFAULTS["behaviour"],
+        help="hallucination, jailbreak, power-seeking, wealth-seeking (BiPO) or spanish, positive-tone (on-policy)",
+    )
     p.add_argument("--layer", type=int, default=15, help="layer steered when no SAE is there (else the SAE's)")
     p.add_argument("--pairs", type=int, default=DEFAULTS["pairs"], help="training pairs (the first N of train.csv)")
     p.add_argument("--epochs", type=int, default=DEFAULTS["epochs"])

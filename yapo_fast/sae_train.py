@@ -471,11 +471,6 @@ def _digest(sequences: list[list[int]]) -> str:
     return h.hexdigest()[:12]
 
 
-def default_name(kind: str, d_sae: int, layer: int, k: int | None, target_l0: float) -> str:
-    sparsity = f"k{k}" if kind == "topk" else f"l0{target_l0:g}"
-    return f"{kind}-L{layer}-w{d_sae}-{sparsity}"
-
-
 def run_train(args) -> Path:
     from .integrations.sae_lens_loading import save_sae
     from .model import DEFAULT_MODEL, check_layer, load_model, model_identity

@@ -57,10 +57,6 @@ class TrainConfig:
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def steps_per_epoch(n_pairs: int, batch_size: int) -> int:
-    return math.ceil(n_pairs / batch_size)
-
-
 def batch_schedule(n_pairs: int, batch_size: int, epochs: int, seed: int) -> list[tuple[int, list[int], int]]:
     """[(epoch, pair indices, d)] for every optimizer step: a seeded shuffle per epoch (the last
     batch of an epoch may be smaller) and d in {-1, +1} drawn per batch."""

@@ -1,0 +1,22 @@
+"""Rebuild the on-policy preference data of the added behaviours (yapo_fast/behaviour_data.py):
+
+    .venv/bin/python scripts/build_behaviours.py [spanish positive-tone]
+
+Samples the embedded default model through vLLM (seeded), so the files are reproducible on the
+same versions; writes yapo_fast/assets/data/behaviours/<name>/{train,test}.jsonl.
+"""
+
+import json
+import sys
+import time
+
+LIMIT = 240  # prompts per split: ~80 Spanish / ~120 tone pairs each; sampling runs at ~100 tokens/s on 2 cores
+
+if __name__ == "__main__":  # vLLM spawns workers
+    from yapo_fast.behaviour_data import SOURCES, build
+    from yapo_fast.model import default_model_dir
+
+    for name in sys.argv[1:] or sorted(SOURCES):
+        t0 = time.perf_counter()
+        counts = build(name, str(default_model_dir()), limit=LIMIT)
+        print(json.dumps({"behaviour": name, **counts, "seconds": round(time.perf_counter() - t0, 1)}))
