@@ -38,6 +38,8 @@ def cmd_train(args) -> None:
         multiplier=args.multiplier,
         holdout=args.holdout,
         patience=args.patience,
+        support=args.support,
+        l1=args.l1,
         cache_memory_bytes=None if args.cache_memory_gb is None else int(args.cache_memory_gb * 2**30),
     )
     vec = result.vector
@@ -89,6 +91,13 @@ def register(subparsers) -> None:
     p.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint and start over")
     p.add_argument("--holdout", type=float, default=0.0, help="fraction of pairs held out (evaluated per epoch)")
     p.add_argument("--patience", type=int, default=None, help="with --holdout: stop after N epochs without improvement")
+    p.add_argument(
+        "--support",
+        type=int,
+        default=None,
+        help="yapo: keep at most K non-zero latents (top-k by effect after every step)",
+    )
+    p.add_argument("--l1", type=float, default=0.0, help="yapo: L1 strength (soft threshold lr*l1 after every step)")
     p.add_argument(
         "--cache-memory-gb",
         type=float,

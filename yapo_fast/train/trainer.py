@@ -28,6 +28,7 @@ from .checkpoint import load_checkpoint, save_checkpoint
 from .config import TrainConfig, batch_schedule, make_optimizer
 from .lean import DecoderRunner, forward_from_layer
 from .objective import dpo_losses, yapo_delta
+from .sparsity import check_sparsity, sparsify_step_
 
 
 @dataclass
@@ -184,6 +185,8 @@ def train(
     pack_tokens: int = 256,
     holdout: float = 0.0,
     patience: int | None = None,
+    support: int | None = None,
+    l1: float = 0.0,
     progress: bool = True,
     callback=None,
 ) -> TrainResult:
@@ -204,12 +207,17 @@ def train(
       accuracy at m=+1 is measured (TrainResult.evals, and the loss log).
     patience: with holdout, stop early after this many epochs without a better held-out accuracy
       (off by default: the full schedule runs).
+    support: yapo: keep at most this many non-zero entries of v (the largest by effect
+      |v_i| * ||W_dec[i]||), projected after every optimizer step (train/sparsity.py).
+    l1: yapo: L1 strength, applied as a proximal soft threshold lr * l1 after every step.
     callback: called with each step's record after the step (an exception stops the run).
     Under torchrun the pairs are split across processes and the gradient all-reduced.
     """
     t0 = time.perf_counter()
     multiplier = check_multiplier(multiplier, "the vector's default multiplier")  # refuse before hours of training
+    check_sparsity(method, support, l1, None)
     pairs, model, tokenizer, sae, layer = _resolve(method, pairs, model, tokenizer, sae, layer)
+    check_sparsity(method, support, l1, getattr(sae, "d_sae", None))
     cfg = TrainConfig(
         method=method,
         layer=layer,
@@ -235,6 +243,8 @@ def train(
         "warmup_steps": warmup_steps,
         "seed": seed,
         "system": system,
+        **({"support": support} if support is not None else {}),
+        **({"l1": l1} if l1 else {}),
     }
     if method == "caa":
         from ..caa import train_caa
@@ -271,11 +281,13 @@ def train(
         model=ident.get("fingerprint"),
         holdout=[held, patience],
         sae=None if sae is None else sae.weights_hash(),
+        **({"sparsity": [support, l1]} if support is not None or l1 else {}),  # dense runs keep their id
     )
 
     size = sae.d_sae if method == "yapo" else model.config.hidden_size
     v = torch.zeros(size, dtype=runner.dtype, device=runner.device, requires_grad=True)
     opt, sched = make_optimizer(v, cfg, total)
+    row_norms = sae.W_dec.norm(dim=1).to(v.device, v.dtype) if method == "yapo" else None
     start, stopped = 0, False
     if resume and ckpt_path is not None and ckpt_path.exists():
         start, stopped = load_checkpoint(ckpt_path, v=v, optimizer=opt, scheduler=sched, fingerprint=fingerprint)
@@ -338,6 +350,8 @@ def train(
                     )
                 opt.step()
                 lr_now = sched.get_last_lr()[0]
+                if support is not None or l1:
+                    sparsify_step_(v, opt, support=support, l1=l1, lr=lr_now, row_norms=row_norms)
                 sched.step()
                 rec = {
                     "step": step + 1,
