@@ -75,6 +75,13 @@ def pytest_terminal_summary(terminalreporter):
                     extra.append(f"{base[0] / med:.1f}x [{base[1] / low:.1f}x] faster than reference")
                 if floor and name not in ("reference", floor_name):
                     extra.append(f"{med / floor[0]:.2f}x [{low / floor[1]:.2f}x] the floor")
+                dense_vec, dense_add = times.get("op_dense_vector"), times.get("dense_add")
+                if dense_vec and name == "op":  # trained vectors: the sparse op against the dense one
+                    extra.append(
+                        f"{dense_vec[0] / med:.1f}x [{dense_vec[1] / low:.1f}x] faster than on the dense vector"
+                    )
+                if dense_add and name not in ("dense_add",):
+                    extra.append(f"{med / dense_add[0]:.1f}x [{low / dense_add[1]:.1f}x] the dense add")
                 lines.append(
                     f"- {name}: {_fmt_ms(med)} [{_fmt_ms(low)}] ms" + (f" ({'; '.join(extra)})" if extra else "")
                 )

@@ -316,7 +316,7 @@ class SteerState:
     def _segments(self, ids: list[int], token1: torch.Tensor):
         """Rows of the tokens steered by slots `ids`, sorted by slot (stable), and each slot's run.
         On CPU a run per slot through the single-vector path beats one stacked call, whose torch
-        path gathers and scatters the rows of every slot separately (bench/README.md)."""
+        path gathers and scatters the rows of every slot separately (docs/benchmarks.md)."""
         local = torch.full((len(self.slot_list) + 1,), len(ids), dtype=torch.int64)
         local[torch.tensor(ids, dtype=torch.int64) + 1] = torch.arange(len(ids))
         key = local[token1]  # position of the token's slot among `ids`; len(ids) = not steered here

@@ -1,7 +1,7 @@
 """Which backend runs an op: forced by the caller or YAPO_FAST_KERNEL=torch|numba|triton, else
-chosen by device and shape from the measurements in bench/README.md.
+chosen by device and shape from the measurements in docs/benchmarks.md.
 
-Why these defaults (bench/README.md, measured on the 2-core CPU box, one thread, d_model 576):
+Why these defaults (docs/benchmarks.md, measured on the 2-core CPU box, one thread, d_model 576):
 - fused steer, decode shapes: at T <= 8 tokens with n <= 512 dependent entries (the vector's
   negative part) and T * n <= 2048, the numba kernel wins: a few us of work plus ~20 us of call
   overhead (numpy views of the prepared vector are cached on it), against ~45-55 us of op
@@ -54,7 +54,7 @@ NUMBA_MAX_WORK = 2048  # T * n
 
 
 def default_cpu_backend(op: str, shape) -> str:
-    # Measured, not guessed: see the module docstring and bench/README.md (decode table).
+    # Measured, not guessed: see the module docstring and docs/benchmarks.md (decode table).
     if op == "sparse_steer" and shape is not None:
         tokens, _, n = shape
         if tokens <= NUMBA_MAX_TOKENS and n <= NUMBA_MAX_DEPENDENT and tokens * n <= NUMBA_MAX_WORK:

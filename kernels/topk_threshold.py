@@ -10,7 +10,7 @@ topk_cut(kth, next) as the cut `pre >= cut`. Tie rule: see topk_threshold_refere
 Backends: "triton" (CUDA: tiles over d_sae with a running top-k in registers), "numba" (CPU:
 token blocks x latent chunks, running top-k per token), "torch" (chunked matmul + torch.topk),
 "reference" (full matrix + sort). None = YAPO_FAST_KERNEL if set, else the fastest measured for
-the device (bench/README.md).
+the device (docs/benchmarks.md).
 """
 
 import torch

@@ -169,7 +169,7 @@ def test_env_var_forces_backend(monkeypatch):
 
 
 def test_default_cpu_backend_follows_the_measured_rule(monkeypatch):
-    """CPU default (kernels/sparse_steer_backend.py, numbers in bench/README.md): numba at decode
+    """CPU default (kernels/sparse_steer_backend.py, numbers in docs/benchmarks.md): numba at decode
     shapes (T <= 8, n <= 512, T * n <= 2048), the torch path elsewhere; YAPO_FAST_KERNEL forces."""
     import yapo_fast.kernels.sparse_steer_numba as numba_path
 
