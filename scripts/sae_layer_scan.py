@@ -1,4 +1,4 @@
-"""Which layer should the shipped SAE read? A quick measurement (README, "The shipped SAE").
+"""Which layer should the shipped SAE read? A quick measurement (docs/sae.md).
 
 `yapo-fast sae train --layer 15 --cache-layers 9,12,18 ...` caches the activations of several
 decoder layers over the same text in one forward pass. This script trains the same small SAE on

@@ -1,4 +1,4 @@
-"""SAE training speed with 1 vs 2 torch threads (README, "The shipped SAE": why --threads 1).
+"""SAE training speed with 1 vs 2 torch threads (docs/sae.md: why --threads 1).
 
 Times sae-lens's SAETrainer.fit alone (yapo_fast.sae_train.train_on_activations on random rows;
 the step cost does not depend on the values), e.g.

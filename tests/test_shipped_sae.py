@@ -1,4 +1,4 @@
-"""The SAEs shipped for the embedded default model (README, "The shipped SAE")."""
+"""The SAEs shipped for the embedded default model (docs/sae.md)."""
 
 import json
 

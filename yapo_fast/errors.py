@@ -23,7 +23,7 @@ def check_finite(name: str, tensor, fix: str = "") -> None:
 # allocated from it.
 MAX_WIDTH = 1 << 28
 
-# The documented multiplier range (README, "Reliability"): |m| <= MAX_ABS_MULTIPLIER. Useful
+# The documented multiplier range (docs/reliability.md): |m| <= MAX_ABS_MULTIPLIER. Useful
 # multipliers are of order 1 (the paper and our curves use |m| <= 2); far larger ones only drive
 # activations towards overflow (bf16/fp16 hosts) and garbage text, so they are refused everywhere
 # a multiplier enters: steer/patch, per-request vLLM arguments, the server's vector list, train.

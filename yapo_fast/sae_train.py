@@ -485,7 +485,7 @@ def run_train(args) -> Path:
     if args.threads < 1:
         raise YapoFastError(f"--threads {args.threads}: need at least 1")
     # one thread by default: on a shared 2-core machine two OpenMP threads contend with other jobs
-    # and a step took 4x longer than with one (README, "The shipped SAE")
+    # and a step took 4x longer than with one (docs/sae.md)
     torch.set_num_threads(args.threads)
     mixture = TextMixture.parse(args.mix)
     torch.manual_seed(args.seed)
