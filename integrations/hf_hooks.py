@@ -12,39 +12,13 @@ exactly: the hook is the only thing that changes, no weight is touched.
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
 
 import torch
 
 from yapo_fast.errors import YapoFastError
 from yapo_fast.model import check_layer, decoder_layers, model_identity
-from yapo_fast.steering import make_steer_fn
+from yapo_fast.steering import Steering, SteeringHandle
 from yapo_fast.vector import SteeringVector
-
-
-@dataclass
-class SteeringHandle:
-    """Undo a patch with .remove() (idempotent); also a context manager."""
-
-    vector: SteeringVector
-    multiplier: float
-    layer: int
-    _hook: torch.utils.hooks.RemovableHandle | None
-
-    def remove(self) -> None:
-        if self._hook is not None:
-            self._hook.remove()
-            self._hook = None
-
-    @property
-    def active(self) -> bool:
-        return self._hook is not None
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.remove()
 
 
 def _replace_hidden(output, new_hidden):
@@ -72,16 +46,15 @@ def _check_steered(steered: torch.Tensor, hidden: torch.Tensor, layer: int, m: f
 
 
 def patch_model(
-    model, vector: SteeringVector, multiplier: float | None = None, *, sae=None, check: bool = True
+    model, vector: "SteeringVector | Steering", multiplier: float | None = None, *, sae=None, check: bool = True
 ) -> SteeringHandle:
-    """Steer `model` at vector.layer until handle.remove(). `sae` is needed for yapo vectors."""
-    if not isinstance(vector, SteeringVector):
-        raise YapoFastError(f"expected a SteeringVector (yapo_fast.load_vector(path)), got {type(vector).__name__}")
-    layer = check_layer(model, vector.layer)
+    """Steer `model` at the vector's layer until handle.remove(). Takes a Steering, or a vector
+    (with `sae` for yapo vectors; multiplier None: the vector's own)."""
+    steering = Steering.of(vector, multiplier, sae=sae)
+    layer = check_layer(model, steering.layer)
     if check:
-        vector.check_compatible(model=model_identity(model), sae=sae)
-    m = vector.multiplier if multiplier is None else multiplier
-    steer_fn = make_steer_fn(vector, m, sae=sae)
+        steering.vector.check_compatible(model=model_identity(model), sae=steering.sae)
+    steer_fn, m = steering.steer_fn(), steering.multiplier
 
     def hook(_module, _inputs, output):
         hidden = output if isinstance(output, torch.Tensor) else output[0]
@@ -89,13 +62,11 @@ def patch_model(
         _check_steered(steered, hidden, layer, m)
         return _replace_hidden(output, steered)
 
-    return SteeringHandle(
-        vector=vector, multiplier=float(m), layer=layer, _hook=decoder_layers(model)[layer].register_forward_hook(hook)
-    )
+    return SteeringHandle(steering, decoder_layers(model)[layer].register_forward_hook(hook).remove)
 
 
 @contextlib.contextmanager
-def steer(model, vector: SteeringVector, multiplier: float | None = None, *, sae=None, check: bool = True):
+def steer(model, vector: "SteeringVector | Steering", multiplier: float | None = None, *, sae=None, check: bool = True):
     """Context manager form of patch_model."""
     handle = patch_model(model, vector, multiplier, sae=sae, check=check)
     try:

@@ -16,13 +16,12 @@ steering state is reused.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
 
 from yapo_fast.errors import YapoFastError
 from yapo_fast.integrations import vllm_vectors
 from yapo_fast.integrations.vllm_state import GLOBAL_NAME
-from yapo_fast.steering import check_multiplier
-from yapo_fast.vector import SteeringVector, load_vector
+from yapo_fast.steering import Steering, SteeringHandle, check_multiplier
+from yapo_fast.vector import load_vector
 
 _NOT_LOADED = (
     "the yapo-fast vLLM plugin is not loaded in this engine's workers, so the steering op is not "
@@ -81,19 +80,17 @@ def _refuse_cuda_graphs(llm) -> None:
         )
 
 
-def _resolve(llm, vector, sae) -> SteeringVector:
+def _resolve(llm, vector, multiplier, sae) -> Steering:
+    """The Steering (checked once, Steering.of), also checked against the engine's model."""
     _refuse_cuda_graphs(llm)
     if isinstance(vector, (str, os.PathLike)):
         vector = load_vector(vector)
-    if not isinstance(vector, SteeringVector):
-        raise YapoFastError(f"expected a SteeringVector or a vector file path, got {type(vector).__name__}")
+    steering = Steering.of(vector, multiplier, sae=sae)
     d_model, n_layers = _engine_shape(llm)
-    vector.check_compatible(
-        model={"d_model": d_model, "n_layers": n_layers}, n_layers=n_layers, sae=sae if vector.is_sparse else None
+    steering.vector.check_compatible(
+        model={"d_model": d_model, "n_layers": n_layers}, n_layers=n_layers, sae=steering.sae
     )
-    if vector.is_sparse and sae is None:
-        raise YapoFastError("a yapo vector is steered through its SAE: pass sae=yapo_fast.load_sae(...)")
-    return vector
+    return steering
 
 
 def _register(llm, args: dict, vector, sae) -> None:
@@ -118,9 +115,8 @@ def register_vector(llm, name: str, vector, multiplier: float | None = None, *, 
     """Make `vector` selectable per request as `name` (SamplingParams(extra_args=steer_args(name)))."""
     if not isinstance(name, str) or not name or name.lower() == "none" or name == GLOBAL_NAME:
         raise YapoFastError(f"{name!r} cannot name a steering vector: use a non-empty string other than 'none'")
-    vector = _resolve(llm, vector, sae)
-    m = None if multiplier is None else check_multiplier(multiplier)
-    _register(llm, {"name": name, "multiplier": m}, vector, sae)
+    steering = _resolve(llm, vector, multiplier, sae)
+    _register(llm, {"name": name, "multiplier": steering.multiplier}, steering.vector, steering.sae)
     vllm_vectors.add_front_name(name)
     _reset_prefix_cache(llm)
 
@@ -139,35 +135,15 @@ def steer_args(name: str | None, multiplier: float | None = None) -> dict:
     return {"yapo": spec}
 
 
-@dataclass
-class VllmSteeringHandle:
-    llm: object = field(repr=False)
-    vector: SteeringVector
-    multiplier: float
-    layer: int
-    removed: bool = False
-
-    def remove(self) -> None:
-        if not self.removed:
-            unpatch(self.llm)
-            self.removed = True
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.remove()
-
-
-def patch(llm, vector, multiplier: float | None = None, *, sae=None) -> VllmSteeringHandle:
-    """Steer every following request of `llm` (requests without their own yapo arguments) with
-    `vector` at `multiplier` (default: the vector's own), until handle.remove()."""
-    m = None if multiplier is None else check_multiplier(multiplier)  # refused before the engine is asked
-    vector = _resolve(llm, vector, sae)
-    m = vector.multiplier if m is None else m
-    _register(llm, {"name": GLOBAL_NAME, "multiplier": float(m), "global": True}, vector, sae)
+def patch(llm, vector, multiplier: float | None = None, *, sae=None) -> SteeringHandle:
+    """Steer every following request of `llm` (requests without their own yapo arguments) with a
+    Steering, or a vector (+ its SAE) at `multiplier` (default: the vector's own), until handle.remove()."""
+    steering = _resolve(llm, vector, multiplier, sae)
+    _register(
+        llm, {"name": GLOBAL_NAME, "multiplier": steering.multiplier, "global": True}, steering.vector, steering.sae
+    )
     _reset_prefix_cache(llm)
-    return VllmSteeringHandle(llm=llm, vector=vector, multiplier=float(m), layer=vector.layer)
+    return SteeringHandle(steering, lambda: unpatch(llm))
 
 
 def unpatch(llm) -> None:

@@ -20,16 +20,20 @@ def cmd_steer(args) -> None:
     """Generate for a prompt with and without a vector, side by side."""
     from . import load_model, load_sae, load_vector, steer
     from .hf_generate import generate_text
+    from .steering import Steering
 
     vector = load_vector(args.vector)
+    sae = load_sae(args.sae, sae_id=args.sae_id) if vector.is_sparse else None  # dense vectors read none
+    steering = Steering.of(vector, args.multiplier, sae=sae)  # checked before the model loads
     model, tok = load_model(args.model)
-    sae = load_sae(args.sae, sae_id=args.sae_id) if vector.is_sparse else None
-    m = vector.multiplier if args.multiplier is None else args.multiplier
     plain = generate_text(model, tok, args.prompt, max_new_tokens=args.max_new_tokens)
-    with steer(model, vector, m, sae=sae):
+    with steer(model, steering):
         steered = generate_text(model, tok, args.prompt, max_new_tokens=args.max_new_tokens)
     for prompt, a, b in zip(args.prompt, plain, steered):
-        print(f"## {prompt}\n-- unsteered:\n{a}\n-- steered ({vector.method}, layer {vector.layer}, m={m:g}):\n{b}\n")
+        print(
+            f"## {prompt}\n-- unsteered:\n{a}\n-- steered ({vector.method}, layer {vector.layer}, "
+            f"m={steering.multiplier:g}):\n{b}\n"
+        )
 
 
 # Feature modules that add their own subcommands: each has register(subparsers), which adds

@@ -190,17 +190,18 @@ def cmd_generate(args) -> None:
     from .model import resolve_model_path
 
     prompts = read_prompts(args.prompts)
-    if args.multiplier is not None:  # refused before minutes of engine start-up
-        from .errors import check_multiplier
-
-        check_multiplier(args.multiplier, "--multiplier")
-    vector = sae = None
-    if args.vector:
+    steering = None
+    if args.vector:  # checked (Steering.of) before minutes of engine start-up
         from .sae import load_sae
+        from .steering import Steering
         from .vector import load_vector
 
         vector = load_vector(args.vector)
-        sae = load_sae(args.sae) if vector.is_sparse else None
+        steering = Steering.of(vector, args.multiplier, sae=load_sae(args.sae) if vector.is_sparse else None)
+    elif args.multiplier is not None:
+        from .errors import check_multiplier
+
+        check_multiplier(args.multiplier, "--multiplier")
     from vllm import LLM
 
     from .integrations.vllm_patch import patch
@@ -213,10 +214,8 @@ def cmd_generate(args) -> None:
         kv_cache_memory_bytes=kv_cache_bytes(args.kv_cache_gib),
         seed=args.seed,
     )
-    m = None
-    if vector is not None:
-        m = vector.multiplier if args.multiplier is None else args.multiplier
-        patch(llm, vector, m, sae=sae)
+    if steering is not None:
+        patch(llm, steering)
     stats = generate_to_file(
         llm,
         prompts,
@@ -226,7 +225,7 @@ def cmd_generate(args) -> None:
         seed=args.seed,
         chat=args.chat,
         chunk=args.chunk,
-        record={"vector": args.vector, "multiplier": m},
+        record={"vector": args.vector, "multiplier": None if steering is None else steering.multiplier},
     )
     dt = stats["seconds"]
     print(

@@ -38,7 +38,7 @@ def vector_scale(vector, h: torch.Tensor, *, sae=None, multiplier: float = 1.0, 
     """Scale of `vector`'s edit on the layer states h (see the module doc)."""
     from .steering import make_steer_fn
 
-    steer_fn = make_steer_fn(vector, multiplier, sae=sae if vector.is_sparse else None)
+    steer_fn = make_steer_fn(vector, multiplier, sae=sae)
     h = h.to(torch.float32)
     h_steered = steer_fn(h).float()  # the hooks steer float32 hidden states (the SAE cast to float32)
     norms = h.norm(dim=-1)

@@ -80,7 +80,7 @@ def make_vllm_generate_fn(
         if vector is None or multiplier == 0:
             outs = timed()
         else:
-            with patch(llm, vector, multiplier, sae=sae if vector.is_sparse else None):
+            with patch(llm, vector, multiplier, sae=sae):
                 outs = timed()
         return [o.outputs[0].text.strip() for o in outs]
 

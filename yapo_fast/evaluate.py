@@ -46,7 +46,7 @@ def _steered(model, vector, multiplier, sae):
 
     if vector is None or multiplier == 0:
         return contextlib.nullcontext()
-    return steer(model, vector, multiplier, sae=sae if vector.is_sparse else None)
+    return steer(model, vector, multiplier, sae=sae)
 
 
 def _vector_meta(vector) -> dict:
@@ -95,7 +95,7 @@ def score_steerings(
             if vec is None or m == 0:
                 by_layer.setdefault(None, {})[key] = None
             else:
-                by_layer.setdefault(vec.layer, {})[key] = make_steer_fn(vec, m, sae=sae if vec.is_sparse else None)
+                by_layer.setdefault(vec.layer, {})[key] = make_steer_fn(vec, m, sae=sae)
         plain = by_layer.pop(None, {})
         if plain and not by_layer:  # unsteered only
             logits = next_token_logits(

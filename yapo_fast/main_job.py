@@ -27,6 +27,7 @@ DEFAULTS = dict(
     batch_size=4,
     lr=2e-2,
     warmup_steps=None,
+    support=None,  # YaPO's support budget (None: dense)
     heldout=40,
     gen_prompts=48,
     ab_items=0,
@@ -96,6 +97,7 @@ def run_main(
     batch_size: int = DEFAULTS["batch_size"],
     lr: float = DEFAULTS["lr"],
     warmup_steps: int | None = None,
+    support: int | None = DEFAULTS["support"],
     heldout: int = DEFAULTS["heldout"],
     gen_prompts: int = DEFAULTS["gen_prompts"],
     ab_items: int | None = DEFAULTS["ab_items"],
@@ -169,6 +171,7 @@ def run_main(
             resume=False,
             multiplier=multiplier,
             progress=progress,
+            **({"support": support} if method == "yapo" and support else {}),
         )
         vectors[method] = res.vector
         training[method] = {
@@ -273,6 +276,7 @@ def run_main(
         "batch_size": batch_size,
         "lr": lr,
         "warmup_steps": warm,
+        "support": support,
         "layer": layer,
         "multiplier": multiplier,
         "seconds": time.perf_counter() - t_start,
@@ -393,6 +397,12 @@ def register_main(sub) -> None:
     p.add_argument("--lr", type=float, default=DEFAULTS["lr"])
     p.add_argument("--warmup-steps", type=int, default=None, help="default: 10%% of the steps")
     p.add_argument(
+        "--support",
+        type=int,
+        default=DEFAULTS["support"],
+        help="YaPO: keep at most K non-zero latents (top-k by effect after every step; 0: dense)",
+    )
+    p.add_argument(
         "--heldout",
         type=int,
         default=DEFAULTS["heldout"],
@@ -437,6 +447,7 @@ def cmd_main(args) -> None:
         batch_size=args.batch_size,
         lr=args.lr,
         warmup_steps=args.warmup_steps,
+        support=args.support or None,
         heldout=args.heldout,
         gen_prompts=args.gen_prompts,
         ab_items=args.ab_items or None,

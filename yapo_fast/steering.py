@@ -4,12 +4,15 @@ layer L's output and call it."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+from typing import Callable
+
 import torch
 
 from .errors import YapoFastError, check_finite, check_multiplier  # noqa: F401 (check_multiplier: re-exported)
+from .kernels.dense_steer import dense_steer as dense_kernel
 from .kernels.sparse_steer import prepare_sparse_steer
 from .kernels.sparse_steer import sparse_steer as fused_sparse_steer
-from .kernels.sparse_steer_reference import dense_steer_reference
 from .vector import SteeringVector
 
 
@@ -44,33 +47,106 @@ def dense_steer(h: torch.Tensor, vector: "SteeringVector | torch.Tensor", multip
     v = vector.dense() if isinstance(vector, SteeringVector) else vector
     _check_hidden(h, v.shape[-1], "steering vector")
     check_finite("steering vector", v)
-    return dense_steer_reference(h, v.to(h.device), multiplier)
+    return dense_kernel(h, v, multiplier)
+
+
+@dataclass(frozen=True)
+class Steering:
+    """One steering, as every host takes it: a vector, the SAE it lives in (yapo vectors; dense ones
+    carry none) and the multiplier. Built by Steering.of, which checks everything once: the
+    multiplier (the vector's own when None), that a yapo vector has its SAE and that their sizes
+    agree. Hosts: yapo_fast.steer / patch_model (transformers), yapo_fast.patch / register_vector
+    (vLLM), the evaluation."""
+
+    vector: SteeringVector
+    multiplier: float
+    sae: object | None = None
+
+    @classmethod
+    def of(cls, vector, multiplier: float | None = None, *, sae=None) -> "Steering":
+        if isinstance(vector, Steering):
+            if multiplier is None and sae is None:
+                return vector
+            return cls.of(
+                vector.vector,
+                vector.multiplier if multiplier is None else multiplier,
+                sae=vector.sae if sae is None else sae,
+            )
+        if not isinstance(vector, SteeringVector):
+            raise YapoFastError(
+                f"expected a SteeringVector (yapo_fast.load_vector(path)) or a Steering, got {type(vector).__name__}"
+            )
+        m = check_multiplier(vector.multiplier if multiplier is None else multiplier)
+        if not vector.is_sparse:
+            return cls(vector, m, None)  # dense steering reads no SAE
+        if sae is None:
+            raise YapoFastError("a yapo vector needs the SAE it was trained with: pass sae=yapo_fast.load_sae(...)")
+        if vector.d_sae != sae.d_sae:
+            raise YapoFastError(f"vector has d_sae={vector.d_sae} but the SAE has d_sae={sae.d_sae}")
+        return cls(vector, m, sae)
+
+    @property
+    def layer(self) -> int:
+        return self.vector.layer
+
+    def steer_fn(self):
+        """h -> h', the vector prepared once per device (the op's dispatch point: kernels/)."""
+        if self.vector.is_sparse:
+            return _sparse_fn(self.sae, self.vector.latent(), self.multiplier)
+        dense, m = self.vector.dense(), self.multiplier
+        return lambda h: dense_kernel(h, dense, m)
+
+
+def _sparse_fn(sae, latent: torch.Tensor, multiplier: float):
+    cache = {}  # device -> PreparedSteer
+
+    def steer_fn(h: torch.Tensor) -> torch.Tensor:
+        if h.device not in cache:
+            _check_hidden(h, sae.d_in, f"SAE {sae.name!r}")
+            cache[h.device] = prepare_sparse_steer(
+                sae.to(device=h.device, dtype=torch.float32), latent.to(h.device), multiplier
+            )
+        return fused_sparse_steer(h, cache[h.device])
+
+    return steer_fn
+
+
+@dataclass
+class SteeringHandle:
+    """What a host returns for an active steering: .remove() undoes it (idempotent); also a
+    context manager. The same class for transformers hooks and vLLM engines."""
+
+    steering: Steering
+    _remove: Callable[[], None] | None = field(repr=False, default=None)
+
+    @property
+    def vector(self) -> SteeringVector:
+        return self.steering.vector
+
+    @property
+    def multiplier(self) -> float:
+        return self.steering.multiplier
+
+    @property
+    def layer(self) -> int:
+        return self.steering.layer
+
+    @property
+    def active(self) -> bool:
+        return self._remove is not None
+
+    def remove(self) -> None:
+        if self._remove is not None:
+            remove, self._remove = self._remove, None
+            remove()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.remove()
 
 
 def make_steer_fn(vector: SteeringVector, multiplier: float, sae=None):
     """Prepare once; return h -> h' for one (vector, SAE, multiplier)."""
-    multiplier = check_multiplier(multiplier)
-    if vector.is_sparse:
-        if sae is None:
-            raise YapoFastError("a yapo vector is steered through its SAE: pass sae=...")
-        latent = vector.latent()
-        if latent.shape != (sae.d_sae,):
-            raise YapoFastError(f"vector has d_sae={latent.shape[0]} but the SAE has d_sae={sae.d_sae}")
-        cache = {}  # device -> PreparedSteer: the vector is prepared once per device
-
-        def steer_fn(h: torch.Tensor) -> torch.Tensor:
-            key = h.device
-            if key not in cache:
-                _check_hidden(h, sae.d_in, f"SAE {sae.name!r}")
-                cache[key] = prepare_sparse_steer(
-                    sae.to(device=h.device, dtype=torch.float32), latent.to(h.device), multiplier
-                )
-            return fused_sparse_steer(h, cache[key])
-
-        return steer_fn
-    dense = vector.dense()
-
-    def dense_fn(h: torch.Tensor) -> torch.Tensor:
-        return dense_steer_reference(h, dense.to(h.device), multiplier)
-
-    return dense_fn
+    return Steering.of(vector, multiplier, sae=sae).steer_fn()
