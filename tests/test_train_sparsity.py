@@ -8,13 +8,20 @@ from trainer_fixtures import KW, single_thread, tiny_pairs, tiny_setup  # noqa: 
 
 import yapo_fast
 from yapo_fast.errors import YapoFastError
-from yapo_fast.train.sparsity import prune_by_effect, sparsify_step_, topk_mask
+from yapo_fast.train.sparsity import prune_by_effect, sparsify_step_, support_at, topk_mask
 
 
-def reference_topk(v, k, norms=None):
-    """Plain loop: rank entries by |v_i| * norm_i (ties: lower index first) and keep the first k."""
-    scores = [(abs(float(x)) * (1.0 if norms is None else float(norms[i])), -i) for i, x in enumerate(v)]
-    keep = {-j for _, j in sorted(scores, reverse=True)[:k]}
+def reference_topk(v, k, norms=None, tiebreak=None):
+    """Plain loop: rank entries by |v_i| * norm_i, ties by the larger tiebreak, then the lower index."""
+    scores = [
+        (
+            abs(float(x)) * (1.0 if norms is None else float(norms[i])),
+            0.0 if tiebreak is None else float(tiebreak[i]),
+            -i,
+        )
+        for i, x in enumerate(v)
+    ]
+    keep = {-j for _, _, j in sorted(scores, reverse=True)[:k]}
     return torch.tensor([float(x) if i in keep else 0.0 for i, x in enumerate(v)])
 
 
@@ -58,6 +65,23 @@ def test_topk_mask_keeps_everything_when_k_is_large():
     assert topk_mask(torch.tensor([0.0, 2.0, -1.0]), 5).all()
 
 
+def test_ties_go_to_the_larger_second_moment():
+    """After AdamW's first step every touched entry has |v_i| = lr: the gradient decides, not the index."""
+    v = torch.tensor([0.1, -0.1, 0.1, 0.1, -0.1, 0.0])
+    opt = FakeAdam(v)
+    opt.state[v]["exp_avg_sq"] = torch.tensor([1.0, 9.0, 4.0, 0.5, 9.0, 7.0])
+    want = reference_topk(v.tolist(), 3, tiebreak=opt.state[v]["exp_avg_sq"].tolist())
+    sparsify_step_(v, opt, support=3, l1=0.0, lr=0.1)
+    assert torch.equal(v, want) and torch.equal(v.nonzero().flatten(), torch.tensor([1, 2, 4]))
+
+
+def test_support_schedule_is_cubic_from_d_to_k_over_half_the_steps():
+    d, k, total = 1000, 10, 40
+    ks = [support_at(t, total, k, d) for t in range(total + 1)]
+    assert ks[0] == d and ks[20] == k and ks[-1] == k and all(a >= b for a, b in zip(ks, ks[1:]))
+    assert ks[10] == round(k + (d - k) * 0.5**3)
+
+
 @pytest.mark.parametrize("kind", ["relu", "topk"])
 def test_training_with_a_support_budget_keeps_at_most_k_entries_every_step(kind, tmp_path):
     model, tok, sae = tiny_setup(kind)
@@ -74,7 +98,9 @@ def test_training_with_a_support_budget_keeps_at_most_k_entries_every_step(kind,
         **KW,
     )
     dense = yapo_fast.train("yapo", tiny_pairs(6), model=model, tokenizer=tok, sae=sae, **KW)
-    assert max(nnz) <= 5 and nnz[-1] == 5 and dense.vector.values.numel() > 5
+    total = len(nnz)
+    assert all(n <= support_at(t + 1, total, 5, sae.d_sae) for t, n in enumerate(nnz))
+    assert max(nnz[total // 2 :]) <= 5 and nnz[-1] == 5 and dense.vector.values.numel() > 5
     assert res.vector.values.numel() == 5  # the saved vector holds only its support
     assert yapo_fast.load_vector(tmp_path / "v.safetensors").values.numel() == 5
     assert res.vector.info["support"] == 5

@@ -3,9 +3,13 @@
 AdamW gives every latent that fires on some training token a non-zero entry, so an unconstrained
 YaPO vector ends up nearly dense (4498 of 4608 entries in the main job). Two exact projections:
 
-- support budget k (`support=`): keep the k entries of largest effect |v_i| * ||W_dec[i]|| and set
+- support budget k (`support=`): keep the k_t entries of largest effect |v_i| * ||W_dec[i]|| and set
   the rest to zero, their AdamW moments with them (a zeroed entry restarts from scratch if it
-  re-enters the support, instead of jumping back on stale momentum);
+  re-enters the support, instead of jumping back on stale momentum). k_t falls from d_sae to k over
+  the first half of the steps on the cubic schedule of gradual magnitude pruning (Zhu & Gupta 2017,
+  "To prune, or not to prune"): AdamW moves every entry by about lr per step whatever its gradient,
+  so after one step all magnitudes tie and a fixed top-k would pick its support by index order;
+  ties are broken by the second moment (the larger gradient), then by index;
 - L1 strength lambda (`l1=`): the proximal step of lambda * ||v||_1 at the current learning rate,
   v_i <- sign(v_i) * max(|v_i| - lr * lambda, 0) (soft threshold).
 
@@ -38,11 +42,22 @@ def effect_scores(v: torch.Tensor, row_norms: torch.Tensor | None) -> torch.Tens
     return v.abs() if row_norms is None else v.abs() * row_norms
 
 
-def topk_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Boolean mask of the k largest scores (ties: the lower index, deterministic)."""
+def support_at(step: int, total: int, support: int, d: int) -> int:
+    """k_t of the cubic gradual-pruning schedule: d at step 0, `support` from half the steps on."""
+    ramp = max(1, total // 2)
+    frac = min(1.0, step / ramp)
+    return int(round(support + (d - support) * (1.0 - frac) ** 3))
+
+
+def topk_mask(scores: torch.Tensor, k: int, tiebreak: torch.Tensor | None = None) -> torch.Tensor:
+    """Boolean mask of the k largest scores (ties: the larger tiebreak, then the lower index)."""
     if k >= scores.numel():
         return torch.ones_like(scores, dtype=torch.bool)
-    order = torch.argsort(scores, descending=True, stable=True)
+    if tiebreak is not None:  # secondary key first: a stable sort keeps its order among equal scores
+        second = torch.argsort(tiebreak, descending=True, stable=True)
+        order = second[torch.argsort(scores[second], descending=True, stable=True)]
+    else:
+        order = torch.argsort(scores, descending=True, stable=True)
     mask = torch.zeros_like(scores, dtype=torch.bool)
     mask[order[:k]] = True
     return mask
@@ -52,14 +67,15 @@ def topk_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
 def sparsify_step_(
     v: torch.Tensor, optimizer, *, support: int | None, l1: float, lr: float, row_norms: torch.Tensor | None = None
 ) -> None:
-    """In place, after optimizer.step(): soft threshold (l1), then the top-k projection (support);
-    the AdamW moments of every entry set to zero are zeroed too."""
+    """In place, after optimizer.step(): soft threshold (l1), then the top-k projection onto
+    `support` entries (the caller passes this step's k_t); the AdamW moments of every entry set to
+    zero are zeroed too."""
+    state = optimizer.state.get(v, {})
     if l1:
         v.copy_(torch.sign(v) * torch.clamp(v.abs() - lr * l1, min=0))
     if support is not None:
-        v.mul_(topk_mask(effect_scores(v, row_norms), support))
+        v.mul_(topk_mask(effect_scores(v, row_norms), support, state.get("exp_avg_sq")))
     zero = v == 0
-    state = optimizer.state.get(v, {})
     for name in ("exp_avg", "exp_avg_sq"):
         if name in state:
             state[name].masked_fill_(zero, 0.0)

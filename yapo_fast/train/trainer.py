@@ -28,7 +28,7 @@ from .checkpoint import load_checkpoint, save_checkpoint
 from .config import TrainConfig, batch_schedule, make_optimizer
 from .lean import DecoderRunner, forward_from_layer
 from .objective import dpo_losses, yapo_delta
-from .sparsity import check_sparsity, sparsify_step_
+from .sparsity import check_sparsity, sparsify_step_, support_at
 
 
 @dataclass
@@ -208,7 +208,8 @@ def train(
     patience: with holdout, stop early after this many epochs without a better held-out accuracy
       (off by default: the full schedule runs).
     support: yapo: keep at most this many non-zero entries of v (the largest by effect
-      |v_i| * ||W_dec[i]||), projected after every optimizer step (train/sparsity.py).
+      |v_i| * ||W_dec[i]||), projected after every optimizer step, the budget falling from d_sae to
+      `support` over the first half of the steps (gradual pruning; train/sparsity.py).
     l1: yapo: L1 strength, applied as a proximal soft threshold lr * l1 after every step.
     callback: called with each step's record after the step (an exception stops the run).
     Under torchrun the pairs are split across processes and the gradient all-reduced.
@@ -351,7 +352,8 @@ def train(
                 opt.step()
                 lr_now = sched.get_last_lr()[0]
                 if support is not None or l1:
-                    sparsify_step_(v, opt, support=support, l1=l1, lr=lr_now, row_norms=row_norms)
+                    k_now = None if support is None else support_at(step + 1, total, support, v.numel())
+                    sparsify_step_(v, opt, support=k_now, l1=l1, lr=lr_now, row_norms=row_norms)
                 sched.step()
                 rec = {
                     "step": step + 1,
