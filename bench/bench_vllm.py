@@ -16,6 +16,7 @@ Ratios: patched / unsteered and per-request K / per-request 1 within the engine;
 Knobs: YAPO_BENCH_BATCHES ("64,256"), YAPO_BENCH_PER_REQUEST_BATCHES ("64"), YAPO_BENCH_HF_BATCHES
 ("64,256"; "" skips transformers), YAPO_BENCH_HF_ROUNDS (= ROUNDS), YAPO_BENCH_NEW_TOKENS (128), YAPO_BENCH_ROUNDS (2),
 YAPO_BENCH_PLAN (e.g. "64:unsteered,patched_yapo;256:unsteered,patched_yapo": batches and configs),
+YAPO_BENCH_TRAINED (comma-separated trained YaPO vector files of the shipped SAE: configs "patched_<stem>"),
 YAPO_FAST_LAYERS (layers carrying the op; default all 30). Results (raw samples, medians, ratios)
 are rewritten after every measurement, so a stopped run keeps what it measured.
 The op alone per decode step (CPU, and the Triton path on CUDA): ``-k op_``, see below.
@@ -42,6 +43,8 @@ HF_BATCHES = [int(x) for x in os.environ.get("YAPO_BENCH_HF_BATCHES", "64,256").
 NEW_TOKENS = int(os.environ.get("YAPO_BENCH_NEW_TOKENS", "128"))
 ROUNDS = int(os.environ.get("YAPO_BENCH_ROUNDS", "2"))
 HF_ROUNDS = int(os.environ.get("YAPO_BENCH_HF_ROUNDS", str(ROUNDS)))  # a transformers run at 256 is ~15 min
+# trained YaPO vectors (of the shipped SAE) to patch as well, e.g. bench/artifacts/vectors/*.safetensors
+TRAINED = [p for p in os.environ.get("YAPO_BENCH_TRAINED", "").split(",") if p]
 PLAN = os.environ.get("YAPO_BENCH_PLAN", "")  # overrides the batch/config lists: "64:cfg,cfg;256:cfg"
 LAYER = 15
 RESULTS = Path(__file__).parent / "results" / "vllm.json"
@@ -166,6 +169,8 @@ def engine_main(out_path: str) -> None:
         return run
 
     configs = {"unsteered": lambda b: timed(b), "patched_yapo": patched(yapo, sae=sae), "patched_bipo": patched(bipo)}
+    for path in TRAINED:  # trained vectors on the shipped SAE: "patched_<file stem>"
+        configs[f"patched_{Path(path).stem}"] = patched(yapo_fast.load_vector(path), sae=yapo_fast.load_sae())
     per_request = {f"per_request_{k}": (lambda b, k=k: timed(b, distinct(k))) for k in (1, 8, 64)}
     every = {**configs, **per_request}
     if PLAN:  # "64:unsteered,patched_yapo;256:unsteered" (a time-boxed run on a loaded machine)

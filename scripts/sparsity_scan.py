@@ -16,6 +16,7 @@ from pathlib import Path
 
 KS = (16, 64, 256, 1024)
 L1S = (0.5, 2.0)
+SCALED = ((64, 0.2), (256, 0.1), (256, 0.2))  # (k, lr)
 PAIRS, EPOCHS, BATCH, LR, HELDOUT = 64, 2, 4, 2e-2, 40
 
 
@@ -55,8 +56,15 @@ def main(behaviour: str, out: Path) -> dict:
         )
 
     vec_dir = out.parent / "sparsity_vectors"
-    runs = [("dense", {})] + [(f"topk k={k}", {"support": k}) for k in KS] + [(f"l1 {s:g}", {"l1": s}) for s in L1S]
-    for key, kw in runs:
+    runs = (
+        [("dense", {}, LR)]
+        + [(f"topk k={k}", {"support": k}, LR) for k in KS]
+        + [(f"l1 {s:g}", {"l1": s}, LR) for s in L1S]
+        # AdamW moves an entry by about lr per step: k entries reach the dense vector's edit only with
+        # larger values, so the budgeted runs also get a larger learning rate
+        + [(f"topk k={k} lr={lr:g}", {"support": k}, lr) for k, lr in SCALED]
+    )
+    for key, kw, lr in runs:
         if key in res["settings"]:
             continue
         t0 = time.perf_counter()
@@ -68,7 +76,7 @@ def main(behaviour: str, out: Path) -> dict:
             sae=sae,
             epochs=EPOCHS,
             batch_size=BATCH,
-            lr=LR,
+            lr=lr,
             warmup_steps=max(1, steps // 10),
             seed=0,
             resume=False,
