@@ -342,8 +342,8 @@ def summary_table(results: dict, behaviour: str, multiplier: float) -> str:
     if scored:
         n = len(scored["rows"])
         lines.append(
-            f"  gen = change of the share of greedy answers showing the behaviour, {n} test prompts "
-            f"(unsteered {scored['unsteered_rate']:.2f}); rule: {scored['rule']}"
+            f"  gen = change of the mean score of greedy answers, {n} test prompts (unsteered "
+            f"{scored['unsteered_rate']:.2f}); score: {scored['rule']}"
         )
     lines.append(
         f"  MMLU = accuracy change at m=+{m:g} ({mm.get('n', 0)} items, unsteered "

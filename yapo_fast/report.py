@@ -193,11 +193,11 @@ def _scored_generation_lines(results: dict) -> list[str]:
         lines += [
             f"## Scored generations: {behaviour}",
             "",
-            f"Greedy answers to {len(g['rows'])} held-out prompts, each scored 1 when it shows the trained "
-            f"behaviour. Rule: {g['rule']}. Unsteered rate {g['unsteered_rate']:.2f}; effect = change of the "
-            "rate, paired on the same prompts (95% CI half-width in brackets).",
+            f"Greedy answers to {len(g['rows'])} held-out prompts, each scored for the trained behaviour. "
+            f"Score: {g['rule']}. Unsteered mean score {g['unsteered_rate']:.2f}; effect = change of the "
+            "mean score, paired on the same prompts (95% CI half-width in brackets).",
             "",
-            "| vector | multiplier | rate | effect |",
+            "| vector | multiplier | mean score | effect |",
             "|---|---|---|---|",
         ]
         for name, effects in g["effects"].items():
