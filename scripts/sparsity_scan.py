@@ -5,11 +5,13 @@ effect; each measured on the held-out preference margin (first 40 test pairs, m 
 
     .venv/bin/python scripts/sparsity_scan.py [behaviour] [out.json]
 
+YAPO_SPARSITY_ONLY="dense,topk k=256 lr=0.2" runs only the named settings.
 Also records per vector: non-zero entries, the share of effect mass |m v_i| * ||W_dec[i]|| in its 10
 largest entries, training seconds per step. Resumable (finished settings are kept).
 """
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -64,8 +66,9 @@ def main(behaviour: str, out: Path) -> dict:
         # larger values, so the budgeted runs also get a larger learning rate
         + [(f"topk k={k} lr={lr:g}", {"support": k}, lr) for k, lr in SCALED]
     )
+    only = {k.strip() for k in os.environ.get("YAPO_SPARSITY_ONLY", "").split(",") if k.strip()}
     for key, kw, lr in runs:
-        if key in res["settings"]:
+        if key in res["settings"] or (only and key not in only):
             continue
         t0 = time.perf_counter()
         r = yf.train(
@@ -87,7 +90,7 @@ def main(behaviour: str, out: Path) -> dict:
         record(key, r.vector, time.perf_counter() - t0 - r.cache_seconds)
     dense = yf.load_vector(vec_dir / f"{behaviour}-dense.safetensors")
     for k in KS:
-        if f"pruned k={k}" not in res["settings"]:
+        if f"pruned k={k}" not in res["settings"] and (not only or f"pruned k={k}" in only):
             record(f"pruned k={k}", prune_by_effect(dense, k, sae))
     return res
 
