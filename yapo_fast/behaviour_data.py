@@ -46,7 +46,7 @@ def behaviour_prompts(behaviour: str, digest: dict | None = None) -> dict[str, l
 
 def pair_from_samples(behaviour: str, prompt: str, answers: list[str]) -> dict | None:
     """The (prompt, chosen, rejected) pair from one prompt's sampled answers, or None."""
-    from .eval_generation import scorer_for
+    from .eval_generation import language_of, scorer_for
 
     score = scorer_for(behaviour)
     scored = sorted(((score(a), i, a) for i, a in enumerate(answers) if a.strip()), key=lambda t: (t[0], t[1]))
@@ -59,12 +59,6 @@ def pair_from_samples(behaviour: str, prompt: str, answers: list[str]) -> dict |
     if behaviour == "positive-tone" and gap < MIN_TONE_GAP:
         return None
     return {"prompt": prompt, "chosen": chosen, "rejected": rejected, "scores": [hi, lo]}
-
-
-def language_of(text: str) -> str:
-    from .eval_generation import language_of as lang
-
-    return lang(text)
 
 
 def sample_answers(model_path: str, prompts: list[str], *, n: int, max_tokens: int, seed: int) -> list[list[str]]:

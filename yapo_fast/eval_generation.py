@@ -16,6 +16,7 @@ normal interval): for 0/1 scores, the share of answers that change towards the b
 
 from __future__ import annotations
 
+import functools
 import re
 
 import torch
@@ -92,16 +93,16 @@ def spanish_score(text: str) -> int:
     return int(language_of(text) == "es")
 
 
-_VADER = []
+@functools.lru_cache(maxsize=1)
+def _vader():
+    from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer  # reads its lexicon once
+
+    return SentimentIntensityAnalyzer()
 
 
 def positive_tone_score(text: str) -> float:
     """VADER's compound sentiment of the answer, in [-1, 1] (vaderSentiment, lexicon shipped)."""
-    if not _VADER:
-        from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
-
-        _VADER.append(SentimentIntensityAnalyzer())
-    return float(_VADER[0].polarity_scores(text)["compound"])
+    return float(_vader().polarity_scores(text)["compound"])
 
 
 SCORERS = {"hallucination": hallucination_score, "spanish": spanish_score, "positive-tone": positive_tone_score}

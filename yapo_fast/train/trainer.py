@@ -288,7 +288,7 @@ def train(
     size = sae.d_sae if method == "yapo" else model.config.hidden_size
     v = torch.zeros(size, dtype=runner.dtype, device=runner.device, requires_grad=True)
     opt, sched = make_optimizer(v, cfg, total)
-    row_norms = sae.W_dec.norm(dim=1).to(v.device, v.dtype) if method == "yapo" else None
+    row_norms = sae.W_dec.norm(dim=1).to(v.device, v.dtype) if support is not None else None
     start, stopped = 0, False
     if resume and ckpt_path is not None and ckpt_path.exists():
         start, stopped = load_checkpoint(ckpt_path, v=v, optimizer=opt, scheduler=sched, fingerprint=fingerprint)
