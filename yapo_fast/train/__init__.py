@@ -1,6 +1,9 @@
-"""Training steering vectors (YaPO, BiPO, CAA): the lean, exact trainer. See trainer.train."""
+"""Training steering vectors (YaPO, BiPO, CAA): the lean, exact trainer.
+
+`train()` for a whole run; `TrainConfig` holds every setting and its default; `Trainer` runs one
+step at a time for callers that need control between steps."""
 
 from .config import TrainConfig, batch_schedule, make_optimizer
-from .trainer import TrainResult, train
+from .trainer import Trainer, TrainResult, train
 
-__all__ = ["TrainConfig", "TrainResult", "batch_schedule", "make_optimizer", "train"]
+__all__ = ["TrainConfig", "TrainResult", "Trainer", "batch_schedule", "make_optimizer", "train"]

@@ -1,25 +1,21 @@
-"""yapo_fast.train(...): YaPO, BiPO and CAA vectors from preference pairs.
-
-The step loop is plain: for each (batch, d) of the seeded schedule, the lean forward from the
-cached layer-L states gives the policy log-probs, the cached reference log-probs give the DPO
-loss, autograd gives the gradient of v (all-reduced across processes), then clip, AdamW, cosine
-schedule. Checkpoints, the JSONL loss log and the per-epoch vector files live beside `out`.
-"""
+"""yapo_fast.train(...): YaPO, BiPO and CAA vectors from preference pairs (settings: TrainConfig;
+the run itself: Trainer)."""
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import math
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from ..errors import YapoFastError, check_multiplier
+from ..errors import YapoFastError
 from ..model import check_layer, model_identity
 from ..vector import SteeringVector
 from . import distributed as ddp
@@ -158,6 +154,233 @@ def _weights_frozen(train_fn):
     return wrapper
 
 
+class Trainer:
+    """One YaPO or BiPO training run, step by step. `train()` is `Trainer(...).run()`; a caller that
+    needs control between steps (a benchmark interleaving two trainers, a time-to-quality probe)
+    calls `build_cache()` and then `step()` until `done`, and gets exactly the same run.
+
+    The step loop is plain: for each (batch, d) of the seeded schedule, the lean forward from the
+    cached layer-L states gives the policy log-probs, the cached reference log-probs give the DPO
+    loss, autograd gives the gradient of v (all-reduced across processes), then clip, AdamW, the
+    sparsity step if any, cosine schedule. Checkpoints, the JSONL loss log and the per-epoch vector
+    files live beside `out`."""
+
+    def __init__(self, cfg: TrainConfig, pairs, *, model, tokenizer, sae=None, out=None, resume=True, progress=True):
+        self.cfg, self.pairs, self.model, self.sae, self.progress = cfg, pairs, model, sae, progress
+        self.out, self.log_path, self.ckpt_path = _paths(out)
+        self.ident = model_identity(model)
+        self.rank, self.world = ddp.init_from_env(model.device)
+        self.main = self.rank == 0
+        self.runner = DecoderRunner(model)
+        self.tokens = tokenize_pairs(tokenizer, pairs, cfg.system)
+        order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(cfg.seed + 7919)).tolist()
+        n_hold = min(len(pairs) - 1, max(1, round(cfg.holdout * len(pairs)))) if cfg.holdout else 0
+        self.held, self.train_ids = sorted(order[:n_hold]), sorted(order[n_hold:])
+        self.schedule = [
+            (e, [self.train_ids[i] for i in b], d)
+            for e, b, d in batch_schedule(len(self.train_ids), cfg.batch_size, cfg.epochs, cfg.seed)
+        ]
+        size = sae.d_sae if cfg.method == "yapo" else model.config.hidden_size
+        self.v = torch.zeros(size, dtype=self.runner.dtype, device=self.runner.device, requires_grad=True)
+        self.opt, self.sched = make_optimizer(self.v, cfg, self.total)
+        self.row_norms = sae.W_dec.norm(dim=1).to(self.v.device, self.v.dtype) if cfg.support is not None else None
+        self.next_step, self.stopped = 0, False
+        if resume and self.ckpt_path is not None and self.ckpt_path.exists():
+            self.next_step, self.stopped = load_checkpoint(
+                self.ckpt_path, v=self.v, optimizer=self.opt, scheduler=self.sched, fingerprint=self._fingerprint()
+            )
+        self.resumed_from = self.next_step
+        records = _read_log(self.log_path, self.next_step)
+        self.losses = [r for r in records if not r.get("eval")]
+        self.evals = [r for r in records if r.get("eval")]
+        if self.main and self.log_path is not None and not self.done:
+            from ..atomic import write_text_atomic
+
+            self.log_path.parent.mkdir(parents=True, exist_ok=True)  # the log cut back to the checkpoint
+            write_text_atomic(self.log_path, "".join(json.dumps(r) + "\n" for r in records))
+        self.objective: LeanObjective | None = None
+        self.cache_seconds = 0.0
+
+    @property
+    def total(self) -> int:
+        return len(self.schedule)
+
+    @property
+    def done(self) -> bool:
+        return self.next_step >= self.total or self.stopped
+
+    def _fingerprint(self) -> str:
+        cfg, sae = self.cfg, self.sae
+        data = json.dumps([[t.prompt, t.chosen, t.rejected] for t in self.tokens]).encode()
+        return cfg.fingerprint(
+            data=hashlib.sha256(data).hexdigest()[:16],
+            model=self.ident.get("fingerprint"),
+            holdout=[self.held, cfg.patience],
+            sae=None if sae is None else sae.weights_hash(),
+            **({"sparsity": [cfg.support, cfg.l1]} if cfg.support is not None or cfg.l1 else {}),
+        )
+
+    def build_cache(self) -> None:
+        """Layer-L states (and reference log-probs) of this process's pairs, once."""
+        if self.objective is not None:
+            return
+        cfg, tc = self.cfg, time.perf_counter()
+        mine = ddp.local_share(sorted(self.train_ids + self.held), self.rank, self.world)
+        cache = build_cache(
+            self.runner,
+            self.tokens,
+            mine,
+            cfg.layer,
+            sae=self.sae,
+            batch_size=cfg.cache_batch_size,
+            max_memory_bytes=cfg.cache_memory_bytes,
+            progress=self.progress and self.main,
+            pack_tokens=cfg.pack_tokens,
+        )
+        self.cache_seconds += time.perf_counter() - tc
+        self.objective = LeanObjective(self.runner, cache, cfg, self.sae, cfg.pack_tokens)
+
+    def vector(self) -> SteeringVector:
+        cfg = self.cfg
+        info = {
+            **{k: getattr(cfg, k) for k in ("epochs", "batch_size", "lr", "beta", "warmup_steps", "seed", "system")},
+            "pairs": len(self.pairs),
+            **({"support": cfg.support} if cfg.support is not None else {}),
+            **({"l1": cfg.l1} if cfg.l1 else {}),
+            "steps": self.total,
+        }
+        kw = dict(layer=cfg.layer, model=self.ident, multiplier=cfg.multiplier, info=info)
+        if cfg.method == "yapo":
+            return SteeringVector.from_latent(self.v.detach(), sae=self.sae, **kw)
+        return SteeringVector.from_dense(self.v.detach(), method=cfg.method, **kw)
+
+    def step(self) -> dict:
+        """One optimizer step of the schedule (then, at an epoch end, the held-out evaluation and the
+        epoch's vector file; a checkpoint when due). Returns the step's loss-log record."""
+        if self.done:
+            raise YapoFastError("the run is finished: no step left")
+        self.build_cache()
+        cfg, v, step = self.cfg, self.v, self.next_step
+        epoch, batch, d = self.schedule[step]
+        ts = time.perf_counter()
+        self.opt.zero_grad(set_to_none=False)
+        local = ddp.local_share(batch, self.rank, self.world)
+        loss_sum = self.objective.loss_sum(local, v, d) if local else v.sum() * 0.0
+        (loss_sum / len(batch)).backward()
+        stats = torch.stack([loss_sum.detach().float().reshape(())]).to(v.device)
+        ddp.all_reduce_sum(v.grad, self.world)
+        ddp.all_reduce_sum(stats, self.world)
+        grad_norm = float(torch.nn.utils.clip_grad_norm_([v], cfg.grad_clip))
+        if not (math.isfinite(grad_norm) and bool(torch.isfinite(stats).all())):
+            # stop before AdamW writes NaN into v: the last checkpoint stays a good one
+            raise YapoFastError(
+                f"step {step + 1}: the loss or the gradient of v is NaN or inf (loss "
+                f"{float(stats[0]) / len(batch)}, grad norm {grad_norm}); lower --lr or "
+                "--beta, or check the data; the run resumes from its last checkpoint"
+            )
+        self.opt.step()
+        lr_now = self.sched.get_last_lr()[0]
+        if cfg.support is not None or cfg.l1:
+            k_now = None if cfg.support is None else support_at(step + 1, self.total, cfg.support, v.numel())
+            sparsify_step_(v, self.opt, support=k_now, l1=cfg.l1, lr=lr_now, row_norms=self.row_norms)
+        self.sched.step()
+        self.next_step = step + 1
+        rec = {
+            "step": step + 1,
+            "epoch": epoch,
+            "d": d,
+            "loss": float(stats[0]) / len(batch),
+            "grad_norm": grad_norm,
+            "lr": lr_now,
+            "nnz": int(torch.count_nonzero(v.detach())),
+            "seconds": time.perf_counter() - ts,
+        }
+        if self.main:
+            self.losses.append(rec)
+            self._log(rec)
+        epoch_end = self.next_step == self.total or self.schedule[self.next_step][0] != epoch
+        if epoch_end and self.held:
+            self._evaluate_heldout(epoch)
+        self._save(epoch, epoch_end)
+        return rec
+
+    def _log(self, rec: dict) -> None:
+        if self.main and self.log_path is not None:
+            with self.log_path.open("a") as f:
+                f.write(json.dumps(rec) + "\n")
+
+    def _evaluate_heldout(self, epoch: int) -> None:
+        ev = self.objective.heldout(
+            ddp.local_share(self.held, self.rank, self.world), self.v.detach(), self.cfg.batch_size
+        )
+        ev = ddp.all_reduce_sum(ev.to(self.v.device), self.world).cpu()
+        rec = {
+            "eval": True,
+            "step": self.next_step,
+            "epoch": epoch,
+            "heldout_pairs": int(ev[0]),
+            "heldout_accuracy": float(ev[1] / ev[0]),
+            "heldout_loss": float(ev[2] / ev[0]),
+        }
+        self.evals.append(rec)  # every process: all take the same early-stopping decision
+        self._log(rec)
+        accs = [e["heldout_accuracy"] for e in self.evals]
+        if self.cfg.patience is not None and len(accs) - 1 - accs.index(max(accs)) >= self.cfg.patience:
+            self.stopped = True
+
+    def _save(self, epoch: int, epoch_end: bool) -> None:
+        if not (self.main and self.out is not None):
+            return
+        if epoch_end:
+            vec = self.vector()
+            vec.info["epoch"] = epoch + 1
+            vec.save(self.out.with_suffix(f".epoch{epoch + 1}.safetensors"))
+            vec.save(self.out)
+        if epoch_end or self.next_step % self.cfg.checkpoint_every == 0:
+            save_checkpoint(
+                self.ckpt_path,
+                v=self.v,
+                optimizer=self.opt,
+                scheduler=self.sched,
+                step=self.next_step,
+                fingerprint=self._fingerprint(),
+                stopped=self.stopped,
+            )
+
+    def run(self, callback=None) -> TrainResult:
+        """Every remaining step; `callback(record)` after each (an exception stops the run)."""
+        t0 = time.perf_counter()
+        if not self.done:
+            self.build_cache()
+            desc = f"{self.cfg.method} layer {self.cfg.layer}"
+            bar = tqdm(total=self.total, initial=self.next_step, desc=desc, disable=not (self.progress and self.main))
+            try:
+                while not self.done:
+                    rec = self.step()
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{rec['loss']:.4f}", d=rec["d"], nnz=rec["nnz"])
+                    if callback is not None:
+                        callback(rec)
+            finally:
+                bar.close()
+            ddp.barrier(self.world)
+        vec = self.vector()
+        if self.main and self.out is not None and not self.out.exists():
+            vec.save(self.out)
+        return TrainResult(
+            vector=vec,
+            losses=self.losses,
+            seconds=time.perf_counter() - t0,
+            cache_seconds=self.cache_seconds,
+            steps=self.total,
+            resumed_from=self.resumed_from,
+            out=self.out,
+            log_path=self.log_path,
+            evals=self.evals,
+            stopped_early=self.stopped,
+        )
+
+
 @_weights_frozen
 def train(
     method: str,
@@ -166,29 +389,11 @@ def train(
     model=None,
     tokenizer=None,
     sae=None,
-    layer: int | None = None,
-    epochs: int = 1,
-    batch_size: int = 4,
-    lr: float = 5e-4,
-    beta: float = 0.1,
-    warmup_steps: int = 100,
-    grad_clip: float = 1.0,
-    seed: int = 0,
-    system: str | None = None,
     out=None,
     resume: bool = True,
-    checkpoint_every: int = 50,
-    caa_reduce: str = "mean",
-    multiplier: float = 1.0,
-    cache_batch_size: int = 8,
-    cache_memory_bytes: int | None = None,
-    pack_tokens: int = 256,
-    holdout: float = 0.0,
-    patience: int | None = None,
-    support: int | None = None,
-    l1: float = 0.0,
     progress: bool = True,
     callback=None,
+    **settings,
 ) -> TrainResult:
     """Train a steering vector.
 
@@ -196,239 +401,35 @@ def train(
     pairs: a list of PreferencePair or a path (BiPO CSV or JSONL prompt/chosen/rejected).
     model/tokenizer: a transformers causal LM and its tokenizer, a path, or None (embedded default).
     sae: a yapo_fast.SAE, a sae-lens directory, or None (the shipped SAE); yapo only.
-    layer: the decoder layer whose output is steered (default: the SAE's layer).
     out: the vector file (.safetensors); beside it <stem>.losses.jsonl (one line per step),
       <stem>.epoch<k>.safetensors (after every epoch) and <stem>.ckpt.safetensors (resume state).
     resume: continue from the checkpoint beside `out` when it belongs to the same run.
-    cache_memory_bytes: bound on the in-memory layer-L cache; beyond it pairs are spilled to disk.
-    pack_tokens: sequences of a batch are packed into rows of about this many tokens (no padding
-      between them; attention cost grows with the square of a row's length).
-    holdout: fraction of the pairs (seeded split) held out; after every epoch the held-out preference
-      accuracy at m=+1 is measured (TrainResult.evals, and the loss log).
-    patience: with holdout, stop early after this many epochs without a better held-out accuracy
-      (off by default: the full schedule runs).
-    support: yapo: keep at most this many non-zero entries of v (the largest by effect
-      |v_i| * ||W_dec[i]||), projected after every optimizer step, the budget falling from d_sae to
-      `support` over the first half of the steps (gradual pruning; train/sparsity.py).
-    l1: yapo: L1 strength, applied as a proximal soft threshold lr * l1 after every step.
     callback: called with each step's record after the step (an exception stops the run).
+    settings: any field of TrainConfig (layer, epochs, batch_size, lr, beta, warmup_steps,
+      grad_clip, seed, system, multiplier, caa_reduce, holdout, patience, support, l1,
+      checkpoint_every, cache_batch_size, cache_memory_bytes, pack_tokens), each documented there;
+      the defaults are the paper's reference schedule.
     Under torchrun the pairs are split across processes and the gradient all-reduced.
     """
     t0 = time.perf_counter()
-    multiplier = check_multiplier(multiplier, "the vector's default multiplier")  # refuse before hours of training
-    check_sparsity(method, support, l1, None)
-    pairs, model, tokenizer, sae, layer = _resolve(method, pairs, model, tokenizer, sae, layer)
-    check_sparsity(method, support, l1, getattr(sae, "d_sae", None))
-    cfg = TrainConfig(
-        method=method,
-        layer=layer,
-        epochs=epochs,
-        batch_size=batch_size,
-        lr=lr,
-        beta=beta,
-        warmup_steps=warmup_steps,
-        grad_clip=grad_clip,
-        seed=seed,
-        system=system,
-        checkpoint_every=checkpoint_every,
-        caa_reduce=caa_reduce,
-    ).validate()
-    out_path, log_path, ckpt_path = _paths(out)
-    ident = model_identity(model)
-    info = {
-        "pairs": len(pairs),
-        "epochs": epochs,
-        "batch_size": batch_size,
-        "lr": lr,
-        "beta": beta,
-        "warmup_steps": warmup_steps,
-        "seed": seed,
-        "system": system,
-        **({"support": support} if support is not None else {}),
-        **({"l1": l1} if l1 else {}),
-    }
+    cfg = TrainConfig.of(method, **settings)  # refuse bad settings before loading anything
+    pairs, model, tokenizer, sae, layer = _resolve(method, pairs, model, tokenizer, sae, cfg.layer)
+    check_sparsity(method, cfg.support, cfg.l1, getattr(sae, "d_sae", None))
+    cfg = replace(cfg, layer=layer)
     if method == "caa":
-        from ..caa import train_caa
+        return _train_caa(cfg, pairs, model, tokenizer, out, progress, t0)
+    return Trainer(
+        cfg, pairs, model=model, tokenizer=tokenizer, sae=sae, out=out, resume=resume, progress=progress
+    ).run(callback)
 
-        vec = train_caa(model, tokenizer, pairs, layer, reduce=caa_reduce, system=system, progress=progress)
-        vec.multiplier = float(multiplier)
-        if out_path is not None:
-            vec.save(out_path)
-        seconds = time.perf_counter() - t0
-        return TrainResult(vector=vec, seconds=seconds, cache_seconds=seconds, out=out_path)
 
-    rank, world = ddp.init_from_env(model.device)
-    main = rank == 0
-    runner = DecoderRunner(model)
-    tokens = tokenize_pairs(tokenizer, pairs, system)
-    data_hash = (
-        __import__("hashlib")
-        .sha256(json.dumps([[t.prompt, t.chosen, t.rejected] for t in tokens]).encode())
-        .hexdigest()[:16]
-    )
-    if not (isinstance(holdout, (int, float)) and 0 <= holdout < 1):
-        raise YapoFastError(f"holdout must be a fraction in [0, 1), got {holdout!r}")
-    if patience is not None and (not holdout or not isinstance(patience, int) or patience < 1):
-        raise YapoFastError("patience (early stopping) needs holdout > 0 and a positive integer patience")
-    order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(seed + 7919)).tolist()
-    n_hold = min(len(pairs) - 1, max(1, round(holdout * len(pairs)))) if holdout else 0
-    held, train_ids = sorted(order[:n_hold]), sorted(order[n_hold:])
-    schedule = [
-        (e, [train_ids[i] for i in b], d) for e, b, d in batch_schedule(len(train_ids), batch_size, epochs, seed)
-    ]
-    total = len(schedule)
-    fingerprint = cfg.fingerprint(
-        data=data_hash,
-        model=ident.get("fingerprint"),
-        holdout=[held, patience],
-        sae=None if sae is None else sae.weights_hash(),
-        **({"sparsity": [support, l1]} if support is not None or l1 else {}),  # dense runs keep their id
-    )
+def _train_caa(cfg: TrainConfig, pairs, model, tokenizer, out, progress: bool, t0: float) -> TrainResult:
+    from ..caa import train_caa
 
-    size = sae.d_sae if method == "yapo" else model.config.hidden_size
-    v = torch.zeros(size, dtype=runner.dtype, device=runner.device, requires_grad=True)
-    opt, sched = make_optimizer(v, cfg, total)
-    row_norms = sae.W_dec.norm(dim=1).to(v.device, v.dtype) if support is not None else None
-    start, stopped = 0, False
-    if resume and ckpt_path is not None and ckpt_path.exists():
-        start, stopped = load_checkpoint(ckpt_path, v=v, optimizer=opt, scheduler=sched, fingerprint=fingerprint)
-    records = _read_log(log_path, start)
-    losses = [r for r in records if not r.get("eval")]
-    evals = [r for r in records if r.get("eval")]
-
-    def vector_now() -> SteeringVector:
-        run_info = {**info, "steps": total}
-        if method == "yapo":
-            return SteeringVector.from_latent(
-                v.detach(), layer=layer, sae=sae, model=ident, multiplier=multiplier, info=run_info
-            )
-        return SteeringVector.from_dense(
-            v.detach(), method=method, layer=layer, model=ident, multiplier=multiplier, info=run_info
-        )
-
-    cache_seconds = 0.0
-    if start < total and not stopped:
-        tc = time.perf_counter()
-        mine = ddp.local_share(sorted(train_ids + held), rank, world)
-        cache = build_cache(
-            runner,
-            tokens,
-            mine,
-            layer,
-            sae=sae,
-            batch_size=cache_batch_size,
-            max_memory_bytes=cache_memory_bytes,
-            progress=progress and main,
-            pack_tokens=pack_tokens,
-        )
-        cache_seconds = time.perf_counter() - tc
-        objective = LeanObjective(runner, cache, cfg, sae, pack_tokens)
-        if main and log_path is not None:
-            log_path.parent.mkdir(parents=True, exist_ok=True)
-            from ..atomic import write_text_atomic
-
-            write_text_atomic(log_path, "".join(json.dumps(r) + "\n" for r in records))
-        log_file = log_path.open("a") if (main and log_path is not None) else None
-        bar = tqdm(total=total, initial=start, desc=f"{method} layer {layer}", disable=not (progress and main))
-        try:
-            for step in range(start, total):
-                epoch, batch, d = schedule[step]
-                ts = time.perf_counter()
-                opt.zero_grad(set_to_none=False)
-                local = ddp.local_share(batch, rank, world)
-                loss_sum = objective.loss_sum(local, v, d) if local else v.sum() * 0.0
-                (loss_sum / len(batch)).backward()
-                stats = torch.stack([loss_sum.detach().float().reshape(())]).to(v.device)
-                ddp.all_reduce_sum(v.grad, world)
-                ddp.all_reduce_sum(stats, world)
-                grad_norm = float(torch.nn.utils.clip_grad_norm_([v], grad_clip))
-                if not (math.isfinite(grad_norm) and bool(torch.isfinite(stats).all())):
-                    # stop before AdamW writes NaN into v: the last checkpoint stays a good one
-                    raise YapoFastError(
-                        f"step {step + 1}: the loss or the gradient of v is NaN or inf (loss "
-                        f"{float(stats[0]) / len(batch)}, grad norm {grad_norm}); lower --lr or "
-                        "--beta, or check the data; the run resumes from its last checkpoint"
-                    )
-                opt.step()
-                lr_now = sched.get_last_lr()[0]
-                if support is not None or l1:
-                    k_now = None if support is None else support_at(step + 1, total, support, v.numel())
-                    sparsify_step_(v, opt, support=k_now, l1=l1, lr=lr_now, row_norms=row_norms)
-                sched.step()
-                rec = {
-                    "step": step + 1,
-                    "epoch": epoch,
-                    "d": d,
-                    "loss": float(stats[0]) / len(batch),
-                    "grad_norm": grad_norm,
-                    "lr": lr_now,
-                    "nnz": int(torch.count_nonzero(v.detach())),
-                    "seconds": time.perf_counter() - ts,
-                }
-                if main:
-                    losses.append(rec)
-                    if log_file is not None:
-                        log_file.write(json.dumps(rec) + "\n")
-                        log_file.flush()
-                bar.update(1)
-                bar.set_postfix(loss=f"{rec['loss']:.4f}", d=d, nnz=rec["nnz"])
-                epoch_end = step + 1 == total or schedule[step + 1][0] != epoch
-                if epoch_end and held:
-                    ev = objective.heldout(ddp.local_share(held, rank, world), v.detach(), batch_size)
-                    ev = ddp.all_reduce_sum(ev.to(v.device), world).cpu()
-                    evals.append(
-                        {
-                            "eval": True,
-                            "step": step + 1,
-                            "epoch": epoch,
-                            "heldout_pairs": int(ev[0]),
-                            "heldout_accuracy": float(ev[1] / ev[0]),
-                            "heldout_loss": float(ev[2] / ev[0]),
-                        }
-                    )
-                    if main and log_file is not None:
-                        log_file.write(json.dumps(evals[-1]) + "\n")
-                        log_file.flush()
-                    accs = [e["heldout_accuracy"] for e in evals]
-                    if patience is not None and len(accs) - 1 - accs.index(max(accs)) >= patience:
-                        stopped = True
-                if main and out_path is not None:
-                    if epoch_end:
-                        vec = vector_now()
-                        vec.info["epoch"] = epoch + 1
-                        vec.save(out_path.with_suffix(f".epoch{epoch + 1}.safetensors"))
-                        vec.save(out_path)
-                    if epoch_end or (step + 1) % checkpoint_every == 0:
-                        save_checkpoint(
-                            ckpt_path,
-                            v=v,
-                            optimizer=opt,
-                            scheduler=sched,
-                            step=step + 1,
-                            fingerprint=fingerprint,
-                            stopped=stopped,
-                        )
-                if callback is not None:
-                    callback(rec)
-                if stopped:
-                    break
-        finally:
-            bar.close()
-            if log_file is not None:
-                log_file.close()
-        ddp.barrier(world)
-    vec = vector_now()
-    if main and out_path is not None and not out_path.exists():
+    vec = train_caa(model, tokenizer, pairs, cfg.layer, reduce=cfg.caa_reduce, system=cfg.system, progress=progress)
+    vec.multiplier = float(cfg.multiplier)
+    out_path = _paths(out)[0]
+    if out_path is not None:
         vec.save(out_path)
-    return TrainResult(
-        vector=vec,
-        losses=losses,
-        seconds=time.perf_counter() - t0,
-        cache_seconds=cache_seconds,
-        steps=total,
-        resumed_from=start,
-        out=out_path,
-        log_path=log_path,
-        evals=evals,
-        stopped_early=stopped,
-    )
+    seconds = time.perf_counter() - t0
+    return TrainResult(vector=vec, seconds=seconds, cache_seconds=seconds, out=out_path)
