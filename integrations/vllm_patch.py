@@ -18,8 +18,8 @@ from __future__ import annotations
 import os
 
 from yapo_fast.errors import YapoFastError
-from yapo_fast.integrations import vllm_vectors
-from yapo_fast.integrations.vllm_state import GLOBAL_NAME
+from yapo_fast.integrations import vllm_requests, vllm_vectors
+from yapo_fast.integrations.vllm_requests import GLOBAL_NAME
 from yapo_fast.steering import Steering, SteeringHandle, check_multiplier
 from yapo_fast.vector import load_vector
 
@@ -117,13 +117,13 @@ def register_vector(llm, name: str, vector, multiplier: float | None = None, *, 
         raise YapoFastError(f"{name!r} cannot name a steering vector: use a non-empty string other than 'none'")
     steering = _resolve(llm, vector, multiplier, sae)
     _register(llm, {"name": name, "multiplier": steering.multiplier}, steering.vector, steering.sae)
-    vllm_vectors.add_front_name(name)
+    vllm_requests.add_front_name(name)
     _reset_prefix_cache(llm)
 
 
 def unregister_vector(llm, name: str) -> None:
     _rpc(llm, "unregister", {"name": name})
-    vllm_vectors.drop_front_name(name)
+    vllm_requests.drop_front_name(name)
     _reset_prefix_cache(llm)
 
 

@@ -5,7 +5,8 @@ msgpack-encoded process boundaries without insecure serialization."""
 
 from __future__ import annotations
 
-from yapo_fast.integrations.vllm_state import GLOBAL_NAME, STATE
+from yapo_fast.integrations.vllm_requests import GLOBAL_NAME
+from yapo_fast.integrations.vllm_state import STATE
 
 
 def yapo_fast_rpc(worker, action: str, args: dict | None = None) -> dict:

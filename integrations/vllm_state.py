@@ -1,15 +1,11 @@
-"""Worker-side state of the vLLM plugin: named vectors, prepared slots, and the per-step plan
+"""Worker-side state of the vLLM plugin (runs in each worker process): named vectors, prepared slots, and the per-step plan
 that the steering op (integrations/vllm_plugin.py) reads at every decoder layer it is installed on.
 
 One instance per process (``STATE``). Nothing here imports vLLM: the plan is built from plain
 lists (request order, tokens scheduled per request, each request's extra_args), so it is tested
 without an engine.
 
-Request -> vector:
-- ``extra_args={"yapo": {"vector": name, "multiplier": m}}`` (offline ``SamplingParams``), or the
-  flat ``extra_args={"yapo_vector": name, "yapo_multiplier": m}`` (``vllm_xargs`` of the OpenAI
-  server, whose values must be scalars). ``vector: None`` (or "none") = explicitly unsteered.
-- no yapo arguments: the engine-wide vector set by ``yapo_fast.patch(llm, ...)``, if any.
+What a request asks for: integrations/vllm_requests.py.
 """
 
 from __future__ import annotations
@@ -19,64 +15,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from yapo_fast.errors import YapoFastError, check_multiplier
+from yapo_fast.errors import YapoFastError
+from yapo_fast.integrations.vllm_requests import UNSET, parse_request_args
 
-GLOBAL_NAME = "__patch__"  # the engine-wide vector of yapo_fast.patch(llm, vector)
-UNSET = object()  # request carries no yapo arguments
 MAX_SLOTS = 1024  # prepared (vector, multiplier) pairs kept per worker
-
-
-def parse_request_args(extra_args) -> "object | None | tuple[str, float | None]":
-    """UNSET (no yapo args), None (explicitly unsteered) or (name, multiplier or None)."""
-    if not extra_args:
-        return UNSET
-    spec = extra_args.get("yapo", UNSET)
-    if spec is UNSET:
-        if "yapo_vector" not in extra_args and "yapo_multiplier" not in extra_args:
-            return UNSET
-        spec = {"vector": extra_args.get("yapo_vector"), "multiplier": extra_args.get("yapo_multiplier")}
-    if spec is None:
-        return None
-    if isinstance(spec, str):
-        spec = {"vector": spec}
-    if not isinstance(spec, dict):
-        raise YapoFastError(
-            f"extra_args['yapo'] must be a dict like {{'vector': 'name', 'multiplier': 1.0}}, got {type(spec).__name__}"
-        )
-    unknown = set(spec) - {"vector", "multiplier"}
-    if unknown:
-        raise YapoFastError(
-            f"unknown keys {sorted(unknown)} in the yapo request arguments; use 'vector' and 'multiplier'"
-        )
-    name = spec.get("vector")
-    if name is None or (isinstance(name, str) and name.lower() in ("", "none")):
-        if spec.get("multiplier") is not None:  # a multiplier for no vector would be silently dropped
-            raise YapoFastError(
-                "a yapo multiplier was given without a vector: name one (yapo_vector / 'vector') or drop the multiplier"
-            )
-        return None
-    if not isinstance(name, str):
-        raise YapoFastError(f"the yapo vector must be named by a string, got {name!r}")
-    m = spec.get("multiplier")
-    if m is not None:
-        if isinstance(m, str):
-            try:
-                m = float(m)
-            except ValueError:
-                raise YapoFastError(f"yapo multiplier must be a number, got {m!r}") from None
-        m = check_multiplier(m, "yapo multiplier")
-    return (name, m)
-
-
-def cache_salt_for(spec) -> str | None:
-    """What a request's steering adds to its prefix-cache salt (None: nothing), so KV computed
-    under one vector/multiplier is never reused by a request steered differently or unsteered."""
-    if spec is UNSET:
-        return None
-    if spec is None:
-        return "yapo:none"
-    name, m = spec
-    return f"yapo:{name}:{'default' if m is None else repr(float(m))}"
 
 
 @dataclass

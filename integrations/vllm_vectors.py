@@ -1,5 +1,5 @@
-"""Named steering vectors for vLLM: start-up loading (``YAPO_FAST_VECTORS``), the front end's
-list of known names (to reject unknown ones with a clear 400), and file payloads for RPC.
+"""Named steering vectors for vLLM: start-up loading (``YAPO_FAST_VECTORS``, read by each worker
+once its model is loaded) and file payloads for RPC (built in the front end, opened in workers).
 
 ``YAPO_FAST_VECTORS="name=path/v.safetensors[@sae_dir][*multiplier],name2=..."``: a yapo vector
 without ``@sae_dir`` uses the SAE shipped for the default model.
@@ -12,10 +12,9 @@ import tempfile
 from pathlib import Path
 
 from yapo_fast.errors import YapoFastError, check_multiplier
-from yapo_fast.integrations.vllm_state import GLOBAL_NAME, parse_request_args
+from yapo_fast.integrations.vllm_requests import GLOBAL_NAME
 
 ENV = "YAPO_FAST_VECTORS"
-_front_names: set[str] = set()  # names registered from this (front-end) process
 
 
 def parse_spec(raw: str | None) -> dict[str, tuple[str, str | None, float | None]]:
@@ -70,34 +69,6 @@ def load_startup_vectors() -> dict:
             raise YapoFastError(f"{ENV}: vector {name!r}: {exc}") from exc
         out[name] = (vector, sae, m)
     return out
-
-
-def known_names() -> set[str]:
-    return startup_names() | _front_names
-
-
-def add_front_name(name: str) -> None:
-    _front_names.add(name)
-
-
-def drop_front_name(name: str) -> None:
-    _front_names.discard(name)
-
-
-def check_request_args(extra_args) -> None:
-    """Front-end check of a request's steering arguments; raises YapoFastError (a ValueError,
-    which vLLM's server answers with HTTP 400) naming the problem and the fix."""
-    spec = parse_request_args(extra_args)
-    if not isinstance(spec, tuple):
-        return
-    names = known_names()
-    if spec[0] not in names:
-        have = ", ".join(sorted(names)) or "none"
-        raise YapoFastError(
-            f"unknown steering vector {spec[0]!r}: this engine serves {have}. Register it "
-            f"(yapo_fast.register_vector, or {ENV} / yapo-fast serve --vector name=path) or "
-            "fix the name"
-        )
 
 
 # ---- payloads: a vector (and its SAE) as file bytes, so any worker can rebuild them --------------

@@ -18,7 +18,8 @@ from pathlib import Path
 
 KS = (16, 64, 256, 1024)
 L1S = (0.5, 2.0)
-SCALED = ((64, 0.2), (256, 0.1), (256, 0.2))  # (k, lr)
+SCALED = ((16, 0.5), (16, 1.0), (16, 2.0), (64, 0.2), (256, 0.1), (256, 0.2))  # (k, lr)
+LONGER = ((16, 1.0, 4), (16, 0.5, 6))  # (k, lr, epochs)
 PAIRS, EPOCHS, BATCH, LR, HELDOUT = 64, 2, 4, 2e-2, 40
 
 
@@ -59,15 +60,16 @@ def main(behaviour: str, out: Path) -> dict:
 
     vec_dir = out.parent / "sparsity_vectors"
     runs = (
-        [("dense", {}, LR)]
-        + [(f"topk k={k}", {"support": k}, LR) for k in KS]
-        + [(f"l1 {s:g}", {"l1": s}, LR) for s in L1S]
+        [("dense", {}, LR, EPOCHS)]
+        + [(f"topk k={k}", {"support": k}, LR, EPOCHS) for k in KS]
+        + [(f"l1 {s:g}", {"l1": s}, LR, EPOCHS) for s in L1S]
         # AdamW moves an entry by about lr per step: k entries reach the dense vector's edit only with
         # larger values, so the budgeted runs also get a larger learning rate
-        + [(f"topk k={k} lr={lr:g}", {"support": k}, lr) for k, lr in SCALED]
+        + [(f"topk k={k} lr={lr:g}", {"support": k}, lr, EPOCHS) for k, lr in SCALED]
+        + [(f"topk k={k} lr={lr:g} epochs={e}", {"support": k}, lr, e) for k, lr, e in LONGER]
     )
     only = {k.strip() for k in os.environ.get("YAPO_SPARSITY_ONLY", "").split(",") if k.strip()}
-    for key, kw, lr in runs:
+    for key, kw, lr, epochs in runs:
         if key in res["settings"] or (only and key not in only):
             continue
         t0 = time.perf_counter()
@@ -77,17 +79,17 @@ def main(behaviour: str, out: Path) -> dict:
             model=model,
             tokenizer=tok,
             sae=sae,
-            epochs=EPOCHS,
+            epochs=epochs,
             batch_size=BATCH,
             lr=lr,
-            warmup_steps=max(1, steps // 10),
+            warmup_steps=max(1, steps * epochs // EPOCHS // 10),
             seed=0,
             resume=False,
             progress=False,
             out=vec_dir / f"{behaviour}-{key.replace(' ', '_').replace('=', '')}.safetensors",
             **kw,
         )
-        record(key, r.vector, time.perf_counter() - t0 - r.cache_seconds)
+        record(key, r.vector, (time.perf_counter() - t0 - r.cache_seconds) * EPOCHS / epochs)
     dense = yf.load_vector(vec_dir / f"{behaviour}-dense.safetensors")
     for k in KS:
         if f"pruned k={k}" not in res["settings"] and (not only or f"pruned k={k}" in only):

@@ -13,7 +13,7 @@ from trainer_fixtures import KW, single_thread, tiny_pairs, tiny_setup  # noqa: 
 import yapo_fast
 from yapo_fast import SteeringVector, YapoFastError
 from yapo_fast.errors import MAX_ABS_MULTIPLIER, check_multiplier
-from yapo_fast.integrations.vllm_state import parse_request_args
+from yapo_fast.integrations.vllm_requests import parse_request_args
 from yapo_fast.integrations.vllm_vectors import parse_spec
 from yapo_fast.steering import dense_steer, make_steer_fn, sparse_steer
 

@@ -4,7 +4,7 @@ equals THE reference (kernels/sparse_steer_reference.py) over random shapes, sup
 values, multipliers and SAE kinds. Bounded example counts and no deadline keep it near 30 s.
 
 TRITON_INTERPRET must be set before the Triton kernel modules are imported (as in
-tests/test_kernels_triton.py): set here, the kernels imported, the previous value restored."""
+tests/test_kernels_sparse_steer_triton.py): set here, the kernels imported, the previous value restored."""
 
 from helpers import import_triton_kernels  # noqa: E402
 

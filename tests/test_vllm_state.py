@@ -7,8 +7,9 @@ from helpers import random_latent, random_sae
 
 import yapo_fast
 from yapo_fast.errors import YapoFastError
-from yapo_fast.integrations.vllm_state import UNSET, SteerState, cache_salt_for, parse_request_args
-from yapo_fast.integrations.vllm_vectors import check_request_args, parse_spec
+from yapo_fast.integrations.vllm_requests import UNSET, cache_salt_for, check_request_args, parse_request_args
+from yapo_fast.integrations.vllm_state import SteerState
+from yapo_fast.integrations.vllm_vectors import parse_spec
 from yapo_fast.kernels.sparse_steer_reference import dense_steer_reference, sparse_steer_reference
 
 

@@ -3,7 +3,7 @@ against torch autograd through THE reference: on the CPU under TRITON_INTERPRET=
 odd shapes), and compiled on a CUDA GPU when one exists (marked gpu; deselected where there is none:
 see conftest.py).
 
-TRITON_INTERPRET must be set before the kernel modules are imported: see test_kernels_triton.py."""
+TRITON_INTERPRET must be set before the kernel modules are imported: see test_kernels_sparse_steer_triton.py."""
 
 import torch
 from helpers import import_triton_kernels  # noqa: E402
@@ -30,7 +30,7 @@ def interpret_on_cpu(monkeypatch):
     if not HAS_CUDA:
         monkeypatch.setenv("TRITON_INTERPRET", "1")
         # The interpreter's Triton top-k threshold is slow (bitonic sorts element by element) and
-        # tested in test_kernels_triton.py; here the TopK cut comes from the torch threshold path.
+        # tested in test_kernels_sparse_steer_triton.py; here the TopK cut comes from the torch threshold path.
         monkeypatch.setattr(
             dispatch, "topk_threshold", lambda x, W, b, k, backend=None: topk_threshold(x, W, b, k, backend="torch")
         )
