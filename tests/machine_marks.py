@@ -3,6 +3,8 @@ and named in the summary), not collected and then skipped: a GPU machine runs th
 tests (marked gpu) and leaves out the interpreter-only ones, a CPU machine the other way round.
 Used by tests/conftest.py and bench/conftest.py."""
 
+import importlib.util
+
 import torch
 
 HAS_CUDA = torch.cuda.is_available()
@@ -14,6 +16,8 @@ NOT_HERE = (
     if not HAS_CUDA
     else {"interpreter_only": "a CUDA GPU is present, so the Triton kernels are compiled, not interpreted"}
 )
+if importlib.util.find_spec("vllm") is None:
+    NOT_HERE["vllm"] = "vLLM is not installed (it installs on CPU machines only: scripts/env.sh)"
 _left_out: dict[str, int] = {}
 
 
