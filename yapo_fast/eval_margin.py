@@ -90,13 +90,16 @@ def margin_effects(
     batch_size: int = 8,
     progress: bool = True,
     desc: str = "margin",
+    base: torch.Tensor | None = None,
 ) -> tuple[dict, torch.Tensor]:
-    """({name: [effect per multiplier]}, unsteered margins) on held-out `pairs`."""
+    """({name: [effect per multiplier]}, unsteered margins) on held-out `pairs`. `base`: the
+    unsteered margins of these pairs from an earlier call (measured here when None)."""
     from .evaluate import _steered
 
     if not pairs:
         raise YapoFastError("no held-out pairs to measure the margin on")
-    base = pair_margins(model, tokenizer, pairs, batch_size=batch_size)
+    if base is None:
+        base = pair_margins(model, tokenizer, pairs, batch_size=batch_size)
     out = {}
     jobs = [(name, vec, float(m)) for name, vec in vectors.items() for m in multipliers if m != 0]
     for name, vec, m in tqdm(jobs, desc=desc, disable=not progress):
