@@ -29,6 +29,8 @@ TINY = [
     "3",
     "--gen-prompts",
     "3",
+    "--support",
+    "8",
 ]
 
 
@@ -72,6 +74,12 @@ def test_main_job_end_to_end(tmp_path, capsys, monkeypatch):
         f"hallucination/{m}" for m in ("yapo", "bipo", "caa")
     }
     assert len(res["training"]["yapo"]["losses"]) == 2 and res["training"]["caa"]["losses"] == []
+    # YaPO under the support budget, at its own learning rate; BiPO at --lr
+    from yapo_fast import load_vector
+
+    yapo = load_vector(out / "vectors" / "yapo-hallucination-L2.safetensors")
+    assert yapo.is_sparse and yapo.values.numel() <= 8 and yapo.info["support"] == 8
+    assert res["training"]["yapo"]["lr"] == 0.2 and res["training"]["bipo"]["lr"] != 0.2
     margin = res["margin"]["hallucination"]
     assert margin["n"] == 3 and set(margin["effects"]) == {"yapo", "bipo", "caa"}
     assert all([e["multiplier"] for e in effs] == [-1, 1] for effs in margin["effects"].values())
