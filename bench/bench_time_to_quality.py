@@ -6,7 +6,7 @@ project's recipe (the main job's learning rate) beside them.
     YAPO_BENCH_THREADS=1 .venv/bin/pytest bench/bench_time_to_quality.py -s -p no:cacheprovider
 
 Quality of a vector: the held-out preference-margin effect in both directions, Q = (effect at m=+1 -
-effect at m=-1) / 2 (nats; yapo_fast.eval_margin), on the first YAPO_TTQ_HELDOUT test pairs of the
+effect at m=-1) / 2 (nats; yapo_fast.eval.margin), on the first YAPO_TTQ_HELDOUT test pairs of the
 behaviour. The reference schedule (lr 5e-4, 100 warm-up steps, cosine, YAPO_TTQ_EPOCHS epochs over
 YAPO_TTQ_PAIRS training pairs, batch 4) defines the target Q_ref. Both trainers run that schedule step
 by step in turn (same machine load for both; the two are exact, so they reach Q_ref at the same step,
@@ -40,7 +40,7 @@ if os.environ.get("YAPO_BENCH_THREADS"):
 
 def setup():
     import yapo_fast as yf
-    from yapo_fast.data import behaviour_path, load_pairs
+    from yapo_fast.data.pairs import behaviour_path, load_pairs
 
     model, tok = yf.load_model()
     sae = yf.load_sae()
@@ -50,7 +50,7 @@ def setup():
 
 
 def quality(model, tok, sae, test, vector, base) -> dict:
-    from yapo_fast.eval_margin import margin_effects
+    from yapo_fast.eval.margin import margin_effects
 
     effects, _ = margin_effects(model, tok, test, {"v": vector}, sae=sae, progress=False, base=base)
     lo, hi = (e["delta"] for e in effects["v"])
@@ -115,7 +115,7 @@ def recipe_to(model, tok, sae, pairs, test, base, target: float) -> dict:
 
 def test_time_to_reference_quality(benchmark):
     from yapo_fast.atomic import write_text_atomic
-    from yapo_fast.eval_margin import pair_margins
+    from yapo_fast.eval.margin import pair_margins
 
     model, tok, sae, pairs, test = setup()
     base = pair_margins(model, tok, test)

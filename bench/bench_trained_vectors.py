@@ -27,7 +27,7 @@ def states(T: int) -> torch.Tensor:
     """Layer-15 outputs of the default model on T real tokens (a held-out hallucination question)."""
     import yapo_fast as yf
     from yapo_fast.chat import format_prompt
-    from yapo_fast.data import behaviour_path, load_pairs
+    from yapo_fast.data.pairs import behaviour_path, load_pairs
     from yapo_fast.integrations.hf_hooks import capture_layer_output
 
     model, tok = yf.load_model()

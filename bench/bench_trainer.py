@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from naive_trainer import NaiveTrainer  # noqa: E402
 
 import yapo_fast  # noqa: E402
-from yapo_fast.data import bipo_csv_path, load_pairs  # noqa: E402
+from yapo_fast.data.pairs import bipo_csv_path, load_pairs  # noqa: E402
 from yapo_fast.train.cache import tokenize_pairs  # noqa: E402
 
 N_PAIRS = int(os.environ.get("YAPO_BENCH_PAIRS", "20"))
@@ -222,8 +222,8 @@ DATA = os.environ.get("YAPO_BENCH_DATA", "hallucination")  # or blend_mc / blend
 def blend_sets(country: str = "UK") -> dict:
     """Cultural (BLEnD) sets: the shipped preference pairs (question -> answer) and a multiple-choice
     form (question + 4 options -> the correct letter vs a wrong one)."""
-    from yapo_fast import blend
-    from yapo_fast.data import PreferencePair
+    from yapo_fast.data import blend
+    from yapo_fast.data.pairs import PreferencePair
 
     mc = []
     for item in blend.mcq_items(country, "localized", split="train")[:200]:

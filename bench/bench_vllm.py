@@ -35,7 +35,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from yapo_fast.eval_vllm import kv_cache_bytes
+from yapo_fast.eval.vllm import kv_cache_bytes
 
 BATCHES = [int(x) for x in os.environ.get("YAPO_BENCH_BATCHES", "64,256").split(",") if x]
 PER_REQUEST_BATCHES = [int(x) for x in os.environ.get("YAPO_BENCH_PER_REQUEST_BATCHES", "64").split(",") if x]
@@ -73,7 +73,7 @@ def make_vectors(tmp: Path, n_extra: int = 64):
 
 
 def prompts(n: int) -> list[str]:
-    from yapo_fast.data import bipo_csv_path, load_pairs
+    from yapo_fast.data.pairs import bipo_csv_path, load_pairs
 
     qs = [p.prompt for p in load_pairs(bipo_csv_path("hallucination"))]
     return [qs[i % len(qs)] for i in range(n)]

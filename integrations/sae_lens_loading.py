@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from yapo_fast.errors import YapoFastError
-from yapo_fast.sae import SAE, layer_from_hook_name
+from yapo_fast.sae.autoencoder import SAE, layer_from_hook_name
 
 # sae-lens architecture name -> our kind
 _KIND_OF_ARCHITECTURE = {"standard": "relu", "jumprelu": "jumprelu", "topk": "topk"}

@@ -49,7 +49,7 @@ def startup_names() -> set[str]:
 
 
 def load_one(path: str, sae_dir: str | None):
-    from yapo_fast.sae import load_sae
+    from yapo_fast.sae.autoencoder import load_sae
     from yapo_fast.vector import load_vector
 
     vector = load_vector(path)
@@ -108,7 +108,7 @@ def _unpack(files: dict, tmp: Path) -> None:
 
 
 def from_payload(payload: dict):
-    from yapo_fast.sae import load_sae
+    from yapo_fast.sae.autoencoder import load_sae
     from yapo_fast.vector import load_vector
 
     with tempfile.TemporaryDirectory(prefix="yapo-vllm-") as tmp:

@@ -1,4 +1,4 @@
-"""Rebuild the on-policy preference data of the added behaviours (yapo_fast/behaviour_data.py):
+"""Rebuild the on-policy preference data of the added behaviours (yapo_fast/data/behaviours.py):
 
     .venv/bin/python scripts/build_behaviours.py [spanish positive-tone]
 
@@ -15,7 +15,7 @@ import time
 SIZES = {"spanish": (240, 4), "positive-tone": (160, 2)}
 
 if __name__ == "__main__":  # vLLM spawns workers
-    from yapo_fast.behaviour_data import SOURCES, build
+    from yapo_fast.data.behaviours import SOURCES, build
     from yapo_fast.model import default_model_dir
 
     for name in sys.argv[1:] or sorted(SOURCES):

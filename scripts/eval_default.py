@@ -11,10 +11,11 @@ import json
 import time
 from pathlib import Path
 
-from yapo_fast import blend, load_model, load_sae, load_vector, train
-from yapo_fast.data import bipo_csv_path, load_pairs
-from yapo_fast.evaluate import evaluate
-from yapo_fast.report import write_report
+from yapo_fast import load_model, load_sae, load_vector, train
+from yapo_fast.data import blend
+from yapo_fast.data.pairs import bipo_csv_path, load_pairs
+from yapo_fast.eval.evaluate import evaluate
+from yapo_fast.eval.report import write_report
 
 
 def get_vector(method, pairs, model, tok, sae, out, training, key, data, args, layer):

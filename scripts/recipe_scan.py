@@ -25,8 +25,8 @@ PAIRS, EPOCHS, BATCH, HELDOUT = 64, 4, 4, 24
 def run(behaviour: str, out: Path) -> dict:
     import yapo_fast as yf
     from yapo_fast.atomic import write_text_atomic
-    from yapo_fast.data import behaviour_path, load_pairs
-    from yapo_fast.eval_margin import margin_effects
+    from yapo_fast.data.pairs import behaviour_path, load_pairs
+    from yapo_fast.eval.margin import margin_effects
 
     model, tok = yf.load_model()
     sae = yf.load_sae()

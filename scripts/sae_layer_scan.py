@@ -25,7 +25,7 @@ def main():
     ap.add_argument("--max-rows", type=int, default=12000)
     args = ap.parse_args()
     from yapo_fast.atomic import write_text_atomic
-    from yapo_fast.sae_train import load_activation_chunks, train_on_activations
+    from yapo_fast.sae.train import load_activation_chunks, train_on_activations
 
     dirs = sorted(Path(args.cache_root).iterdir())
     # caches are kept per text source (…-L15-corpus-…, …-L15-chat-…): compare layers on one source

@@ -1,6 +1,6 @@
 """SAE training speed with 1 vs 2 torch threads (docs/sae.md: why --threads 1).
 
-Times sae-lens's SAETrainer.fit alone (yapo_fast.sae_train.train_on_activations on random rows;
+Times sae-lens's SAETrainer.fit alone (yapo_fast.sae.train.train_on_activations on random rows;
 the step cost does not depend on the values), e.g.
 
     cd /tmp && for n in 1 2; do OMP_NUM_THREADS=$n "$REPO/.venv/bin/python" \
@@ -21,7 +21,7 @@ def main():
     torch.set_num_threads(threads)
     from sae_lens.training.sae_trainer import SAETrainer
 
-    from yapo_fast.sae_train import train_on_activations
+    from yapo_fast.sae.train import train_on_activations
 
     fit, seconds = SAETrainer.fit, {}
 

@@ -12,10 +12,10 @@ from pathlib import Path
 if __name__ == "__main__":
     import yapo_fast as yf
     from yapo_fast.atomic import write_text_atomic
-    from yapo_fast.data import behaviour_path, load_pairs
-    from yapo_fast.eval_generation import scored_generations
-    from yapo_fast.eval_margin import margin_effects
-    from yapo_fast.evaluate import generate
+    from yapo_fast.data.pairs import behaviour_path, load_pairs
+    from yapo_fast.eval.evaluate import generate
+    from yapo_fast.eval.generation import scored_generations
+    from yapo_fast.eval.margin import margin_effects
 
     behaviour, out, paths = sys.argv[1], Path(sys.argv[2]), sys.argv[3:]
     model, tok = yf.load_model()

@@ -31,8 +31,8 @@ def mass_top10(vec, sae) -> float:
 def main(behaviour: str, out: Path) -> dict:
     import yapo_fast as yf
     from yapo_fast.atomic import write_text_atomic
-    from yapo_fast.data import behaviour_path, load_pairs
-    from yapo_fast.eval_margin import margin_effects
+    from yapo_fast.data.pairs import behaviour_path, load_pairs
+    from yapo_fast.eval.margin import margin_effects
     from yapo_fast.train.sparsity import prune_by_effect
 
     model, tok = yf.load_model()

@@ -5,7 +5,7 @@ import os
 import pytest
 
 from yapo_fast import load_model, model_identity
-from yapo_fast.hf_generate import generate_text
+from yapo_fast.eval.generate import generate_text
 from yapo_fast.model import DEFAULT_MODEL, default_model_dir
 
 

@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from yapo_fast import blend
 from yapo_fast.cli import main
+from yapo_fast.data import blend
 from yapo_fast.errors import YapoFastError
 
 
@@ -51,7 +51,7 @@ def test_pairs_and_cli_files(tmp_path, digest):
     assert len(pairs) > 150 and all(p.chosen != p.rejected and "España" not in p.prompt for p in pairs)
     rc = main(["data", "--countries", "Spain", "--out", str(tmp_path)])
     assert rc == 0
-    from yapo_fast.data import load_pairs
+    from yapo_fast.data.pairs import load_pairs
 
     loaded = load_pairs(tmp_path / "Spain_localized_pairs.jsonl")
     assert loaded == blend.preference_pairs("Spain", "localized", digest=digest)

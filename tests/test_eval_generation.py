@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from yapo_fast.errors import YapoFastError
-from yapo_fast.eval_generation import (
+from yapo_fast.eval.generation import (
     first_sentence,
     generation_effect,
     hallucination_score,
@@ -106,7 +106,7 @@ def test_positive_tone_score_is_vader_compound():
 
 
 def test_pairs_from_samples_pick_the_scored_extremes():
-    from yapo_fast.behaviour_data import pair_from_samples
+    from yapo_fast.data.behaviours import pair_from_samples
 
     es, en = "La comida más popular son las tapas de jamón.", "The most popular food is ham tapas."
     pair = pair_from_samples("spanish", "q", [en, es, en])

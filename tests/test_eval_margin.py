@@ -7,9 +7,9 @@ import pytest
 import torch
 from eval_helpers import word_tokenizer
 
-from yapo_fast.data import PreferencePair
+from yapo_fast.data.pairs import PreferencePair
 from yapo_fast.errors import YapoFastError
-from yapo_fast.eval_margin import margin_effect, pair_margins, response_logprobs
+from yapo_fast.eval.margin import margin_effect, pair_margins, response_logprobs
 
 
 class BigramLM(torch.nn.Module):

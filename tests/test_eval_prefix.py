@@ -7,9 +7,9 @@ from eval_helpers import word_tokenizer
 from helpers import SAE_KINDS, random_latent, random_sae, tiny_llama
 
 from yapo_fast import SteeringVector, model_identity, steer
-from yapo_fast.eval_scale import layer_states, vector_scale
-from yapo_fast.eval_score import next_token_logits, steered_next_token_logits
-from yapo_fast.evaluate import score_steerings
+from yapo_fast.eval.evaluate import score_steerings
+from yapo_fast.eval.scale import layer_states, vector_scale
+from yapo_fast.eval.score import next_token_logits, steered_next_token_logits
 from yapo_fast.steering import make_steer_fn
 
 TEXTS = ["w1 w2 w3", "w4", "w5 w6 w7 w8 w9 w10 w11", "w12 w13", "w14 w15 w16 w17 w18"]

@@ -8,8 +8,8 @@ from eval_helpers import word_tokenizer
 from helpers import random_latent, random_sae, tiny_llama
 
 from yapo_fast import SteeringVector, model_identity
-from yapo_fast.evaluate import evaluate
-from yapo_fast.report import write_report
+from yapo_fast.eval.evaluate import evaluate
+from yapo_fast.eval.report import write_report
 
 
 def test_tiny_evaluation_writes_report_and_plots(tmp_path):

@@ -9,12 +9,12 @@ import torch
 from helpers import tiny_llama
 
 from yapo_fast import SteeringVector, model_identity, steer
-from yapo_fast.blend import MCQItem
+from yapo_fast.data.blend import MCQItem
 from yapo_fast.errors import YapoFastError
-from yapo_fast.eval_ab import ABItem, ab_scores, mean_ci95
-from yapo_fast.eval_mcq import mcq_correct
-from yapo_fast.eval_mmlu import mmlu_correct
-from yapo_fast.eval_score import letter_token_ids, next_token_logits
+from yapo_fast.eval.ab import ABItem, ab_scores, mean_ci95
+from yapo_fast.eval.mcq import mcq_correct
+from yapo_fast.eval.mmlu import mmlu_correct
+from yapo_fast.eval.score import letter_token_ids, next_token_logits
 
 WORDS = ["<unk>", "<pad>", "A", "B", "C", "D", "(", ")", "Answer", ":", "User", "Assistant", "x", "y", "z"]
 MARKERS = [f"q{i}" for i in range(8)]

@@ -137,7 +137,7 @@ def test_token_sequences_and_detokenize():
 
 
 def test_default_documents_cover_every_source():
-    from yapo_fast.data import BEHAVIOURS
+    from yapo_fast.data.pairs import BEHAVIOURS
 
     docs = ai.default_documents(char_tokenizer(), chat_per_behaviour=2)
     plain = [name for name, _, is_chat in docs if not is_chat]

@@ -136,7 +136,7 @@ def test_logit_lens_reads_a_planted_direction(setup):
 
 def test_chosen_rejected_stats_count_response_tokens_only(setup):
     model, tok, sae = setup
-    from yapo_fast.data import PreferencePair
+    from yapo_fast.data.pairs import PreferencePair
 
     pairs = [PreferencePair("Q Q Q Q?", "QQ", "ab")]  # Q in the prompt must not count
     s = chosen_rejected_stats(model, tok, sae, 1, pairs, [5], progress=False)
@@ -221,7 +221,7 @@ def test_cli_explain_writes_the_three_files(setup, tmp_path, capsys, monkeypatch
 
 def test_batched_stats_equal_one_pair_at_a_time(setup):
     model, tok, sae = setup
-    from yapo_fast.data import PreferencePair
+    from yapo_fast.data.pairs import PreferencePair
 
     pairs = [PreferencePair(f"question {'Q' * i}?", "Q yes " * (i + 1), "n" * (3 * i + 1)) for i in range(5)]
     latents = [5, 0, 17, 60, 91]

@@ -37,14 +37,14 @@ TINY = [
 def fake_vllm(monkeypatch, fail=False):
     """Stand-in for the vLLM engine (minutes to start on a CPU; tested in the vLLM tests): it
     generates through transformers, so the main job's cross-check must find the same text."""
-    import yapo_fast.eval_vllm as ev
+    import yapo_fast.eval.vllm as ev
 
     def make(model_path, tokenizer, sae=None, **kw):
         if fail:
             raise RuntimeError("no engine today")
         from transformers import AutoModelForCausalLM
 
-        from yapo_fast.evaluate import generate
+        from yapo_fast.eval.evaluate import generate
 
         model = AutoModelForCausalLM.from_pretrained(model_path).eval()
         return lambda prompts, vec, m, n: generate(model, tokenizer, prompts, vec, m, sae=sae, max_new_tokens=n)
@@ -108,9 +108,9 @@ def test_main_job_end_to_end(tmp_path, capsys, monkeypatch):
 
 def test_main_job_falls_back_when_vllm_or_the_sae_is_missing(tmp_path, capsys, monkeypatch):
     """Also: with no SAE shipped, YaPO is skipped (said so) and the dense methods steer --layer."""
-    import yapo_fast.sae
+    import yapo_fast.sae.autoencoder
 
-    monkeypatch.setattr(yapo_fast.sae, "DEFAULT_SAE_DIR", tmp_path / "no-saes-here")
+    monkeypatch.setattr(yapo_fast.sae.autoencoder, "DEFAULT_SAE_DIR", tmp_path / "no-saes-here")
     fake_vllm(monkeypatch, fail=True)
     save_tiny_with_tokenizer(tmp_path / "m")
     out = tmp_path / "run"

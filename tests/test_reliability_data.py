@@ -9,7 +9,7 @@ import pytest
 
 from yapo_fast import YapoFastError
 from yapo_fast.cli import main
-from yapo_fast.data import MAX_FIELD_CHARS, load_pairs
+from yapo_fast.data.pairs import MAX_FIELD_CHARS, load_pairs
 
 GOOD = [("What is 2+2?", "4", "5"), ("Name a colour.", "blue", "a rock"), ("Say hi.", "hi", "no")]
 HUGE = "x" * (MAX_FIELD_CHARS + 1)

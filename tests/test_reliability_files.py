@@ -81,7 +81,7 @@ def test_sae_trainer_checkpoint_pickle_is_refused(tmp_path):
     (torch's default), so a checkpoint carrying code is refused with a clear error, never run."""
     from sae_lens.constants import TRAINER_STATE_FILENAME
 
-    from yapo_fast.sae_train import train_on_activations
+    from yapo_fast.sae.train import train_on_activations
 
     torch.manual_seed(0)
     acts = torch.randn(256, 16) + 1.0
@@ -365,7 +365,7 @@ def test_interrupted_sae_write_keeps_the_old_sae(tmp_path, monkeypatch):
 
 
 def test_interrupted_report_and_eval_json_keep_the_old_files(tmp_path, monkeypatch):
-    from yapo_fast.report import write_report
+    from yapo_fast.eval.report import write_report
 
     paths = write_report({"meta": {"model": "m"}}, tmp_path / "r")
     before = {p: p.read_bytes() for p in (paths["json"], paths["markdown"])}

@@ -248,7 +248,7 @@ def _sae_part(work: Path, rng: random.Random) -> dict:
 
     from yapo_fast import load_sae
     from yapo_fast.integrations.sae_lens_loading import save_sae
-    from yapo_fast.sae_train import collect_activations, load_activation_chunks, train_on_activations
+    from yapo_fast.sae.train import collect_activations, load_activation_chunks, train_on_activations
 
     model = tiny_llama()
     g = torch.Generator().manual_seed(1)

@@ -6,7 +6,7 @@ from helpers import SAE_KINDS, random_sae
 
 from yapo_fast import SAE, YapoFastError, load_sae
 from yapo_fast.integrations.sae_lens_loading import save_sae, to_sae_lens
-from yapo_fast.sae import layer_from_hook_name
+from yapo_fast.sae.autoencoder import layer_from_hook_name
 
 
 @pytest.mark.parametrize("kind", SAE_KINDS)

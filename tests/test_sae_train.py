@@ -9,9 +9,9 @@ from helpers import tiny_llama
 
 from yapo_fast import load_sae
 from yapo_fast.cli import main
+from yapo_fast.data.text_source import TextMixture, detokenize, mixture_counts
 from yapo_fast.errors import YapoFastError
-from yapo_fast.sae_train import ActivationBatches, train_on_activations
-from yapo_fast.text_source import TextMixture, detokenize, mixture_counts
+from yapo_fast.sae.train import ActivationBatches, train_on_activations
 
 
 def save_tiny_char_model(path):
@@ -363,7 +363,7 @@ def test_text_mixture_and_detokenize():
 
 
 def test_answers_command_writes_greedy_answers_and_resumes(trained, tmp_path):
-    from yapo_fast.text_source import interleaved_chat_prompts, load_answers
+    from yapo_fast.data.text_source import interleaved_chat_prompts, load_answers
 
     out = tmp_path / "answers.jsonl"
     cmd = [

@@ -7,7 +7,7 @@ import torch
 
 from yapo_fast import load_sae
 from yapo_fast.model import DEFAULT_MODEL
-from yapo_fast.sae import DEFAULT_SAE_DIR
+from yapo_fast.sae.autoencoder import DEFAULT_SAE_DIR
 
 # what README "The shipped SAE" reports for the fixed prompt below (held-out numbers are in
 # yapo_fast/assets/saes/<name>/eval.json); the test asserts the SAE still explains at least this
@@ -103,8 +103,8 @@ def test_shipped_sae_reconstructs_a_fixed_prompt(fixed_prompt_acts, prefix):
 def test_shipped_sae_names_the_shipped_answers_it_was_trained_on(prefix):
     """The chat part of the training text used the default model's own answers shipped in
     assets/data/chat_answers: the metadata's record (count + content hash) matches that file."""
-    from yapo_fast.sae_train import _answers_record
-    from yapo_fast.text_source import SHIPPED_ANSWERS, load_answers
+    from yapo_fast.data.text_source import SHIPPED_ANSWERS, load_answers
+    from yapo_fast.sae.train import _answers_record
 
     meta = load_sae(shipped(prefix)).metadata
     assert meta["chat_answers"] == _answers_record(load_answers(SHIPPED_ANSWERS), SHIPPED_ANSWERS)

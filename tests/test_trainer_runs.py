@@ -132,8 +132,8 @@ def test_caa_lean_path_equals_the_hook_path(llama):
     """CAA's layer-runner path (layers 0..L only, shared prompt, packed) equals forward hooks."""
     from naive_trainer import ByteTokenizer
 
-    from yapo_fast.caa import response_activation
     from yapo_fast.chat import format_prompt
+    from yapo_fast.train.caa import response_activation
 
     tok, pairs = ByteTokenizer(), tiny_pairs(5)
     fast = yapo_fast.train("caa", pairs, model=llama, tokenizer=tok, layer=1, progress=False).vector.dense()

@@ -5,7 +5,7 @@ import torch
 from helpers import random_sae, tiny_llama
 from naive_trainer import ByteTokenizer
 
-from yapo_fast.data import PreferencePair
+from yapo_fast.data.pairs import PreferencePair
 
 LAYER = 1  # steer layer 1 of the 4-layer tiny Llama: layers 2..3 run per step
 

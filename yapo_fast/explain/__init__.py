@@ -8,8 +8,8 @@
 - core.py: explain() -> report dict; write_report(); report_md.py / report_html.py render it
 """
 
-from .core import DEFINITIONS, explain, write_report
-from .ranking import RankedEntry, Ranking, rank_entries, rank_vector
+from yapo_fast.explain.core import DEFINITIONS, explain, write_report
+from yapo_fast.explain.ranking import RankedEntry, Ranking, rank_entries, rank_vector
 
 explain_vector = explain
 

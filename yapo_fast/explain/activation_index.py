@@ -25,9 +25,9 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..atomic import atomic_path
-from ..errors import YapoFastError
-from ..model import cache_dir, decoder_layers, model_identity
+from yapo_fast.atomic import atomic_path
+from yapo_fast.errors import YapoFastError
+from yapo_fast.model import cache_dir, decoder_layers, model_identity
 
 CORPUS_DIR = Path(__file__).resolve().parent.parent / "assets" / "data" / "corpus_sample"
 INDEX_FORMAT = 1
@@ -45,8 +45,8 @@ def detokenize(text: str) -> str:
 
 def default_documents(tokenizer, chat_per_behaviour: int = 40) -> list[tuple[str, str, bool]]:
     """(source name, text, is_chat) documents: corpus sample files and templated BiPO chats."""
-    from ..chat import format_prompt
-    from ..data import BEHAVIOURS, bipo_csv_path, load_pairs
+    from yapo_fast.chat import format_prompt
+    from yapo_fast.data.pairs import BEHAVIOURS, bipo_csv_path, load_pairs
 
     docs = [(p.stem, detokenize(p.read_text(encoding="utf-8")), False) for p in sorted(CORPUS_DIR.glob("*.txt"))]
     per_behaviour = {b: load_pairs(bipo_csv_path(b, "test"), limit=chat_per_behaviour) for b in BEHAVIOURS}

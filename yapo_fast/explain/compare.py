@@ -110,7 +110,7 @@ def render_compare_html(c: dict) -> str:
 def write_compare(c: dict, out: str | os.PathLike) -> dict[str, Path]:
     import json
 
-    from ..atomic import atomic_path
+    from yapo_fast.atomic import atomic_path
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

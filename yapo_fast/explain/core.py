@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from ..errors import YapoFastError
+from yapo_fast.errors import YapoFastError
 
 REPORT_FORMAT = 1
 
@@ -92,14 +92,14 @@ def explain(
     or None for the shipped default. With `out`, also writes report.json, report.md and
     report.html there (atomically) and records their paths under report["files"].
     """
-    from ..model import load_model, model_identity
-    from ..sae import SAE, load_sae
-    from ..vector import SteeringVector, load_vector
-    from .activation_index import load_or_build_index
-    from .data_stats import chosen_rejected_stats
-    from .dense_projection import project_dense
-    from .logit_lens import logit_lens
-    from .ranking import rank_vector
+    from yapo_fast.explain.activation_index import load_or_build_index
+    from yapo_fast.explain.data_stats import chosen_rejected_stats
+    from yapo_fast.explain.dense_projection import project_dense
+    from yapo_fast.explain.logit_lens import logit_lens
+    from yapo_fast.explain.ranking import rank_vector
+    from yapo_fast.model import load_model, model_identity
+    from yapo_fast.sae.autoencoder import SAE, load_sae
+    from yapo_fast.vector import SteeringVector, load_vector
 
     vector_path = None
     if not isinstance(vector, SteeringVector):
@@ -220,7 +220,7 @@ def explain(
         data_path, data_note = _resolve_data(vector, vector_path, data)
         stats, pairs = None, []
         if data_path is not None:
-            from ..data import load_pairs
+            from yapo_fast.data.pairs import load_pairs
 
             pairs = load_pairs(data_path, limit=data_pairs)
             # every latent at once, kept for this process: explaining several vectors on the same data
@@ -281,9 +281,9 @@ def write_report(report: dict, out: str | os.PathLike) -> dict[str, Path]:
     """Write report.json, report.md and report.html into folder `out` (each atomically)."""
     import json
 
-    from ..atomic import atomic_path
-    from .report_html import render_html
-    from .report_md import render_markdown
+    from yapo_fast.atomic import atomic_path
+    from yapo_fast.explain.report_html import render_html
+    from yapo_fast.explain.report_md import render_markdown
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

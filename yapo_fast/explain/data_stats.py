@@ -12,8 +12,8 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
-from ..chat import format_prompt, prompt_and_response_ids
-from .activation_index import layer_states
+from yapo_fast.chat import format_prompt, prompt_and_response_ids
+from yapo_fast.explain.activation_index import layer_states
 
 
 @torch.no_grad()

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import YapoFastError
+from yapo_fast.errors import YapoFastError
 
 
 @dataclass

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import YapoFastError
-from ..model import find_submodule
+from yapo_fast.errors import YapoFastError
+from yapo_fast.model import find_submodule
 
 
 def final_norm(model):

@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from ..errors import YapoFastError
+from yapo_fast.errors import YapoFastError
 
 
 @dataclass(frozen=True)

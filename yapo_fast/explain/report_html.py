@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from html import escape
 
-from .report_md import summary_lines
+from yapo_fast.explain.report_md import summary_lines
 
 CSS = """
 body{font:14px/1.45 system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:24px;color:#1d2430;background:#f6f7f9}

@@ -16,9 +16,9 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..chat import format_prompt, prompt_and_response_ids
-from ..errors import YapoFastError
-from .lean import DecoderRunner, Layout, forward_from_layer, gather_rows, make_layout, scatter_rows
+from yapo_fast.chat import format_prompt, prompt_and_response_ids
+from yapo_fast.errors import YapoFastError
+from yapo_fast.train.lean import DecoderRunner, Layout, forward_from_layer, gather_rows, make_layout, scatter_rows
 
 
 @dataclass

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import torch
 
-from ..atomic import atomic_path
-from ..errors import YapoFastError
+from yapo_fast.atomic import atomic_path
+from yapo_fast.errors import YapoFastError
 
 
 def save_checkpoint(path: Path, *, v, optimizer, scheduler, step: int, fingerprint: str, stopped: bool = False) -> None:

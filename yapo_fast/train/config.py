@@ -13,8 +13,8 @@ from dataclasses import asdict, dataclass, field, fields
 
 import torch
 
-from ..errors import YapoFastError, check_multiplier
-from .sparsity import check_sparsity
+from yapo_fast.errors import YapoFastError, check_multiplier
+from yapo_fast.train.sparsity import check_sparsity
 
 TRAIN_METHODS = ("yapo", "bipo", "caa")
 # settings that do not change the trained vector, left out of a run's fingerprint (a run resumed

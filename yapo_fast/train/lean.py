@@ -18,8 +18,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..errors import YapoFastError
-from ..model import decoder_layers
+from yapo_fast.errors import YapoFastError
+from yapo_fast.model import decoder_layers
 
 
 class _PrefixKV:

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import YapoFastError
+from yapo_fast.errors import YapoFastError
 
 
 def check_sparsity(method: str, support: int | None, l1: float, d_sae: int | None) -> None:

@@ -15,16 +15,16 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..errors import YapoFastError
-from ..model import check_layer, model_identity
-from ..vector import SteeringVector
-from . import distributed as ddp
-from .cache import ExampleCache, assemble, build_cache, tokenize_pairs
-from .checkpoint import load_checkpoint, save_checkpoint
-from .config import TrainConfig, batch_schedule, make_optimizer
-from .lean import DecoderRunner, forward_from_layer
-from .objective import dpo_losses, yapo_delta
-from .sparsity import check_sparsity, sparsify_step_, support_at
+from yapo_fast.errors import YapoFastError
+from yapo_fast.model import check_layer, model_identity
+from yapo_fast.train import distributed as ddp
+from yapo_fast.train.cache import ExampleCache, assemble, build_cache, tokenize_pairs
+from yapo_fast.train.checkpoint import load_checkpoint, save_checkpoint
+from yapo_fast.train.config import TrainConfig, batch_schedule, make_optimizer
+from yapo_fast.train.lean import DecoderRunner, forward_from_layer
+from yapo_fast.train.objective import dpo_losses, yapo_delta
+from yapo_fast.train.sparsity import check_sparsity, sparsify_step_, support_at
+from yapo_fast.vector import SteeringVector
 
 
 @dataclass
@@ -77,9 +77,9 @@ class LeanObjective:
 
 
 def _resolve(method, pairs, model, tokenizer, sae, layer):
-    from ..data import load_pairs
-    from ..model import load_model
-    from ..sae import SAE, load_sae
+    from yapo_fast.data.pairs import load_pairs
+    from yapo_fast.model import load_model
+    from yapo_fast.sae.autoencoder import SAE, load_sae
 
     if isinstance(pairs, (str, os.PathLike)):
         pairs = load_pairs(pairs)
@@ -194,7 +194,7 @@ class Trainer:
         self.losses = [r for r in records if not r.get("eval")]
         self.evals = [r for r in records if r.get("eval")]
         if self.main and self.log_path is not None and not self.done:
-            from ..atomic import write_text_atomic
+            from yapo_fast.atomic import write_text_atomic
 
             self.log_path.parent.mkdir(parents=True, exist_ok=True)  # the log cut back to the checkpoint
             write_text_atomic(self.log_path, "".join(json.dumps(r) + "\n" for r in records))
@@ -424,7 +424,7 @@ def train(
 
 
 def _train_caa(cfg: TrainConfig, pairs, model, tokenizer, out, progress: bool, t0: float) -> TrainResult:
-    from ..caa import train_caa
+    from yapo_fast.train.caa import train_caa
 
     vec = train_caa(model, tokenizer, pairs, cfg.layer, reduce=cfg.caa_reduce, system=cfg.system, progress=progress)
     vec.multiplier = float(cfg.multiplier)

@@ -9,8 +9,8 @@ import sys
 import time
 from pathlib import Path
 
-from .errors import YapoFastError
-from .eval_vllm import kv_cache_bytes
+from yapo_fast.errors import YapoFastError
+from yapo_fast.eval.vllm import kv_cache_bytes
 
 
 def _vllm():
@@ -26,8 +26,8 @@ def _vllm():
 # ---- serve -------------------------------------------------------------------------------------
 def serve_command(args) -> list[str]:
     """The `vllm serve` command line and the YAPO_FAST_VECTORS value for these args."""
-    from .integrations.vllm_vectors import parse_spec
-    from .model import resolve_model_path
+    from yapo_fast.integrations.vllm_vectors import parse_spec
+    from yapo_fast.model import resolve_model_path
 
     specs = []
     for item in args.vector or []:
@@ -40,7 +40,7 @@ def serve_command(args) -> list[str]:
         specs.append(f"{name}={rest}")
     value = ",".join(specs)
     parsed = parse_spec(value)  # refuse a malformed list before starting an engine
-    from .integrations.vllm_vectors import load_one
+    from yapo_fast.integrations.vllm_vectors import load_one
 
     for name, (path, sae_dir, _m) in parsed.items():
         try:
@@ -146,7 +146,7 @@ def generate_to_file(
     from tqdm import tqdm
     from vllm import SamplingParams
 
-    from .chat import format_prompt
+    from yapo_fast.chat import format_prompt
 
     out = Path(out)
     partial = out.with_name(out.name + ".partial")
@@ -187,24 +187,24 @@ def generate_to_file(
 
 def cmd_generate(args) -> None:
     _vllm()
-    from .model import resolve_model_path
+    from yapo_fast.model import resolve_model_path
 
     prompts = read_prompts(args.prompts)
     steering = None
     if args.vector:  # checked (Steering.of) before minutes of engine start-up
-        from .sae import load_sae
-        from .steering import Steering
-        from .vector import load_vector
+        from yapo_fast.sae.autoencoder import load_sae
+        from yapo_fast.steering import Steering
+        from yapo_fast.vector import load_vector
 
         vector = load_vector(args.vector)
         steering = Steering.of(vector, args.multiplier, sae=load_sae(args.sae) if vector.is_sparse else None)
     elif args.multiplier is not None:
-        from .errors import check_multiplier
+        from yapo_fast.errors import check_multiplier
 
         check_multiplier(args.multiplier, "--multiplier")
     from vllm import LLM
 
-    from .integrations.vllm_patch import patch
+    from yapo_fast.integrations.vllm_patch import patch
 
     llm = LLM(
         model=resolve_model_path(args.model),

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import YapoFastError, check_finite
+from yapo_fast.errors import YapoFastError, check_finite
 
 SAE_KINDS = ("relu", "jumprelu", "topk")
 
@@ -195,7 +195,7 @@ def layer_from_hook_name(hook_name: str | None) -> int | None:
     return int(m.group(1)) if m else None
 
 
-DEFAULT_SAE_DIR = Path(__file__).parent / "assets" / "saes"
+DEFAULT_SAE_DIR = Path(__file__).resolve().parents[1] / "assets" / "saes"
 
 
 def load_sae(
@@ -212,7 +212,7 @@ def load_sae(
     - a sae-lens pretrained release with ``sae_id`` (machines that reach the Hugging Face Hub).
     - an :class:`SAE` (returned moved to device/dtype).
     """
-    from .integrations import sae_lens_loading
+    from yapo_fast.integrations import sae_lens_loading
 
     if isinstance(source, SAE):
         return source.to(device=device, dtype=dtype)

@@ -29,8 +29,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from .data import BEHAVIOURS, DATA_DIR, bipo_csv_path, load_pairs
-from .errors import YapoFastError
+from yapo_fast.data.pairs import BEHAVIOURS, DATA_DIR, bipo_csv_path, load_pairs
+from yapo_fast.errors import YapoFastError
 
 CORPUS_DIR = DATA_DIR / "corpus"
 ANSWERS_DIR = DATA_DIR / "chat_answers"
@@ -170,7 +170,7 @@ def write_answers(
     prompts are skipped; each batch is appended whole, a torn last line is ignored on reload)."""
     from tqdm.auto import tqdm
 
-    from .hf_generate import generate_text
+    from yapo_fast.eval.generate import generate_text
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -215,7 +215,7 @@ def chat_documents(tokenizer, split: str, answers: dict[str, str] | None) -> lis
     its responses (the texts YaPO's loss scores, so the activations it steers during training), and
     every chat prompt the model has answered with that answer (the activations steered at
     generation time)."""
-    from .chat import format_prompt
+    from yapo_fast.chat import format_prompt
 
     end = tokenizer.eos_token or ""
     docs = []

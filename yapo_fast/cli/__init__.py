@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .errors import YapoFastError
+from yapo_fast.errors import YapoFastError
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -18,9 +18,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 def cmd_steer(args) -> None:
     """Generate for a prompt with and without a vector, side by side."""
-    from . import load_model, load_sae, load_vector, steer
-    from .hf_generate import generate_text
-    from .steering import Steering
+    from yapo_fast import load_model, load_sae, load_vector, steer
+    from yapo_fast.eval.generate import generate_text
+    from yapo_fast.steering import Steering
 
     vector = load_vector(args.vector)
     sae = load_sae(args.sae, sae_id=args.sae_id) if vector.is_sparse else None  # dense vectors read none
@@ -38,7 +38,7 @@ def cmd_steer(args) -> None:
 
 # Feature modules that add their own subcommands: each has register(subparsers), which adds
 # parsers whose `func` takes the parsed args. Add a module here to add its commands.
-COMMAND_MODULES: list[str] = ["cli_explain", "cli_train", "cli_eval", "cli_sae", "cli_vllm"]
+COMMAND_MODULES: list[str] = ["explain", "train", "eval", "sae", "vllm"]  # yapo_fast.cli.<name>
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="yapo-fast", description="Fast, exact sparse activation steering (YaPO).")
     sub = parser.add_subparsers(dest="command", required=True)
     for name in COMMAND_MODULES:
-        importlib.import_module(f"yapo_fast.{name}").register(sub)
+        importlib.import_module(f"yapo_fast.cli.{name}").register(sub)
 
     p = sub.add_parser("steer", help="generate for prompts with and without a steering vector")
     _add_model_args(p)

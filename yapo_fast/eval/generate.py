@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .chat import format_prompt
+from yapo_fast.chat import format_prompt
 
 
 @torch.no_grad()

@@ -10,7 +10,7 @@ _OWN_FLAGS = {"method", "layer", "cache_memory_bytes"}
 
 
 def _config_settings(args) -> dict:
-    from .train import TrainConfig
+    from yapo_fast.train import TrainConfig
 
     settings = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if f.name not in _OWN_FLAGS}
     settings["layer"] = args.layer
@@ -20,15 +20,15 @@ def _config_settings(args) -> dict:
 
 
 def cmd_train(args) -> None:
-    from .data import behaviour_path, load_pairs, report_skipped
-    from .train import train
+    from yapo_fast.data.pairs import behaviour_path, load_pairs, report_skipped
+    from yapo_fast.train import train
 
     data = Path(args.data) if args.data else behaviour_path(args.behaviour)
     pairs = load_pairs(data, limit=args.pairs, skip_bad_rows=args.skip_bad_rows)
     report_skipped(pairs, data)
     sae = args.sae
     if args.method == "yapo" and args.sae_id:
-        from .sae import load_sae
+        from yapo_fast.sae.autoencoder import load_sae
 
         sae = load_sae(args.sae, sae_id=args.sae_id)
     result = train(
@@ -47,7 +47,7 @@ def cmd_train(args) -> None:
 
 def _add_config_arguments(p) -> None:
     """One flag per TrainConfig field (--batch-size for batch_size), its default and help from there."""
-    from .train import TrainConfig
+    from yapo_fast.train import TrainConfig
 
     for f in fields(TrainConfig):
         if f.name in _OWN_FLAGS:
@@ -59,7 +59,7 @@ def _add_config_arguments(p) -> None:
 
 
 def register(subparsers) -> None:
-    from .train import TrainConfig
+    from yapo_fast.train import TrainConfig
 
     defaults = {f.name: f for f in fields(TrainConfig)}
     p = subparsers.add_parser("train", help="train a steering vector (yapo, bipo or caa) from preference pairs")

@@ -1,9 +1,9 @@
-"""yapo_fast.evaluate: does a vector steer, does the model keep its knowledge.
+"""yapo_fast.eval.evaluate: does a vector steer, does the model keep its knowledge.
 
-    results = yapo_fast.evaluate(model, tok, sae=sae,
+    results = yapo_fast.eval.evaluate(model, tok, sae=sae,
                                  behaviour_vectors={"hallucination": {"yapo": v1, "bipo": v2, "caa": v3}},
                                  country_vectors={"Spain": {"yapo": v4}})
-    yapo_fast.report.write_report(results, "runs/eval")
+    yapo_fast.eval.report.write_report(results, "runs/eval")
 
 Parts (each skipped when it has nothing to evaluate):
 - steering curves: per behaviour and method, the mean probability of the matching A/B option
@@ -27,15 +27,15 @@ import time
 
 from tqdm.auto import tqdm
 
-from .chat import format_prompt
-from .data import bipo_csv_path, load_pairs
-from .errors import YapoFastError
-from .eval_ab import ab_scores_from_logits, ab_texts, is_ab_file, load_ab_items, mean_ci95
-from .eval_mcq import mcq_from_logits, mcq_texts
-from .eval_mmlu import load_mmlu, mmlu_from_logits, mmlu_texts
-from .eval_score import letter_token_ids, next_token_logits, steered_next_token_logits
-from .integrations.hf_hooks import steer
-from .model import model_identity
+from yapo_fast.chat import format_prompt
+from yapo_fast.data.pairs import bipo_csv_path, load_pairs
+from yapo_fast.errors import YapoFastError
+from yapo_fast.eval.ab import ab_scores_from_logits, ab_texts, is_ab_file, load_ab_items, mean_ci95
+from yapo_fast.eval.mcq import mcq_from_logits, mcq_texts
+from yapo_fast.eval.mmlu import load_mmlu, mmlu_from_logits, mmlu_texts
+from yapo_fast.eval.score import letter_token_ids, next_token_logits, steered_next_token_logits
+from yapo_fast.integrations.hf_hooks import steer
+from yapo_fast.model import model_identity
 
 MULTIPLIERS = (-2.0, -1.0, -0.5, 0.0, 0.5, 1.0, 2.0)
 
@@ -62,7 +62,7 @@ def _vector_meta(vector) -> dict:
 
 def _prefix_reuse(model) -> bool:
     """Whether the model runs as a Llama-style layer stack (train.lean.DecoderRunner)."""
-    from .train.lean import DecoderRunner
+    from yapo_fast.train.lean import DecoderRunner
 
     try:
         DecoderRunner(model)
@@ -86,7 +86,7 @@ def score_steerings(
     """{key: (texts, letters) logits} for steerings {key: (vector, multiplier)}; (None, 0) is unsteered.
 
     Steerings of the same layer share one pass through the layers below it (see the module doc)."""
-    from .steering import make_steer_fn
+    from yapo_fast.steering import make_steer_fn
 
     out = {}
     if _prefix_reuse(model):
@@ -232,7 +232,7 @@ def evaluate(
     scale_prompts: int = 12,
     parts=("scale", "ab", "culture", "mmlu", "generations"),
 ) -> dict:
-    """Evaluate vectors; returns a JSON-ready dict (see yapo_fast.report for the files made from it).
+    """Evaluate vectors; returns a JSON-ready dict (see yapo_fast.eval.report for the files made from it).
 
     behaviour_vectors: {behaviour: {name: SteeringVector}} scored on that behaviour's A/B test set
     (ab_files[behaviour] or the shipped bipo/<behaviour>/test_infer.csv).
@@ -242,8 +242,8 @@ def evaluate(
     them one at a time and merge the dicts). "scale": each vector's edit of the residual stream at
     m=1 on `scale_prompts` of its own prompts (eval_scale.py).
     """
-    from . import blend
-    from .blend import LETTERS
+    from yapo_fast.data import blend
+    from yapo_fast.data.blend import LETTERS
 
     behaviour_vectors = behaviour_vectors or {}
     country_vectors = country_vectors or {}
@@ -283,7 +283,7 @@ def evaluate(
 
     # ---- how large is each vector's edit (before reading any curve) -------------------------------
     if "scale" in parts and scale_prompts:
-        from .eval_scale import layer_states, vector_scale
+        from yapo_fast.eval.scale import layer_states, vector_scale
 
         for kind, groups in (("behaviour", behaviour_vectors), ("country", country_vectors)):
             for key, vectors in groups.items():
@@ -419,7 +419,7 @@ def generate(model, tokenizer, prompts, vector, multiplier, *, sae=None, max_new
     multiplier, max_new_tokens) -> texts overrides transformers (e.g. the vLLM engine)."""
     if generate_fn is not None:
         return generate_fn(prompts, vector, multiplier, max_new_tokens)
-    from .hf_generate import generate_text
+    from yapo_fast.eval.generate import generate_text
 
     with _steered(model, vector, multiplier, sae):
         return generate_text(model, tokenizer, prompts, max_new_tokens=max_new_tokens)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
-from .errors import YapoFastError
+from yapo_fast.errors import YapoFastError
 
 ANSWER_PREFIX = "Answer: ("  # the assistant's answer starts here; the next token is the option letter
 
@@ -107,7 +107,7 @@ def steered_next_token_logits(
     Llama-style decoders only (train.lean.DecoderRunner; it raises YapoFastError otherwise: use
     next_token_logits under a hook). Equal to the hooked full forward (tests/test_eval_scorers.py).
     """
-    from .train.lean import DecoderRunner
+    from yapo_fast.train.lean import DecoderRunner
 
     runner = DecoderRunner(model)
     if not 0 <= layer < runner.n_layers:

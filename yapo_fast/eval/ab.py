@@ -13,9 +13,9 @@ from pathlib import Path
 
 import torch
 
-from .chat import format_prompt
-from .errors import YapoFastError
-from .eval_score import ANSWER_PREFIX, letter_token_ids, next_token_logits, option_probabilities
+from yapo_fast.chat import format_prompt
+from yapo_fast.errors import YapoFastError
+from yapo_fast.eval.score import ANSWER_PREFIX, letter_token_ids, next_token_logits, option_probabilities
 
 
 @dataclass(frozen=True)

@@ -14,8 +14,8 @@ from __future__ import annotations
 import os
 import time
 
-from .chat import format_prompt
-from .errors import YapoFastError
+from yapo_fast.chat import format_prompt
+from yapo_fast.errors import YapoFastError
 
 
 def kv_cache_bytes(gib: float) -> int:
@@ -32,7 +32,7 @@ def vllm_available() -> bool:
     try:
         import vllm  # noqa: F401
 
-        from .integrations import vllm_patch  # noqa: F401
+        from yapo_fast.integrations import vllm_patch  # noqa: F401
     except Exception:
         return False
     return True
@@ -54,7 +54,7 @@ def make_vllm_generate_fn(
         )
     from vllm import LLM, SamplingParams
 
-    from .integrations.vllm_patch import patch
+    from yapo_fast.integrations.vllm_patch import patch
 
     llm = LLM(
         model=str(model_path),

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import YapoFastError
+from yapo_fast.errors import YapoFastError
 
 
 def _batches(sequences, size):
@@ -42,8 +42,8 @@ def evaluate_sae(
     """Metrics of `sae` at decoder layer `layer` (default sae.layer) over token sequences."""
     from tqdm.auto import tqdm
 
-    from .model import check_layer, decoder_layers
-    from .sae_train import layer_activations
+    from yapo_fast.model import check_layer, decoder_layers
+    from yapo_fast.sae.train import layer_activations
 
     layer = sae.layer if layer is None else layer
     if layer is None:
@@ -143,11 +143,11 @@ def evaluate_sae(
 
 
 def run_eval(args) -> dict:
-    from . import load_sae
-    from .atomic import write_text_atomic
-    from .model import load_model
-    from .sae_train import chat_answers_for
-    from .text_source import TextMixture, token_sequences
+    from yapo_fast import load_sae
+    from yapo_fast.atomic import write_text_atomic
+    from yapo_fast.data.text_source import TextMixture, token_sequences
+    from yapo_fast.model import load_model
+    from yapo_fast.sae.train import chat_answers_for
 
     t0 = time.time()
     if args.threads < 1:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from .integrations.hf_hooks import capture_layer_output
+from yapo_fast.integrations.hf_hooks import capture_layer_output
 
 
 @torch.no_grad()
@@ -36,7 +36,7 @@ def layer_states(model, tokenizer, texts: list[str], layer: int) -> torch.Tensor
 
 def vector_scale(vector, h: torch.Tensor, *, sae=None, multiplier: float = 1.0, top: int = 20) -> dict:
     """Scale of `vector`'s edit on the layer states h (see the module doc)."""
-    from .steering import make_steer_fn
+    from yapo_fast.steering import make_steer_fn
 
     steer_fn = make_steer_fn(vector, multiplier, sae=sae)
     h = h.to(torch.float32)

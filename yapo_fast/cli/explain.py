@@ -27,10 +27,10 @@ def _print_summary(report: dict) -> None:
 
 
 def cmd_explain(args) -> None:
-    from .explain import explain
-    from .explain.compare import compare, write_compare
-    from .model import load_model
-    from .sae import load_sae
+    from yapo_fast.explain import explain
+    from yapo_fast.explain.compare import compare, write_compare
+    from yapo_fast.model import load_model
+    from yapo_fast.sae.autoencoder import load_sae
 
     vectors = [Path(v) for v in args.vector]
     model, tokenizer = load_model(args.model)  # loaded once for every vector

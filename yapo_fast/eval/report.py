@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .atomic import atomic_path, write_text_atomic
+from yapo_fast.atomic import atomic_path, write_text_atomic
 
 
 def _footer(results: dict, vectors: list[str] | None = None, data: str | None = None) -> str:

@@ -32,9 +32,9 @@ import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .errors import YapoFastError
+from yapo_fast.errors import YapoFastError
 
-BLEND_DIR = Path(__file__).parent / "assets" / "data" / "blend"
+BLEND_DIR = Path(__file__).resolve().parents[1] / "assets" / "data" / "blend"
 DIGEST = BLEND_DIR / "blend_digest.jsonl"
 LETTERS = "ABCD"
 
@@ -97,7 +97,7 @@ def _split_of(qid: str, test_fraction: float = 0.5) -> str:
 # ---- the shipped digest -----------------------------------------------------------------------
 def build_digest(raw_dir: str | Path, out: str | Path = DIGEST) -> Path:
     """Digest BLEnD's questions/ and annotations/ (the repository's data/ folder) into one JSONL."""
-    from .atomic import atomic_path
+    from yapo_fast.atomic import atomic_path
 
     raw = Path(raw_dir)
     if not (raw / "annotations").is_dir() or not (raw / "questions").is_dir():
@@ -258,7 +258,7 @@ def preference_pairs(
     digest: dict | None = None,
 ):
     """Cultural preference pairs: chosen = the country's answer, rejected = another country's answer."""
-    from .data import PreferencePair
+    from yapo_fast.data.pairs import PreferencePair
 
     pairs = []
     for qid, row, question, wrong in _candidates(country, setting, split, digest or load_digest()):
@@ -270,7 +270,7 @@ def preference_pairs(
 
 
 def write_jsonl(rows, path: str | Path) -> Path:
-    from .atomic import atomic_path
+    from yapo_fast.atomic import atomic_path
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

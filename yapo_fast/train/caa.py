@@ -10,12 +10,12 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
-from .chat import format_prompt, prompt_and_response_ids
-from .data import PreferencePair
-from .errors import YapoFastError
-from .integrations.hf_hooks import capture_layer_output
-from .model import check_layer, model_identity
-from .vector import SteeringVector
+from yapo_fast.chat import format_prompt, prompt_and_response_ids
+from yapo_fast.data.pairs import PreferencePair
+from yapo_fast.errors import YapoFastError
+from yapo_fast.integrations.hf_hooks import capture_layer_output
+from yapo_fast.model import check_layer, model_identity
+from yapo_fast.vector import SteeringVector
 
 
 @torch.no_grad()
@@ -45,7 +45,7 @@ def train_caa(
         raise YapoFastError("CAA needs at least one preference pair")
     check_layer(model, layer)
     try:
-        from .train.lean import DecoderRunner
+        from yapo_fast.train.lean import DecoderRunner
 
         runner = DecoderRunner(model)
     except YapoFastError:
@@ -71,8 +71,8 @@ def train_caa(
 
 @torch.no_grad()
 def _sum_differences_lean(runner, tokenizer, pairs, layer, reduce, system, progress, batch_size) -> torch.Tensor:
-    from .train.cache import tokenize_pairs
-    from .train.lean import gather_rows, make_layout, scatter_rows
+    from yapo_fast.train.cache import tokenize_pairs
+    from yapo_fast.train.lean import gather_rows, make_layout, scatter_rows
 
     tokens = tokenize_pairs(tokenizer, pairs, system)
     total = torch.zeros(runner.embed.weight.shape[1], dtype=torch.float32, device=runner.device)

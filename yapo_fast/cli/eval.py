@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .errors import YapoFastError
+from yapo_fast.errors import YapoFastError
 
 
 def _named(values, what):
@@ -19,7 +19,7 @@ def _named(values, what):
 
 
 def _load_vectors(spec, what, model_ident, sae_source):
-    from .vector import load_vector
+    from yapo_fast.vector import load_vector
 
     groups = {}
     for key, paths in _named(spec, what).items():
@@ -33,10 +33,10 @@ def _load_vectors(spec, what, model_ident, sae_source):
 
 
 def cmd_eval(args) -> None:
-    from .evaluate import MULTIPLIERS, evaluate
-    from .model import load_model, model_identity
-    from .report import write_report
-    from .sae import load_sae
+    from yapo_fast.eval.evaluate import MULTIPLIERS, evaluate
+    from yapo_fast.eval.report import write_report
+    from yapo_fast.model import load_model, model_identity
+    from yapo_fast.sae.autoencoder import load_sae
 
     model, tok = load_model(args.model)
     bv = _load_vectors(args.vector, "vector", model_identity(model), args.sae)
@@ -48,7 +48,7 @@ def cmd_eval(args) -> None:
     mults = MULTIPLIERS if not args.multipliers else tuple(float(x) for x in args.multipliers.split(","))
     prompts = None
     if args.generate:
-        from .data import behaviour_path, load_pairs
+        from yapo_fast.data.pairs import behaviour_path, load_pairs
 
         prompts = {b: [p.prompt for p in load_pairs(behaviour_path(b, "test"), limit=args.generate)] for b in bv}
     results = evaluate(
@@ -76,7 +76,7 @@ def cmd_eval(args) -> None:
 
 
 def cmd_data(args) -> None:
-    from . import blend
+    from yapo_fast.data import blend
 
     if args.blend_raw:
         path = blend.build_digest(args.blend_raw)
@@ -90,7 +90,7 @@ def cmd_data(args) -> None:
 
 
 def register(sub) -> None:
-    from .main_job import register_main
+    from yapo_fast.main_job import register_main
 
     p = sub.add_parser("eval", help="steering curves, cultural MCQ and MMLU for steering vectors; report + plots")
     p.add_argument("--model", default=None, help="transformers model path (default: embedded SmolLM2-135M-Instruct)")

@@ -15,9 +15,9 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
-from .chat import format_prompt, prompt_and_response_ids
-from .errors import YapoFastError
-from .eval_ab import mean_ci95
+from yapo_fast.chat import format_prompt, prompt_and_response_ids
+from yapo_fast.errors import YapoFastError
+from yapo_fast.eval.ab import mean_ci95
 
 
 @torch.no_grad()
@@ -94,7 +94,7 @@ def margin_effects(
 ) -> tuple[dict, torch.Tensor]:
     """({name: [effect per multiplier]}, unsteered margins) on held-out `pairs`. `base`: the
     unsteered margins of these pairs from an earlier call (measured here when None)."""
-    from .evaluate import _steered
+    from yapo_fast.eval.evaluate import _steered
 
     if not pairs:
         raise YapoFastError("no held-out pairs to measure the margin on")

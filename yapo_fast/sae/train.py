@@ -2,7 +2,7 @@
 
 Pipeline (every stage resumable after a kill, every write atomic):
 
-1. text:        yapo_fast.text_source (corpus + chat with the model's own answers, a mixture).
+1. text:        yapo_fast.data.text_source (corpus + chat with the model's own answers, a mixture).
 2. activations: the OUTPUT of decoder layer L, via a transformers forward hook; the forward pass
    stops at layer L (later layers and the LM head would be wasted work). Position 0 of each
    sequence and padding are dropped. Stored as float32 chunks in <work>/activations/, so a second
@@ -25,8 +25,8 @@ from pathlib import Path
 
 import torch
 
-from .atomic import atomic_dir, atomic_path, write_text_atomic
-from .errors import YapoFastError
+from yapo_fast.atomic import atomic_dir, atomic_path, write_text_atomic
+from yapo_fast.errors import YapoFastError
 
 TRAIN_KINDS = ("jumprelu", "topk")
 CHUNK_SEQUENCES = 16  # sequences per activation chunk file (the unit of resumable collection)
@@ -43,7 +43,7 @@ class _StopForward(Exception):
 def layer_activations(model, layers: "int | list[int]", batch: list[list[int]], pad_id: int):
     """Decoder layer outputs for token sequences (right-padded together), as (n_tokens, d_model)
     float32 with padding and position 0 of every sequence dropped; a dict for a list of layers."""
-    from .model import check_layer, decoder_layers
+    from yapo_fast.model import check_layer, decoder_layers
 
     wanted = [layers] if isinstance(layers, int) else list(layers)
     for layer in wanted:
@@ -265,7 +265,7 @@ def train_on_activations(
     from sae_lens.config import SAETrainerConfig
     from sae_lens.training.sae_trainer import SAETrainer
 
-    from .integrations.sae_lens_loading import from_sae_lens
+    from yapo_fast.integrations.sae_lens_loading import from_sae_lens
 
     torch.manual_seed(seed)
     steps = total_samples // batch_size
@@ -424,7 +424,7 @@ ANSWERED_PROMPTS = 16  # prompts a non-default model answers itself for the chat
 def chat_answers_for(model, tokenizer, model_arg, work_dir: Path, split: str = "train", progress: bool = True) -> dict:
     """The model's own answers to chat prompts: the shipped file for the default model (used as is),
     generated once and cached in the work dir for any other model."""
-    from .text_source import SHIPPED_ANSWERS, interleaved_chat_prompts, load_answers, write_answers
+    from yapo_fast.data.text_source import SHIPPED_ANSWERS, interleaved_chat_prompts, load_answers, write_answers
 
     path = chat_answers_path(model_arg, work_dir)
     if path == SHIPPED_ANSWERS:
@@ -438,8 +438,8 @@ def chat_answers_for(model, tokenizer, model_arg, work_dir: Path, split: str = "
 
 def chat_answers_path(model_arg, work_dir: Path) -> Path:
     """Where a model's own chat answers live: shipped for the default model, else in the work dir."""
-    from .model import DEFAULT_MODEL
-    from .text_source import SHIPPED_ANSWERS
+    from yapo_fast.data.text_source import SHIPPED_ANSWERS
+    from yapo_fast.model import DEFAULT_MODEL
 
     return SHIPPED_ANSWERS if model_arg in (None, "default", DEFAULT_MODEL) else Path(work_dir) / "chat_answers.jsonl"
 
@@ -448,11 +448,11 @@ def _answers_record(answers: dict[str, str], path: Path) -> dict:
     """What the metadata says about the answers the chat source used (file, count, content hash)."""
     import hashlib
 
-    from .text_source import chat_prompts
+    from yapo_fast.data.text_source import chat_prompts
 
     used = sorted((p, answers[p]) for p in chat_prompts("train") if p in answers)
     try:
-        shown = str(path.relative_to(Path(__file__).resolve().parent))  # yapo_fast/<...> for the shipped file
+        shown = str(path.relative_to(Path(__file__).resolve().parents[1]))  # yapo_fast/<...> for the shipped file
     except ValueError:
         shown = str(path)
     return {
@@ -472,10 +472,10 @@ def _digest(sequences: list[list[int]]) -> str:
 
 
 def run_train(args) -> Path:
-    from .integrations.sae_lens_loading import save_sae
-    from .model import DEFAULT_MODEL, check_layer, load_model, model_identity
-    from .text_source import TextMixture, mixture_counts, source_pools
-    from .text_source import text_stats as make_text_stats
+    from yapo_fast.data.text_source import TextMixture, mixture_counts, source_pools
+    from yapo_fast.data.text_source import text_stats as make_text_stats
+    from yapo_fast.integrations.sae_lens_loading import save_sae
+    from yapo_fast.model import DEFAULT_MODEL, check_layer, load_model, model_identity
 
     log = lambda msg: print(f"[sae train] {msg}", file=sys.stderr, flush=True)  # noqa: E731
     if args.kind not in TRAIN_KINDS:
@@ -682,8 +682,8 @@ def add_train_parser(sub) -> None:
 def run_answers(args) -> Path:
     """`yapo-fast sae answers`: the model's greedy answers to the chat source's prompts (JSONL,
     resumable). The default model's file ships in assets/data/chat_answers/ (made by this command)."""
-    from .model import load_model
-    from .text_source import ANSWER_TOKENS, interleaved_chat_prompts, write_answers
+    from yapo_fast.data.text_source import ANSWER_TOKENS, interleaved_chat_prompts, write_answers
+    from yapo_fast.model import load_model
 
     if args.threads < 1:
         raise YapoFastError(f"--threads {args.threads}: need at least 1")

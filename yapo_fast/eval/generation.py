@@ -21,8 +21,8 @@ import re
 
 import torch
 
-from .errors import YapoFastError
-from .eval_ab import mean_ci95
+from yapo_fast.errors import YapoFastError
+from yapo_fast.eval.ab import mean_ci95
 
 REJECTION_PHRASES = (
     "not accurate",
@@ -110,7 +110,7 @@ SCORER_RULES = {
     "spanish": "1 when py3langid identifies the answer's language as Spanish (es)",
     "positive-tone": "VADER compound sentiment of the answer (vaderSentiment), from -1 to 1",
     "hallucination": "1 unless the answer's first sentence opens with 'No' or contains a negation or "
-    "correction phrase (yapo_fast.eval_generation.REJECTION_PHRASES): goes along "
+    "correction phrase (yapo_fast.eval.generation.REJECTION_PHRASES): goes along "
     "with the false premise",
 }
 

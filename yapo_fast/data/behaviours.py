@@ -28,9 +28,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .errors import YapoFastError
+from yapo_fast.errors import YapoFastError
 
-OUT_DIR = Path(__file__).parent / "assets" / "data" / "behaviours"
+OUT_DIR = Path(__file__).resolve().parents[1] / "assets" / "data" / "behaviours"
 SOURCES = {"spanish": ("Spain", "Mexico"), "positive-tone": ("UK", "US")}
 TEST_FRACTION = 0.4
 MIN_TONE_GAP = 0.5
@@ -45,7 +45,7 @@ PERSONAS = {
 
 def behaviour_prompts(behaviour: str, digest: dict | None = None) -> dict[str, list[tuple[str, str]]]:
     """{"train": [(id, English question), ...], "test": [...]} from the behaviour's BLEnD countries."""
-    from .blend import _split_of, load_digest
+    from yapo_fast.data.blend import _split_of, load_digest
 
     if behaviour not in SOURCES:
         raise YapoFastError(f"no on-policy data recipe for {behaviour!r}; recipes: {sorted(SOURCES)}")
@@ -68,7 +68,7 @@ def pair_from_samples(
     """The (prompt, chosen, rejected) pair from one prompt's sampled answers, or None. With
     `rejected_answers` (a persona behaviour) the chosen answer comes from `answers` and the rejected
     one from `rejected_answers`; otherwise both from `answers`."""
-    from .eval_generation import language_of, scorer_for
+    from yapo_fast.eval.generation import language_of, scorer_for
 
     score = scorer_for(behaviour)
     high = _scored(score, answers)
@@ -91,8 +91,8 @@ def sample_answers(
     vLLM in one batch: [system][prompt][sample]."""
     from vllm import LLM, SamplingParams
 
-    from .chat import format_prompt
-    from .eval_vllm import kv_cache_bytes
+    from yapo_fast.chat import format_prompt
+    from yapo_fast.eval.vllm import kv_cache_bytes
 
     llm = LLM(model=model_path, dtype="float32", kv_cache_memory_bytes=kv_cache_bytes(2), max_model_len=512, seed=seed)
     tok = llm.get_tokenizer()
@@ -115,7 +115,7 @@ def build(
     limit: int | None = None,
 ) -> dict:
     """Sample, score and pair; write train.jsonl and test.jsonl. Returns counts."""
-    from .atomic import write_text_atomic
+    from yapo_fast.atomic import write_text_atomic
 
     prompts = {split: (items[:limit] if limit else items) for split, items in behaviour_prompts(behaviour).items()}
     flat = [q for items in prompts.values() for _, q in items]

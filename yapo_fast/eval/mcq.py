@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import torch
 
-from .blend import LETTERS, MCQItem
-from .chat import format_prompt
-from .eval_score import ANSWER_PREFIX, letter_token_ids, next_token_logits, option_probabilities
+from yapo_fast.chat import format_prompt
+from yapo_fast.data.blend import LETTERS, MCQItem
+from yapo_fast.eval.score import ANSWER_PREFIX, letter_token_ids, next_token_logits, option_probabilities
 
 
 def mcq_prompt(tokenizer, item: MCQItem, system: str | None = None) -> str:

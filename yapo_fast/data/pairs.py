@@ -7,9 +7,9 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import YapoFastError
+from yapo_fast.errors import YapoFastError
 
-DATA_DIR = Path(__file__).parent / "assets" / "data"
+DATA_DIR = Path(__file__).resolve().parents[1] / "assets" / "data"
 BEHAVIOURS = ("hallucination", "jailbreak", "power-seeking", "wealth-seeking")
 
 

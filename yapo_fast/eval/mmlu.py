@@ -16,12 +16,12 @@ from pathlib import Path
 
 import torch
 
-from .blend import MCQItem
-from .chat import format_prompt
-from .errors import YapoFastError
-from .eval_score import ANSWER_PREFIX, letter_token_ids, next_token_logits
+from yapo_fast.chat import format_prompt
+from yapo_fast.data.blend import MCQItem
+from yapo_fast.errors import YapoFastError
+from yapo_fast.eval.score import ANSWER_PREFIX, letter_token_ids, next_token_logits
 
-MMLU_DIR = Path(__file__).parent / "assets" / "data" / "mmlu"
+MMLU_DIR = Path(__file__).resolve().parents[1] / "assets" / "data" / "mmlu"
 SUBJECTS = (
     "high_school_geography",
     "high_school_psychology",
