@@ -12,7 +12,7 @@ What it does:
 
 Pass criteria (``summary["ok"]``): zero 5xx or transport errors, every valid request 200 with the
 text its alone request got (greedy, temperature 0), every invalid request a 4xx naming the
-problem. tests/test_vllm_server.py runs a smaller burst with the same code against its server.
+problem. tests/test_vllm_serve.py runs a smaller burst with the same code against its server.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from loopback_server import loopback_server  # noqa: E402
 PROMPTS = ["Tell me about the moon.", "What should I cook tonight?", "Give me one tip for learning to swim."]
 
 # vllm_xargs of the valid requests (None: no vllm_xargs at all). Names: the vectors the server
-# was started with; tests/test_vllm_server.py has 'yapo' and 'bipo', this script adds 'caa'.
+# was started with; tests/test_vllm_serve.py has 'yapo' and 'bipo', this script adds 'caa'.
 VALID_SPECS = [
     None,
     {"yapo_vector": "none"},

@@ -1,5 +1,5 @@
 """Start `yapo-fast serve` on a free loopback port, wait until /health answers, and stop the whole
-process group afterwards: shared by tests/test_vllm_server.py and bench/load_server.py."""
+process group afterwards: shared by tests/test_vllm_serve.py and bench/load_server.py."""
 
 from __future__ import annotations
 

@@ -63,7 +63,7 @@ def test_console_check_catches_a_broken_page(tmp_path):
 
 
 def test_report_renders_in_headless_chromium(tmp_path):
-    from test_explain_index import char_tokenizer, planted_model_and_sae
+    from test_explain_activation_index import char_tokenizer, planted_model_and_sae
 
     model, sae = planted_model_and_sae()
     vec = planted_vector(model, sae, write_pairs(tmp_path / "pairs.jsonl"))

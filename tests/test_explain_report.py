@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from test_explain_index import PLANTED, char_tokenizer, planted_model_and_sae
+from test_explain_activation_index import PLANTED, char_tokenizer, planted_model_and_sae
 
 from yapo_fast import SteeringVector, YapoFastError, model_identity
 from yapo_fast.explain import explain, write_report

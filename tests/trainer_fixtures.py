@@ -1,4 +1,4 @@
-"""Small preference data and a tiny model for the trainer tests (shared by tests/test_trainer*.py)."""
+"""Small preference data and a tiny model for the trainer tests (shared by tests/test_train_lean*.py)."""
 
 import pytest
 import torch

@@ -1,5 +1,5 @@
 """Runs ONE vLLM engine (default model, float32, compiled mode) through the scenarios that
-tests/test_vllm_engine.py checks, and writes every generated token id to a JSON file.
+tests/test_vllm_plugin.py checks, and writes every generated token id to a JSON file.
 
 A separate process because vLLM spawns workers (its entry point must sit under
 ``if __name__ == "__main__"``) and an engine start is slow: one start serves every test.

@@ -5,7 +5,7 @@ layers L+1..N-1 on the steered layer-L states, first on the B prompts, then on t
 (chosen and rejected) which attend to their prompt's keys and values. The LM head is applied
 only where a response token is predicted. Rotary position embeddings and attention masks are
 built here exactly as LlamaModel.forward builds them for right-padded batches, so the result
-equals a full forward of prompt+response (tests/test_trainer.py checks it against the naive
+equals a full forward of prompt+response (tests/test_train_lean.py checks it against the naive
 trainer, which does exactly that).
 """
 

@@ -14,7 +14,7 @@ if importlib.util.find_spec("vllm") is None:
 httpx = pytest.importorskip("httpx")
 
 from loopback_server import loopback_server  # noqa: E402
-from test_vllm_engine import _vectors  # noqa: E402  (same vectors as the engine tests)
+from test_vllm_plugin import _vectors  # noqa: E402  (same vectors as the engine tests)
 
 START_TIMEOUT_S = 1200
 
