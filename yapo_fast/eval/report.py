@@ -178,13 +178,19 @@ def _margin_lines(results: dict) -> list[str]:
             "| vector | multiplier | effect (nats) | moved |",
             "|---|---|---|---|",
         ]
-        for name, effects in entry["effects"].items():
-            for e in effects:
-                lines.append(
-                    f"| {name} | {e['multiplier']:+g} | {e['delta']:+.2f} (±{_half(e):.2f}) | {e['moved']:.2f} |"
-                )
+        lines += _effect_rows(
+            entry["effects"],
+            lambda name, e: (
+                f"| {name} | {e['multiplier']:+g} | {e['delta']:+.2f} (±{_half(e):.2f}) | {e['moved']:.2f} |"
+            ),
+        )
         lines.append("")
     return lines
+
+
+def _effect_rows(effects: dict, row) -> list[str]:
+    """One table row per (vector, multiplier) effect: row(name, effect) -> str."""
+    return [row(name, e) for name, per_m in effects.items() for e in per_m]
 
 
 def _scored_generation_lines(results: dict) -> list[str]:
@@ -200,11 +206,12 @@ def _scored_generation_lines(results: dict) -> list[str]:
             "| vector | multiplier | mean score | effect |",
             "|---|---|---|---|",
         ]
-        for name, effects in g["effects"].items():
-            for e in effects:
-                lines.append(
-                    f"| {name} | {e['multiplier']:+g} | {e['rate']:.2f} | {e['delta']:+.2f} (±{_half(e):.2f}) |"
-                )
+        lines += _effect_rows(
+            g["effects"],
+            lambda name, e: (
+                f"| {name} | {e['multiplier']:+g} | {e['rate']:.2f} | {e['delta']:+.2f} (±{_half(e):.2f}) |"
+            ),
+        )
         lines += ["", "First answers, unsteered and steered both ways (score in brackets):", ""]
         for row in g["rows"][:6]:
             lines.append(f"**Prompt:** {row['prompt']}")
