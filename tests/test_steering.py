@@ -3,7 +3,7 @@ dense op's dispatch point against its reference."""
 
 import pytest
 import torch
-from helpers import random_latent, random_sae, tiny_llama
+from helpers import SAE_KINDS, random_latent, random_sae, tiny_llama
 
 from yapo_fast import Steering, SteeringVector, YapoFastError, model_identity, patch_model, steer
 from yapo_fast.kernels.dense_steer import dense_steer
@@ -70,3 +70,24 @@ def test_dense_dispatch_equals_its_reference(dtype, shape, m):
     v = torch.randn(64, generator=g)
     got, want = dense_steer(h, v, m), dense_steer_reference(h, v, m)
     assert got.dtype == dtype and torch.equal(got, want)
+
+
+@pytest.mark.parametrize("kind", SAE_KINDS)
+@pytest.mark.parametrize("m", (1.0, -1.0))
+def test_trainable_steering_from_cached_codes_equals_the_op(kind, m):
+    """The trainer's steered forward (Steering.trainable + steer_cached, from SAE codes cached once)
+    equals the op, values and gradients wrt v; bipo is h + m v."""
+    from yapo_fast.train.cache import sparse_codes
+
+    sae = random_sae(kind, d_in=24, d_sae=40, seed=3)
+    h = 2 * torch.randn(7, 24, generator=torch.Generator().manual_seed(1))
+    codes = {k: t.long() if k != "vals" else t for k, t in sparse_codes(sae, h).items()}
+    v = random_latent(40, 12, "mixed", seed=2).requires_grad_(True)
+    got = Steering.trainable(v, m, sae=sae).steer_cached(h, codes)
+    want = sparse_steer_reference(h, sae, v, m)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    (g_got,) = torch.autograd.grad((got * h).sum(), v)
+    (g_want,) = torch.autograd.grad((want * h).sum(), v)
+    torch.testing.assert_close(g_got, g_want, rtol=1e-5, atol=1e-5)
+    dense = torch.randn(24, generator=torch.Generator().manual_seed(5))
+    torch.testing.assert_close(Steering.trainable(dense, m).steer_cached(h), h + m * dense)

@@ -56,9 +56,10 @@ class Steering:
     carry none) and the multiplier. Built by Steering.of, which checks everything once: the
     multiplier (the vector's own when None), that a yapo vector has its SAE and that their sizes
     agree. Hosts: yapo_fast.steer / patch_model (transformers), yapo_fast.patch / register_vector
-    (vLLM), the evaluation."""
+    (vLLM), the evaluation, and the trainer (Steering.trainable: the vector is the tensor being
+    trained, steered from cached SAE codes by steer_cached)."""
 
-    vector: SteeringVector
+    vector: "SteeringVector | torch.Tensor"
     multiplier: float
     sae: object | None = None
 
@@ -85,9 +86,27 @@ class Steering:
             raise YapoFastError(f"vector has d_sae={vector.d_sae} but the SAE has d_sae={sae.d_sae}")
         return cls(vector, m, sae)
 
+    @classmethod
+    def trainable(cls, v: torch.Tensor, multiplier: float, *, sae=None) -> "Steering":
+        """The trainer's steering: `v` is the raw tensor being trained (an SAE latent when `sae` is
+        given, yapo; a d_model vector otherwise, bipo), `multiplier` the batch direction d. Shapes
+        are the trainer's own (checked when its run starts), so nothing is validated per step."""
+        return cls(v, float(multiplier), sae)
+
     @property
     def layer(self) -> int:
         return self.vector.layer
+
+    def steer_cached(self, h: torch.Tensor, codes: dict | None = None) -> torch.Tensor:
+        """h (rows, d_model) steered, for a trainable steering: yapo from `codes`, the sparse SAE
+        codes Enc(h) of those rows (rows, cols, vals) computed once when h was cached, so the step
+        needs no encoder (train/objective.yapo_delta, the same exact formula as the op); bipo
+        h + m v. Differentiable in v."""
+        from yapo_fast.train.objective import yapo_delta  # the trainer imports this module: import late
+
+        if self.sae is None:
+            return h + self.multiplier * self.vector
+        return h + yapo_delta(codes, h.shape[0], self.vector, self.multiplier, self.sae.W_dec)
 
     def steer_fn(self):
         """h -> h', the vector prepared once per device (the op's dispatch point: kernels/)."""

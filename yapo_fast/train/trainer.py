@@ -17,12 +17,13 @@ from tqdm.auto import tqdm
 
 from yapo_fast.errors import YapoFastError
 from yapo_fast.model import check_layer, model_identity
+from yapo_fast.steering import Steering
 from yapo_fast.train import distributed as ddp
 from yapo_fast.train.cache import ExampleCache, assemble, build_cache, tokenize_pairs
 from yapo_fast.train.checkpoint import load_checkpoint, save_checkpoint
 from yapo_fast.train.config import TrainConfig, batch_schedule, make_optimizer
 from yapo_fast.train.lean import DecoderRunner, forward_from_layer
-from yapo_fast.train.objective import dpo_losses, yapo_delta
+from yapo_fast.train.objective import dpo_losses
 from yapo_fast.train.sparsity import check_sparsity, sparsify_step_, support_at
 from yapo_fast.vector import SteeringVector
 
@@ -46,7 +47,7 @@ class LeanObjective:
 
     def __init__(self, runner: DecoderRunner, cache: ExampleCache, cfg: TrainConfig, sae=None, pack_tokens: int = 256):
         self.runner, self.cache, self.cfg, self.pack_tokens = runner, cache, cfg, pack_tokens
-        self.W_dec = None if sae is None else sae.W_dec.to(runner.device, runner.dtype)
+        self.sae = None if sae is None else sae.to(device=runner.device, dtype=runner.dtype)
 
     def loss_sum(self, indices: list[int], v: torch.Tensor, d: int) -> torch.Tensor:
         """Sum over `indices` of the per-pair DPO losses (differentiable in v)."""
@@ -54,13 +55,9 @@ class LeanObjective:
 
     def loss_sum_per_pair(self, indices: list[int], v: torch.Tensor, d: int) -> torch.Tensor:
         b = assemble(self.cache, indices, self.runner.device, self.pack_tokens)
-        G, lp, dm = b.hp.shape
-        lr = b.hr.shape[1]
-        if self.cfg.method == "yapo":
-            hp = b.hp + yapo_delta(b.codes_p, G * lp, v, d, self.W_dec).reshape(G, lp, dm)
-            hr = b.hr + yapo_delta(b.codes_r, G * lr, v, d, self.W_dec).reshape(G, lr, dm)
-        else:  # bipo: h + m v at every position
-            hp, hr = b.hp + d * v, b.hr + d * v
+        steering = Steering.trainable(v, d, sae=self.sae if self.cfg.method == "yapo" else None)
+        hp = steering.steer_cached(b.hp.flatten(0, 1), b.codes_p).view_as(b.hp)
+        hr = steering.steer_cached(b.hr.flatten(0, 1), b.codes_r).view_as(b.hr)
         policy = forward_from_layer(self.runner, self.cfg.layer + 1, hp, hr, b.layout, b.targets_first, b.targets_pred)
         return dpo_losses(policy.float(), b.ref, d, self.cfg.beta)
 
