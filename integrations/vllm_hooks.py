@@ -149,10 +149,22 @@ def _patch_model_runner() -> None:
     GPUModelRunner._yapo_fast_patched = True
 
 
-# ---- start-up vectors (workers) ----------------------------------------------------------------
+# ---- after the model loads (workers): graph mode, tables, start-up vectors -----------------------
+def replays_cuda_graphs(vllm_config) -> bool:
+    """Whether the engine replays CUDA graphs (a CUDA device, a cudagraph mode, not enforce_eager)."""
+    device_config = getattr(vllm_config, "device_config", None)
+    device = str(getattr(device_config, "device_type", "") or getattr(device_config, "device", ""))
+    mode = getattr(getattr(vllm_config, "compilation_config", None), "cudagraph_mode", None)
+    mode = None if mode is None else getattr(mode, "name", str(mode))
+    eager = bool(getattr(getattr(vllm_config, "model_config", None), "enforce_eager", False))
+    return "cuda" in device and mode not in (None, "NONE") and not eager
+
+
 def _load_vectors_after_model() -> None:
-    """YAPO_FAST_VECTORS is read once per worker, after the model (and so the installed layers)
-    exists: a bad file stops the engine's start with the vector's name, never a layer's build."""
+    """Once per worker, after the model (and so the installed layers) exists: under CUDA graphs the
+    op switches to its graph-safe form, whose tables must exist before the graphs are captured;
+    then YAPO_FAST_VECTORS is read (a bad file stops the engine's start with the vector's name,
+    never a layer's build)."""
     from vllm.v1.worker.gpu_worker import Worker
 
     from yapo_fast.integrations.vllm_state import STATE
@@ -166,6 +178,8 @@ def _load_vectors_after_model() -> None:
     def load_model(self, *args, **kwargs):
         out = orig(self, *args, **kwargs)
         STATE.device = self.model_runner.device
+        if replays_cuda_graphs(self.vllm_config):
+            STATE.use_graphs(self.model_config.get_hidden_size())
         for name, (vector, sae, m) in load_startup_vectors().items():
             STATE.register(name, vector, sae, m)
         return out

@@ -59,30 +59,8 @@ def _engine_shape(llm) -> tuple[int, int]:
     return int(cfg.get_hidden_size()), int(getattr(hf, "num_hidden_layers"))
 
 
-def _refuse_cuda_graphs(llm) -> None:
-    """A CUDA graph replays the kernels the op launched when it was captured (with no vector
-    active: one add), so a vector set later would never reach decode steps run from graphs: a
-    silent no-op. Refused until the op is made a graph-splitting op (not tested on a GPU yet)."""
-    cfg = getattr(getattr(llm, "llm_engine", None), "vllm_config", None)
-    if cfg is None:
-        return
-    device_config = getattr(cfg, "device_config", None)
-    device = str(getattr(device_config, "device_type", "") or getattr(device_config, "device", ""))
-    mode = getattr(getattr(cfg, "compilation_config", None), "cudagraph_mode", None)
-    mode = None if mode is None else getattr(mode, "name", str(mode))
-    enforce_eager = bool(getattr(getattr(cfg, "model_config", None), "enforce_eager", False))
-    if "cuda" in device and mode not in (None, "NONE") and not enforce_eager:
-        raise YapoFastError(
-            f"this vLLM engine replays CUDA graphs (cudagraph_mode={mode}), "
-            "which would keep the steering op as it was at capture time and ignore the vector: "
-            "build the LLM with enforce_eager=True (or compilation_config={'cudagraph_mode': "
-            "'NONE'}) to steer it"
-        )
-
-
 def _resolve(llm, vector, multiplier, sae) -> Steering:
     """The Steering (checked once, Steering.of), also checked against the engine's model."""
-    _refuse_cuda_graphs(llm)
     if isinstance(vector, (str, os.PathLike)):
         vector = load_vector(vector)
     steering = Steering.of(vector, multiplier, sae=sae)

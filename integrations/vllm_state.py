@@ -1,5 +1,12 @@
-"""Worker-side state of the vLLM plugin (runs in each worker process): named vectors, prepared slots, and the per-step plan
-that the steering op (integrations/vllm_plugin.py) reads at every decoder layer it is installed on.
+"""Worker-side state of the vLLM plugin (runs in each worker process): named vectors, their
+prepared (vector, multiplier) slots written into per-layer steering tables, and the per-token row
+map that the steering op (integrations/vllm_plugin.py) reads at every decoder layer it is
+installed on.
+
+The op body is the graph-safe table step (kernels/table_steer.py): one fixed sequence of tensor ops
+per steered layer whose shapes depend only on the number of tokens. Registering, replacing or
+removing a vector, or a new multiplier, writes into the tables; a step writes the per-token rows
+into a persistent buffer before the forward (as vLLM writes its own inputs).
 
 One instance per process (``STATE``). Nothing here imports vLLM: the plan is built from plain
 lists (request order, tokens scheduled per request, each request's extra_args), so it is tested
@@ -10,15 +17,19 @@ What a request asks for: integrations/vllm_requests.py.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import os
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from yapo_fast.errors import YapoFastError
 from yapo_fast.integrations.vllm_requests import UNSET, parse_request_args
+from yapo_fast.kernels.table_steer import SteerTable, table_steer
 
-MAX_SLOTS = 1024  # prepared (vector, multiplier) pairs kept per worker
+MAX_SLOTS = 256  # distinct (vector, multiplier) pairs per worker: the rows of every layer's table
+GRAPH_TABLE_WIDTH = 4096  # columns of a table allocated before CUDA graph capture (YAPO_FAST_TABLE_WIDTH)
+TOKEN_CAPACITY = 8192  # first size of the per-token row buffer (grown when a step schedules more)
 
 
 @dataclass
@@ -30,30 +41,23 @@ class NamedVector:
 
 @dataclass
 class Slot:
-    """One (vector, multiplier), prepared once. ``id`` is its row in the state's slot list (the
-    value the per-request and per-token slot maps hold)."""
+    """One (vector, multiplier), written into row ``id + 1`` of its layer's table. ``id`` is the value
+    the per-request map holds (-1: unsteered)."""
 
     key: tuple
     layer: int
-    id: int = -1
-    sparse: object | None = None  # PreparedSteer (yapo)
-    group: str | None = None  # sparse slots sharing this key stack together (same SAE kind/shape/k)
-    dense_add: torch.Tensor | None = None  # (d_model,) float32 m*v (bipo / caa)
+    id: int
 
 
-@dataclass
-class LayerPlan:
-    """What layer L does this step. Either one vector steers every scheduled token (``uniform``:
-    no index at all, the single-vector kernels), or per-token indices select rows of a dense
-    table / slots of a stacked sparse batch."""
-
-    uniform: Slot | None = None
-    sparse: list = field(default_factory=list)  # [(PreparedSlots, slot_index (T,) int32, -1 elsewhere)]
-    # CPU: the same sparse work as contiguous runs of tokens, one single-vector call per slot:
-    # [(order (R,) int64: steered token rows sorted by slot, [(PreparedSteer, start, end), ...])]
-    segments: list = field(default_factory=list)
-    dense_table: torch.Tensor | None = None  # (S_dense + 1, d_model), row 0 zeros
-    dense_index: torch.Tensor | None = None  # (T,) int64 into dense_table
+def table_width() -> int | None:
+    """Columns of a layer's table (distinct dependent latents of its vectors): YAPO_FAST_TABLE_WIDTH,
+    or None for the SAE's d_sae (never full)."""
+    raw = os.environ.get("YAPO_FAST_TABLE_WIDTH", "").strip()
+    if not raw:
+        return None
+    if not raw.isdigit():
+        raise YapoFastError(f"YAPO_FAST_TABLE_WIDTH={raw!r}: give a number of latents, e.g. 4096")
+    return int(raw)
 
 
 class SteerState:
@@ -61,18 +65,18 @@ class SteerState:
         self.vectors: dict[str, NamedVector] = {}
         self.global_spec: tuple | None = None  # (GLOBAL_NAME-or-name, m) from yapo_fast.patch
         self.slots: dict[tuple, Slot] = {}
-        self.slot_list: list[Slot] = []  # slot.id -> slot
-        self.stacks: dict[tuple, tuple] = {}  # (layer, group, slot ids) -> (PreparedSlots, remap)
-        self.dense_tables: dict[tuple, tuple] = {}  # (layer, slot ids) -> (table, remap)
+        self.tables: dict[int, SteerTable] = {}  # layer -> its steering table
         self.installed_layers: set[int] = set()
-        self.plan: dict[int, LayerPlan] | None = None
-        self.num_tokens = 0
         self.device = torch.device("cpu")
-        self.sparse_layout: str | None = None  # "segments" | "stacked"; None: by device (tests force one)
-        self._generation = 0  # bumped whenever slot ids change
+        # graph_safe: the engine replays CUDA graphs, so the op must always run its full table step
+        # (a graph captured with the op skipped would replay it skipped); set by vllm_hooks
+        self.graph_safe = False
+        self.steered = False  # some token of this step is steered
+        self.num_tokens = 0
+        self._generation = 0  # bumped whenever what a request maps to changes
         self._requests: dict[str, int] = {}  # request id -> slot id (-1 unsteered), for this registry
-        self._req_buf = torch.empty(0, dtype=torch.int64)  # per-request slot id + 1 (0 = unsteered)
-        self._token_buf = torch.empty(0, dtype=torch.int64)  # per-token slot id + 1, on self.device
+        self._req_buf = torch.empty(0, dtype=torch.int64)  # per-request table row (0 = unsteered)
+        self._token_buf = torch.zeros(0, dtype=torch.int64)  # per-token table row, on self.device
 
     # ---- registry ----------------------------------------------------------------------------
     def register(self, name: str, vector, sae=None, multiplier: float | None = None) -> None:
@@ -81,8 +85,8 @@ class SteerState:
         if vector.is_sparse:
             vector.check_compatible(sae=sae)
         m = vector.multiplier if multiplier is None else float(multiplier)
-        self.vectors[name] = NamedVector(vector, sae, float(m))
         self._forget(name)
+        self.vectors[name] = NamedVector(vector, sae, float(m))
 
     def unregister(self, name: str) -> None:
         self.vectors.pop(name, None)
@@ -92,17 +96,15 @@ class SteerState:
 
     def _forget(self, name: str) -> None:
         for key in [k for k in self.slots if k[0] == name]:
-            del self.slots[key]
-        self._renumber()
+            self._drop(self.slots.pop(key))
+        self._changed()
 
-    def _renumber(self) -> None:
-        """Slot ids changed (or what a request maps to): drop every cache keyed by them."""
+    def _drop(self, slot: Slot) -> None:
+        self.tables[slot.layer].clear(slot.id + 1)
+
+    def _changed(self) -> None:
+        """What requests map to changed: parse them again."""
         self._generation += 1
-        self.slot_list = list(self.slots.values())
-        for i, slot in enumerate(self.slot_list):
-            slot.id = i
-        self.stacks.clear()
-        self.dense_tables.clear()
         self._requests.clear()
 
     def set_global(self, name: str | None, multiplier: float | None = None) -> None:
@@ -115,7 +117,7 @@ class SteerState:
     def active(self) -> bool:
         return bool(self.vectors)
 
-    # ---- slots -------------------------------------------------------------------------------
+    # ---- slots and tables ----------------------------------------------------------------------
     def slot(self, name: str, multiplier: float | None) -> Slot:
         nv = self.vectors.get(name)
         if nv is None:
@@ -124,57 +126,56 @@ class SteerState:
         key = (name, m)
         slot = self.slots.get(key)
         if slot is None:
-            if len(self.slots) >= MAX_SLOTS:  # many distinct multipliers: keep the slot table bounded
+            if len(self.slots) >= MAX_SLOTS:  # many distinct multipliers: start the tables over
+                for old in self.slots.values():
+                    self._drop(old)
                 self.slots.clear()
-                self._renumber()
-            slot = self._prepare(key, nv, m)
-            slot.id = len(self.slot_list)
+                self._changed()
+            used = {s.id for s in self.slots.values()}
+            slot = Slot(key=key, layer=nv.vector.layer, id=next(i for i in range(MAX_SLOTS) if i not in used))
+            self._write(slot, nv, m)
             self.slots[key] = slot
-            self.slot_list.append(slot)
         return slot
 
-    def _prepare(self, key, nv: NamedVector, m: float) -> Slot:
+    def use_graphs(self, d_model: int) -> None:
+        """The engine replays CUDA graphs: allocate every installed layer's table now, at its final
+        width, before capture; from here on the op runs the full table step at every layer."""
+        self.graph_safe = True
+        for layer in self.installed_layers:
+            self._table(layer, d_model, table_width() or GRAPH_TABLE_WIDTH)
+
+    def _write(self, slot: Slot, nv: NamedVector, m: float) -> None:
         vec = nv.vector
-        if vec.is_sparse:
-            from yapo_fast.kernels.sparse_steer_prepare import prepare_sparse_steer
+        if not vec.is_sparse:
+            self._table(slot.layer, vec.d_model, 0).write(slot.id + 1, const=m * vec.dense().to(self.device))
+            return
+        from yapo_fast.kernels.sparse_steer_prepare import prepare_sparse_steer
 
-            sae = nv.sae.to(device=self.device, dtype=torch.float32)
-            prepared = prepare_sparse_steer(sae, vec.latent().to(self.device), m)
-            group = f"{sae.kind}|{sae.d_in}|{sae.d_sae}|{sae.k}|{sae.weights_hash() if sae.kind == 'topk' else ''}"
-            return Slot(key=key, layer=vec.layer, sparse=prepared, group=group)
-        return Slot(key=key, layer=vec.layer, dense_add=(m * vec.dense().to(self.device, torch.float32)))
+        if self.graph_safe and nv.sae.kind == "topk":  # its cut needs the SAE's weights in the captured graph
+            raise YapoFastError(
+                "TopK SAEs cannot steer an engine that replays CUDA graphs yet (ReLU and JumpReLU SAEs can): "
+                "build the LLM with enforce_eager=True to steer with this one"
+            )
+        sae = nv.sae.to(device=self.device, dtype=torch.float32)
+        prepared = prepare_sparse_steer(sae, vec.latent().to(self.device), m)
+        group = f"{sae.kind}|{sae.d_in}|{sae.d_sae}|{sae.k}|{sae.weights_hash()}"
+        table = self._table(slot.layer, sae.d_in, table_width() or sae.d_sae)
+        table.write(slot.id + 1, const=prepared.const, prepared=prepared, group=group)
 
-    def _remap(self, ids: tuple, first: int, fill: int, dtype) -> torch.Tensor:
-        """Lookup table (slot id + 1) -> position of that slot among `ids` (+ first); `fill` for
-        every other slot and for 0 (unsteered). Sized for every slot id the table can ever hold,
-        not the slots of today: the cached table is reused in later steps, after slots of other
-        vectors or layers were added, whose ids then appear in the per-token index."""
-        remap = torch.full((MAX_SLOTS + 1,), fill, dtype=dtype)
-        remap[torch.tensor(ids, dtype=torch.int64) + 1] = torch.arange(first, first + len(ids), dtype=dtype)
-        return remap.to(self.device)
-
-    def _stack(self, layer: int, group: str, ids: tuple):
-        """The sparse slots `ids` (one SAE group at one layer) stacked, with their remap; cached
-        by the set of slots, so a steady batch composition builds it once."""
-        from yapo_fast.kernels.sparse_steer_prepare import stack_prepared
-
-        key = (layer, group, ids)
-        hit = self.stacks.get(key)
-        if hit is None:
-            if len(self.stacks) > 256:  # many distinct batch compositions: keep the cache bounded
-                self.stacks.clear()
-            stack = stack_prepared([self.slot_list[i].sparse for i in ids])
-            hit = self.stacks[key] = (stack, self._remap(ids, 0, -1, torch.int32))
-        return hit
-
-    def _dense_table(self, layer: int, ids: tuple):
-        hit = self.dense_tables.get((layer, ids))
-        if hit is None:
-            if len(self.dense_tables) > 256:
-                self.dense_tables.clear()
-            rows = [torch.zeros_like(self.slot_list[ids[0]].dense_add)] + [self.slot_list[i].dense_add for i in ids]
-            hit = self.dense_tables[(layer, ids)] = (torch.stack(rows), self._remap(ids, 1, 0, torch.int64))
-        return hit
+    def _table(self, layer: int, d_model: int, width: int) -> SteerTable:
+        """The layer's table, made (or widened, once, when its first yapo vector arrives) to hold
+        `width` columns; its rows are the slot ids + 1."""
+        table = self.tables.get(layer)
+        if self.graph_safe and table is not None:  # captured graphs read these very buffers
+            return table
+        if table is None or table.width < width:
+            new = SteerTable(d_model, rows=MAX_SLOTS + 1, width=width, device=self.device)
+            if table is not None:
+                if table.used_width:
+                    raise YapoFastError("a layer's steering table cannot widen while yapo vectors use it")
+                new.const.copy_(table.const)
+            table = self.tables[layer] = new
+        return table
 
     # ---- per step ----------------------------------------------------------------------------
     def spec_for(self, extra_args):
@@ -200,7 +201,7 @@ class SteerState:
                 out.append(s)
             if generation == self._generation:
                 return out
-            # a new slot overflowed the slot table and renumbered every slot: map again (once)
+            # a new slot overflowed the slot table and started it over: map again (once)
         raise YapoFastError(f"one step asks for more than {MAX_SLOTS} distinct (vector, multiplier) pairs")
 
     def forget_requests(self, req_ids) -> None:
@@ -213,136 +214,48 @@ class SteerState:
         self.build_plan_ids([-1 if s is None else self.slot(*s).id for s in specs], tokens_per_request)
 
     def build_plan_ids(self, slot_ids: list[int], tokens_per_request) -> None:
-        """slot_ids[i]: slot of request i (-1 unsteered) in the batch order of its scheduled
-        tokens; tokens_per_request[i]: how many it has this step. Per-token indices come from
-        one repeat_interleave into a persistent buffer and one gather per steered layer; a
-        batch steered by a single vector needs no index at all."""
-        self.plan = None
-        self.num_tokens = 0
-        present = set(slot_ids)
-        steered_everywhere = -1 not in present
-        present.discard(-1)
-        if not present:
-            return
+        """slot_ids[i]: slot of request i (-1 unsteered) in the batch order of its scheduled tokens;
+        tokens_per_request[i]: how many it has this step. Writes each token's table row into the
+        persistent buffer (one repeat_interleave; rows past the step's tokens hold 0)."""
         n_req = len(slot_ids)
         counts = torch.as_tensor(np.asarray(tokens_per_request)[:n_req], dtype=torch.int64)
-        T = int(counts.sum())
-        self.num_tokens = T
-        slots = [self.slot_list[i] for i in sorted(present)]
-        token1 = None  # (T,) slot id + 1 per token, built only if some layer needs per-token indices
-        plan: dict[int, LayerPlan] = {}
-        for layer in sorted({s.layer for s in slots}):
-            here = [s for s in slots if s.layer == layer]
-            if len(here) == 1 and steered_everywhere and len(present) == 1:
-                plan[layer] = LayerPlan(uniform=here[0])
-                continue
-            if token1 is None:
-                token1 = self._token_slots(slot_ids, counts, T)
-            lp = plan[layer] = LayerPlan()
-            dense = tuple(s.id for s in here if s.dense_add is not None)
-            if dense:
-                lp.dense_table, remap = self._dense_table(layer, dense)
-                lp.dense_index = remap[token1]
-            groups: dict[str, list[int]] = {}
-            for s in here:
-                if s.sparse is not None:
-                    groups.setdefault(s.group, []).append(s.id)
-            for group, ids in groups.items():
-                if (self.sparse_layout or ("segments" if self.device.type == "cpu" else "stacked")) == "segments":
-                    lp.segments.append(self._segments(ids, token1))
-                else:  # one launch for all slots (the Triton kernel's slot axis)
-                    stack, remap = self._stack(layer, group, tuple(ids))
-                    lp.sparse.append((stack, remap[token1]))
-        self.plan = plan
+        self.num_tokens = T = int(counts.sum())
+        self.steered = any(s >= 0 for s in slot_ids)
+        if self.steered or self.graph_safe:
+            self._token_rows(slot_ids, counts, T)
 
-    def _segments(self, ids: list[int], token1: torch.Tensor):
-        """Rows of the tokens steered by slots `ids`, sorted by slot (stable), and each slot's run.
-        On CPU a run per slot through the single-vector path beats one stacked call, whose torch
-        path gathers and scatters the rows of every slot separately (docs/benchmarks.md)."""
-        local = torch.full((len(self.slot_list) + 1,), len(ids), dtype=torch.int64)
-        local[torch.tensor(ids, dtype=torch.int64) + 1] = torch.arange(len(ids))
-        key = local[token1]  # position of the token's slot among `ids`; len(ids) = not steered here
-        counts = torch.bincount(key, minlength=len(ids) + 1)[: len(ids)].tolist()
-        order = torch.argsort(key, stable=True)[: sum(counts)]
-        runs, start = [], 0
-        for sid, c in zip(ids, counts):
-            runs.append((self.slot_list[sid].sparse, start, start + c))
-            start += c
-        return order, runs
-
-    def _token_slots(self, slot_ids: list[int], counts: torch.Tensor, T: int) -> torch.Tensor:
+    def _token_rows(self, slot_ids: list[int], counts: torch.Tensor, T: int) -> None:
         n_req = len(slot_ids)
         if self._req_buf.numel() < n_req:
             self._req_buf = torch.empty(max(n_req, 2 * self._req_buf.numel()), dtype=torch.int64)
         req = self._req_buf[:n_req]
         req.copy_(torch.as_tensor(slot_ids, dtype=torch.int64)).add_(1)
         if self._token_buf.numel() < T or self._token_buf.device != self.device:
-            self._token_buf = torch.empty(max(T, 2 * self._token_buf.numel()), dtype=torch.int64, device=self.device)
-        out = self._token_buf[:T]
-        out.copy_(torch.repeat_interleave(req, counts, output_size=T), non_blocking=True)
-        return out
+            size = max(T, TOKEN_CAPACITY, 2 * self._token_buf.numel())
+            self._token_buf = torch.zeros(size, dtype=torch.int64, device=self.device)
+        self._token_buf[:T].copy_(torch.repeat_interleave(req, counts, output_size=T), non_blocking=True)
+        self._token_buf[T:].zero_()  # padded tokens of a replayed graph: unsteered
 
     def clear_plan(self) -> None:
-        self.plan = None
+        self.steered = False
         self.num_tokens = 0
 
     # ---- the op's body -----------------------------------------------------------------------
     def apply(self, hidden: torch.Tensor, residual: torch.Tensor, layer: int) -> torch.Tensor:
         """Layer `layer`'s output (hidden + residual, as the next layer's fused add would form
-        it), steered per token by this step's plan."""
+        it), steered per token by its row of the layer's table."""
         if hidden.dtype == torch.float32:
             h = hidden + residual
         else:
             h = (hidden.to(torch.float32) + residual.to(torch.float32)).to(hidden.dtype)
-        lp = None if self.plan is None else self.plan.get(layer)
-        if lp is None:
+        table = self.tables.get(layer)
+        if table is None or not (self.steered or self.graph_safe):
             return h
+        if self.graph_safe:  # every row, every column: shapes fixed by the batch size alone
+            return table_steer(h, self._token_buf[: h.shape[0]], table)
         n = min(h.shape[0], self.num_tokens)  # tokens past the scheduled ones are padding: left alone
-        x = h[:n]
-        if lp.uniform is not None:
-            slot = lp.uniform
-            if slot.dense_add is not None:
-                _add_float32(x, slot.dense_add)
-            else:
-                from yapo_fast.kernels.sparse_steer import sparse_steer
-
-                sparse_steer(x, slot.sparse, inplace=True)
-            return h
-        if lp.dense_index is not None:
-            _add_float32(x, lp.dense_table[lp.dense_index[:n]])
-        if lp.sparse or lp.segments:
-            from yapo_fast.kernels.sparse_steer import sparse_steer
-
-            for stack, idx in lp.sparse:
-                sparse_steer(x, stack, slot_index=idx[:n], inplace=True)
-            for order, runs in lp.segments:
-                if n < self.num_tokens:  # fewer rows than scheduled tokens (never seen): keep those in range
-                    keep = order < n
-                    order = order[keep]
-                    runs = _clip_runs(runs, keep)
-                xs = x[order]
-                for prepared, a, b in runs:
-                    if b > a:
-                        sparse_steer(xs[a:b], prepared, inplace=True)
-                x[order] = xs
+        h[:n] = table_steer(h[:n], self._token_buf[:n], table, width=table.used_width)
         return h
-
-
-def _clip_runs(runs, keep: torch.Tensor):
-    out, start = [], 0
-    for prepared, a, b in runs:
-        c = int(keep[a:b].sum())
-        out.append((prepared, start, start + c))
-        start += c
-    return out
-
-
-def _add_float32(x: torch.Tensor, add: torch.Tensor) -> None:
-    """x += add computed in float32 (as the transformers hooks do), in place."""
-    if x.dtype == torch.float32:
-        x.add_(add)
-    else:
-        x.copy_(x.to(torch.float32) + add)
 
 
 STATE = SteerState()

@@ -134,15 +134,16 @@ def _naive_token_slots(slot_ids, counts):
     return out
 
 
-@pytest.mark.parametrize("layout", ["segments", "stacked"])  # CPU default / CUDA default
-def test_many_slots_one_layer_equal_reference_and_naive_map(layout):
+@pytest.mark.parametrize("graph_safe", [False, True])  # eager (used columns) / replayed graphs (all)
+def test_many_slots_one_layer_equal_reference_and_naive_map(graph_safe):
     """8 yapo vectors + a dense one + unsteered requests, chunked-prefill-like counts: each token
-    gets exactly its request's vector (the reference per request), by tensor-built indices."""
+    gets exactly its request's vector (the reference per request), through one table step whose
+    per-token rows are built by tensor ops (checked against a per-token Python loop)."""
     torch.manual_seed(1)
     d, layer = 48, 3
     sae = random_sae("jumprelu", d_in=d, d_sae=80, layer=layer, seed=5)
     st = SteerState()
-    st.sparse_layout = layout
+    st.graph_safe = graph_safe
     latents = [random_latent(80, 10, "mixed", seed=20 + i) for i in range(8)]
     for i, lat in enumerate(latents):
         st.register(f"v{i}", yapo_fast.SteeringVector.from_latent(lat, layer=layer, sae=sae), sae)
@@ -162,22 +163,8 @@ def test_many_slots_one_layer_equal_reference_and_naive_map(layout):
     st.build_plan_ids(ids, counts)
     assert st.request_slots(rids, extra_args_of) == ids and calls == rids  # parsed once per request
     token = _naive_token_slots([s + 1 for s in ids], counts)
-    lp = st.plan[layer]
-    sparse_ids = sorted({s for s in ids if s >= 0 and st.slot_list[s].sparse is not None})
-    assert len(sparse_ids) == 5
-    remap = {sid: j for j, sid in enumerate(sparse_ids)}
-    if layout == "stacked":
-        ((stack, idx),) = lp.sparse
-        assert stack.n_slots == 5  # only the vectors present in this batch
-        assert idx.tolist() == [remap.get(t - 1, -1) for t in token]
-    else:
-        ((order, runs),) = lp.segments
-        assert [b - a for _, a, b in runs] == [sum(1 for t in token if t - 1 == sid) for sid in sparse_ids]
-        assert order.tolist() == sorted(
-            (i for i, t in enumerate(token) if t - 1 in remap), key=lambda i: remap[token[i] - 1]
-        )
-    dense_row = {t - 1 for t in token if t and st.slot_list[t - 1].dense_add is not None}
-    assert lp.dense_index.tolist() == [1 if (t - 1) in dense_row else 0 for t in token]
+    assert st._token_buf[: sum(counts)].tolist() == token and not st._token_buf[sum(counts) :].any()
+    assert len(st.tables) == 1 and st.tables[layer].used_width <= 8 * 10
     T = sum(counts)
     hidden, residual = torch.randn(T + 2, d), torch.randn(T + 2, d)
     h = hidden + residual
@@ -194,17 +181,20 @@ def test_many_slots_one_layer_equal_reference_and_naive_map(layout):
             torch.testing.assert_close(out[rows], want, rtol=1e-5, atol=1e-5)
         pos += c
     assert torch.equal(out[T:], h[T:])
-    # finished requests leave the cache; a registry change invalidates it (ids are renumbered)
+    # finished requests leave the cache; a registry change invalidates it and frees the table row
     st.forget_requests(["0", "1"])
     assert "0" not in st._requests and "2" in st._requests
+    row = st.slots[("v0", 1.0)].id + 1
     st.unregister("v0")
-    assert st._requests == {} and all(s.id == i for i, s in enumerate(st.slot_list))
+    assert st._requests == {} and ("v0", 1.0) not in st.slots
+    assert not st.tables[layer].coef[row].any() and not st.tables[layer].const[row].any()
 
 
 @pytest.mark.parametrize("which", ["yapo", "bipo"])
-def test_one_vector_for_the_whole_batch_needs_no_index(which):
-    """yapo_fast.patch's case (every request on one vector): no per-token index is built, and the
-    result is the single-vector op's, exactly the reference / the dense add."""
+def test_one_vector_for_the_whole_batch_equals_the_single_vector_op(which):
+    """yapo_fast.patch's case (every request on one vector): the reference / the dense add on the
+    scheduled tokens, padding and other layers untouched; an explicitly unsteered request in the
+    batch stays exact."""
     torch.manual_seed(2)
     d, layer = 40, 1
     sae = random_sae("topk", d_in=d, d_sae=64, layer=layer, seed=9, k=8)
@@ -220,8 +210,6 @@ def test_one_vector_for_the_whole_batch_needs_no_index(which):
     st.set_global("g", None)
     counts = [3, 1, 1, 6]
     st.build_plan_ids(st.request_slots(list("abcd"), lambda rid: None), counts)
-    lp = st.plan[layer]
-    assert lp.uniform is not None and lp.sparse == [] and lp.dense_index is None
     T = sum(counts)
     hidden, residual = torch.randn(T + 1, d), torch.randn(T + 1, d)
     h = hidden + residual
@@ -230,11 +218,9 @@ def test_one_vector_for_the_whole_batch_needs_no_index(which):
     torch.testing.assert_close(out[:T], want, rtol=1e-5, atol=1e-5)
     assert torch.equal(out[T:], h[T:])
     assert torch.equal(st.apply(hidden, residual, layer + 1), h)  # another layer: untouched
-    # an explicitly unsteered request in the batch: back to per-token indices, still exact
     st.set_global("g", None)
     ids = st.request_slots(list("ab"), lambda rid: None if rid == "a" else {"yapo": None})
     st.build_plan_ids(ids, [2, 2])
-    assert st.plan[layer].uniform is None
     out = st.apply(hidden[:4], residual[:4], layer)
     torch.testing.assert_close(out[:2], want[:2], rtol=1e-5, atol=1e-5)
     assert torch.equal(out[2:], h[2:4])
@@ -254,7 +240,8 @@ def test_slot_table_overflow_remaps_the_step(monkeypatch):
     generation = st._generation
     ids = st.request_slots(["r0", "r1", "r2"], args.get)  # r1's pair overflows it: rebuilt mid-step
     assert st._generation > generation
-    assert [st.slot_list[i].key for i in ids] == [("c", 1.0), ("c", 2.0), ("c", 3.0)]
+    key_of = {s.id: k for k, s in st.slots.items()}
+    assert [key_of[i] for i in ids] == [("c", 1.0), ("c", 2.0), ("c", 3.0)]
     st.build_plan_ids(ids, [1, 1, 1])
     hidden, residual = torch.randn(3, 8), torch.zeros(3, 8)
     out = st.apply(hidden, residual, 0)
@@ -266,9 +253,8 @@ def test_slot_table_overflow_remaps_the_step(monkeypatch):
 
 
 def test_cached_tables_cover_slots_added_in_later_steps():
-    """A layer's dense table is cached by its slots; a later step that adds a slot of another
-    layer puts that slot's id in the per-token index, which the cached table must still map
-    (it used to be sized by the slots of the first step: 'index 2 is out of bounds')."""
+    """A later step that adds a slot of another layer puts that slot's row in the per-token map;
+    every layer's table holds a row for every slot id (zeros where the slot is another layer's)."""
     st = SteerState()
     vc, vd = torch.randn(8), torch.randn(8)
     st.register("c", yapo_fast.SteeringVector.from_dense(vc, method="bipo", layer=0))
@@ -287,27 +273,43 @@ def test_cached_tables_cover_slots_added_in_later_steps():
     torch.testing.assert_close(st.apply(hidden, residual, 1), hidden + torch.stack([torch.zeros(8), vd]))
 
 
-def test_patch_refuses_an_engine_that_replays_cuda_graphs():
-    """On a CUDA engine with CUDA graphs, a graph captured before patch() would replay the op as it
-    was (unsteered): patch and register_vector refuse with the fix instead of silently not steering.
-    CPU engines (no graphs) and eager CUDA engines pass this check."""
+def test_graph_replaying_engines_get_the_graph_safe_step():
+    """A CUDA engine replaying CUDA graphs is detected (CPU engines and eager CUDA engines are not);
+    its tables are allocated at full width before capture and never reallocated; the op then runs
+    the full table step and equals the reference; TopK SAEs are refused with the fix."""
     from types import SimpleNamespace
 
-    import yapo_fast
-    from yapo_fast.errors import YapoFastError
-    from yapo_fast.integrations.vllm_patch import _refuse_cuda_graphs
+    from yapo_fast.integrations.vllm_hooks import replays_cuda_graphs
 
-    def engine(device, mode, eager=False):
-        cfg = SimpleNamespace(
+    def config(device, mode, eager=False):
+        return SimpleNamespace(
             device_config=SimpleNamespace(device_type=device),
             compilation_config=SimpleNamespace(cudagraph_mode=SimpleNamespace(name=mode)),
             model_config=SimpleNamespace(enforce_eager=eager),
         )
-        return SimpleNamespace(llm_engine=SimpleNamespace(vllm_config=cfg))
 
-    vec = yapo_fast.SteeringVector.from_dense(torch.ones(8), method="bipo", layer=1)
-    for call in (lambda llm: yapo_fast.patch(llm, vec), lambda llm: yapo_fast.register_vector(llm, "a", vec)):
-        with pytest.raises(YapoFastError, match="enforce_eager=True"):
-            call(engine("cuda", "FULL_AND_PIECEWISE"))
-    for ok in (engine("cpu", "NONE"), engine("cuda", "NONE"), engine("cuda", "PIECEWISE", eager=True)):
-        _refuse_cuda_graphs(ok)  # no error
+    assert replays_cuda_graphs(config("cuda", "FULL_AND_PIECEWISE"))
+    assert replays_cuda_graphs(config("cuda", "PIECEWISE"))
+    for no in (config("cpu", "NONE"), config("cuda", "NONE"), config("cuda", "PIECEWISE", eager=True)):
+        assert not replays_cuda_graphs(no)
+
+    d, layer = 32, 1
+    st = SteerState()
+    st.installed_layers = {0, 1}
+    st.use_graphs(d)
+    tables = dict(st.tables)
+    assert set(tables) == {0, 1} and all(t.width == 4096 for t in tables.values())
+    sae = random_sae("jumprelu", d_in=d, d_sae=64, layer=layer, seed=2)
+    lat = random_latent(64, 10, "mixed", seed=1)
+    st.register("y", yapo_fast.SteeringVector.from_latent(lat, layer=layer, sae=sae), sae)
+    st.build_plan([("y", -1.0), None], [3, 2])
+    assert st.tables[layer] is tables[layer]  # the captured buffers, written in place
+    hidden, residual = torch.randn(6, d), torch.randn(6, d)
+    h = hidden + residual
+    out = st.apply(hidden, residual, layer)
+    torch.testing.assert_close(out[:3], sparse_steer_reference(h[:3], sae, lat, -1.0), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(out[3:], h[3:])  # unsteered and padding rows: row 0 of the table
+    topk = random_sae("topk", d_in=d, d_sae=64, layer=layer, seed=3, k=4)
+    st.register("t", yapo_fast.SteeringVector.from_latent(lat, layer=layer, sae=topk), topk)
+    with pytest.raises(YapoFastError, match="TopK SAEs cannot steer an engine that replays CUDA graphs"):
+        st.build_plan([("t", None)], [1])
