@@ -169,7 +169,9 @@ class SteerState:
         if self.graph_safe and table is not None:  # captured graphs read these very buffers
             return table
         if table is None or table.width < width:
-            new = SteerTable(d_model, rows=MAX_SLOTS + 1, width=width, device=self.device)
+            # normal tensors even when made inside a step (inference mode): RPCs write them later
+            with torch.inference_mode(False):
+                new = SteerTable(d_model, rows=MAX_SLOTS + 1, width=width, device=self.device)
             if table is not None:
                 if table.used_width:
                     raise YapoFastError("a layer's steering table cannot widen while yapo vectors use it")
