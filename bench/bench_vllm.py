@@ -4,8 +4,8 @@ Engine (one vLLM engine, prefix caching off so every configuration does the same
 rounds of interleaved configurations (A/B/A/B: background load hits all alike); medians over rounds:
 - batch 64 and 256, 128 new tokens (EOS ignored, greedy): unsteered; ``yapo_fast.patch`` with a YaPO
   vector (64 entries, 32 negative) and with a BiPO vector;
-- per-request vectors (batch 64 by default): 1 vector shared by all requests, 8 and 64 distinct
-  vectors in one batch (extra_args);
+- per-request vectors (batch 64 by default): 1 vector shared by all requests, 8, 64 and 256 distinct
+  vectors in one batch (extra_args; 64 entries each, 32 negative);
 - transformers ``generate`` (what users do today), unsteered and with ``yapo_fast.steer`` (the same
   YaPO vector), at the same batch sizes, each in a fresh process between the engine's rounds.
 Ratios: patched / unsteered and per-request K / per-request 1 within the engine; vLLM / transformers.
@@ -50,7 +50,7 @@ LAYER = 15
 RESULTS = Path(__file__).parent / "results" / "vllm.json"
 
 
-def make_vectors(tmp: Path, n_extra: int = 64):
+def make_vectors(tmp: Path, n_extra: int = 256):
     import yapo_fast
     from yapo_fast.integrations.sae_lens_loading import save_sae
 
@@ -90,7 +90,7 @@ def summarize(res: dict) -> None:
         for k, v in m.items():
             if base and k != "unsteered" and not k.startswith("hf_"):
                 r[f"{k}/unsteered"] = v / base
-        for k in ("per_request_8", "per_request_64"):
+        for k in ("per_request_8", "per_request_64", "per_request_256"):
             if k in m and "per_request_1" in m:
                 r[f"{k}/per_request_1"] = m[k] / m["per_request_1"]
         if base and "hf_unsteered" in m:
@@ -171,7 +171,7 @@ def engine_main(out_path: str) -> None:
     configs = {"unsteered": lambda b: timed(b), "patched_yapo": patched(yapo, sae=sae), "patched_bipo": patched(bipo)}
     for path in TRAINED:  # trained vectors on the shipped SAE: "patched_<file stem>"
         configs[f"patched_{Path(path).stem}"] = patched(yapo_fast.load_vector(path), sae=yapo_fast.load_sae())
-    per_request = {f"per_request_{k}": (lambda b, k=k: timed(b, distinct(k))) for k in (1, 8, 64)}
+    per_request = {f"per_request_{k}": (lambda b, k=k: timed(b, distinct(k))) for k in (1, 8, 64, 256)}
     every = {**configs, **per_request}
     if PLAN:  # "64:unsteered,patched_yapo;256:unsteered" (a time-boxed run on a loaded machine)
         plan = [
@@ -349,9 +349,9 @@ def test_op_per_decode_step(benchmark, record, device, T, d_model, d_sae, case):
     if device == "cpu":
         torch.set_num_threads(int(os.environ.get("YAPO_BENCH_THREADS", "1")))
     step, st = op_step_fn(device, T, d_model, d_sae, case)
-    ref = step()  # warm-up: prepares slots, stacks, kernels
+    ref = step()  # warm-up: prepares slots and tables
     if case in ("patch", "per_request_8", "per_request_64"):
-        assert st.plan and st.plan[LAYER] is not None and ref is not None  # the timed step really steers
+        assert st.steered and LAYER in st.tables and ref is not None  # the timed step really steers
     benchmark.group = f"op per decode step, {device}, T={T}, d_model={d_model}, d_sae={d_sae}, {N_LAYERS} layers"
     benchmark.pedantic(step, rounds=30, iterations=1, warmup_rounds=2)
     record(OP_MODULE, benchmark.group, case, benchmark)

@@ -26,8 +26,13 @@ SUPPORTED_VLLM = "0.32."  # the release series these wraps were written and test
 # -> (hidden, residual), the residual stream being their sum)
 DECODER_LAYERS = {
     "llama": ("vllm.model_executor.models.llama", "LlamaDecoderLayer"),
+    "mistral": ("vllm.model_executor.models.mistral", "MistralDecoderLayer"),
     "qwen2": ("vllm.model_executor.models.qwen2", "Qwen2DecoderLayer"),
+    "qwen3": ("vllm.model_executor.models.qwen3", "Qwen3DecoderLayer"),
+    "gemma2": ("vllm.model_executor.models.gemma2", "Gemma2DecoderLayer"),
+    "gemma3": ("vllm.model_executor.models.gemma3", "Gemma3DecoderLayer"),
 }
+SUPPORTED_FAMILIES = "Llama (and models built on its layer), Mistral, Qwen2, Qwen3, Gemma2, Gemma3"
 
 
 def check_vllm_version(version: str | None = None) -> None:
@@ -69,8 +74,8 @@ def _patch_decoder_layers(wanted) -> None:
     from yapo_fast.integrations.vllm_state import STATE
 
     for cls in decoder_layer_classes().values():
-        if getattr(cls, "_yapo_fast_patched", False):
-            continue
+        if cls.__dict__.get("_yapo_fast_patched", False):  # own attribute: a subclass of a patched class
+            continue  # (Mistral's layer is Llama's with its own forward) is patched in its own right
         orig_init, orig_forward = cls.__init__, cls.forward
 
         @functools.wraps(orig_init)
@@ -81,7 +86,9 @@ def _patch_decoder_layers(wanted) -> None:
                 raise YapoFastError(f"{type(self).__name__} was built without its prefix: cannot tell its layer")
             layer = extract_layer_index(prefix)
             self._yapo_layer = layer if (wanted is None or layer in wanted) else None
-            if self._yapo_layer is not None:
+            # counted only where the layer's forward carries the op (a subclass overriding forward
+            # without being listed here would otherwise be counted and silently left unsteered)
+            if self._yapo_layer is not None and getattr(type(self).forward, "_yapo_fast_op", False):
                 STATE.installed_layers.add(layer)
 
         @functools.wraps(orig_forward)
@@ -93,6 +100,9 @@ def _patch_decoder_layers(wanted) -> None:
             # The next layer (or the final norm) forms hidden + residual = steered + 0 exactly.
             return steered, torch.zeros_like(residual)
 
+        forward._yapo_fast_op = True
+        if getattr(orig_forward, "_yapo_fast_op", False):  # inherited, already carrying the op: once is enough
+            forward = orig_forward
         cls.__init__, cls.forward, cls._yapo_fast_patched = __init__, forward, True
 
 

@@ -19,6 +19,7 @@ import os
 
 from yapo_fast.errors import YapoFastError
 from yapo_fast.integrations import vllm_requests, vllm_vectors
+from yapo_fast.integrations.vllm_hooks import SUPPORTED_FAMILIES
 from yapo_fast.integrations.vllm_requests import GLOBAL_NAME
 from yapo_fast.steering import Steering, SteeringHandle, check_multiplier
 from yapo_fast.vector import load_vector
@@ -46,9 +47,9 @@ def _rpc(llm, action: str, args: dict | None = None) -> list[dict]:
             raise YapoFastError(r["error"])
         if not r.get("installed_layers"):
             raise YapoFastError(
-                "the yapo-fast plugin is loaded but installed the steering op at no decoder "
-                "layer of this model (yapo-fast steers Llama- and Qwen2-style decoders; check "
-                "YAPO_FAST_LAYERS)"
+                "the yapo-fast plugin is loaded but installed the steering op at no decoder layer of this "
+                f"model: it steers the decoder layers of {SUPPORTED_FAMILIES}; check the model's "
+                "architecture and YAPO_FAST_LAYERS"
             )
     return results
 
