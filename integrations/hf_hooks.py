@@ -29,10 +29,17 @@ def _replace_hidden(output, new_hidden):
     raise YapoFastError(f"decoder layer returned {type(output).__name__}; expected a tensor or a tuple")
 
 
+def _in_graph() -> bool:
+    """Being traced by torch.compile or captured into a CUDA graph: no host read of a value there."""
+    capturing = torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+    return torch.compiler.is_compiling() or capturing
+
+
 def _check_steered(steered: torch.Tensor, hidden: torch.Tensor, layer: int, m: float) -> None:
     """NaN or inf must not flow on silently into later layers and the logits: one reduction per
-    steered layer call (cheap next to the layer itself) and, only on failure, whose fault it is."""
-    if bool(torch.isfinite(steered).all()):
+    steered layer call (cheap next to the layer itself) and, only on failure, whose fault it is.
+    Skipped while compiling or capturing a graph (the check reads a value on the host)."""
+    if _in_graph() or bool(torch.isfinite(steered).all()):
         return
     if not bool(torch.isfinite(hidden).all()):
         raise YapoFastError(
