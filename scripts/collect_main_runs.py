@@ -26,11 +26,13 @@ def summary(results: dict, behaviour: str) -> dict:
         for name, t in results["training"].items()
     }
     generation = results["scored_generations"][behaviour]
+    margin = dict(results["margin"][behaviour])
+    margin["data"] = margin["data"][margin["data"].find("yapo_fast/") :]  # relative to the checkout
     return {
         "command": f"bash scripts/main.sh --behaviour {behaviour}",
         "main_job": results["meta"]["main_job"],
         "training": training,
-        "margin": results["margin"][behaviour],
+        "margin": margin,
         "generation": {k: generation[k] for k in ("rule", "unsteered_rate", "effects")},
         "mmlu": {k: results["mmlu"][k] for k in ("n", "change", "change_ci95") if k in results.get("mmlu", {})},
     }
