@@ -35,6 +35,18 @@ DECODER_LAYERS = {
 SUPPORTED_FAMILIES = "Llama (and models built on its layer), Mistral, Qwen2, Qwen3, Gemma2, Gemma3"
 
 
+STEER_OP = "yapo_fast::steer_layer"  # the op the plugin puts after every steered decoder layer
+
+
+def piecewise_compilation_config() -> dict:
+    """`LLM(compilation_config=...)` for the fallback mode: piecewise CUDA graphs split at vLLM's
+    attention ops and at the steering op, which then runs eagerly between the captured pieces
+    (the table step needs no capture, at the cost of the graph breaks)."""
+    from vllm.config import CompilationConfig
+
+    return {"cudagraph_mode": "PIECEWISE", "splitting_ops": [*CompilationConfig._attention_ops, STEER_OP]}
+
+
 def check_vllm_version(version: str | None = None) -> None:
     """Refuse, with the fix, a vLLM whose internals these wraps were not written for."""
     if version is None:

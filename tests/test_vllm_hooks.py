@@ -29,3 +29,14 @@ def test_installed_vllm_is_supported_and_has_every_decoder_layer():
     classes = decoder_layer_classes()
     assert set(classes) == set(DECODER_LAYERS)
     assert all(callable(getattr(c, "forward", None)) for c in classes.values())
+
+
+@pytest.mark.vllm
+def test_piecewise_fallback_config_splits_at_the_steering_op():
+    from vllm.config import CompilationConfig
+
+    from yapo_fast.integrations.vllm_hooks import STEER_OP, piecewise_compilation_config
+
+    cfg = CompilationConfig(**piecewise_compilation_config())
+    assert STEER_OP in cfg.splitting_ops and "vllm::unified_attention_with_output" in cfg.splitting_ops
+    assert cfg.cudagraph_mode.name == "PIECEWISE"
