@@ -16,7 +16,8 @@ Ratios: patched / unsteered and per-request K / per-request 1 within the engine;
 Knobs: YAPO_BENCH_BATCHES ("64,256"), YAPO_BENCH_PER_REQUEST_BATCHES ("64"), YAPO_BENCH_HF_BATCHES
 ("64,256"; "" skips transformers), YAPO_BENCH_HF_ROUNDS (= ROUNDS), YAPO_BENCH_NEW_TOKENS (128), YAPO_BENCH_ROUNDS (2),
 YAPO_BENCH_PLAN (e.g. "64:unsteered,patched_yapo;256:unsteered,patched_yapo": batches and configs),
-YAPO_BENCH_TRAINED (comma-separated trained YaPO vector files of the shipped SAE: configs "patched_<stem>"),
+YAPO_BENCH_TRAINED (comma-separated trained YaPO vector files of the shipped SAE: configs "patched_<stem>";
+the first also at 256 distinct multipliers per batch, "per_request_256_trained"),
 YAPO_FAST_LAYERS (layers carrying the op; default all 30). Results (raw samples, medians, ratios)
 are rewritten after every measurement, so a stopped run keeps what it measured.
 The op alone per decode step (CPU, and the Triton path on CUDA): ``-k op_``, see below.
@@ -172,6 +173,11 @@ def engine_main(out_path: str) -> None:
     for path in TRAINED:  # trained vectors on the shipped SAE: "patched_<file stem>"
         configs[f"patched_{Path(path).stem}"] = patched(yapo_fast.load_vector(path), sae=yapo_fast.load_sae())
     per_request = {f"per_request_{k}": (lambda b, k=k: timed(b, distinct(k))) for k in (1, 8, 64, 256)}
+    if TRAINED:  # a trained vector at 256 distinct multipliers: 256 (vector, multiplier) slots in one batch
+        yapo_fast.register_vector(llm, "t0", TRAINED[0], sae=yapo_fast.load_sae())
+        per_request["per_request_256_trained"] = lambda b: timed(
+            b, lambda i: {"yapo": {"vector": "t0", "multiplier": 0.5 + i / 256}}
+        )
     every = {**configs, **per_request}
     if PLAN:  # "64:unsteered,patched_yapo;256:unsteered" (a time-boxed run on a loaded machine)
         plan = [
