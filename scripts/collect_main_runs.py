@@ -39,7 +39,9 @@ def summary(results: dict, behaviour: str) -> dict:
 
 
 def cell(e: dict) -> str:
-    return f"{e['delta']:+.2f} ± {(e['delta_ci_high'] - e['delta_ci_low']) / 2:.2f}"
+    """effect ± CI half-width, * where the paired 95% CI excludes 0."""
+    star = "*" if e["delta_ci_low"] > 0 or e["delta_ci_high"] < 0 else ""
+    return f"{e['delta']:+.2f} ± {(e['delta_ci_high'] - e['delta_ci_low']) / 2:.2f}{star}"
 
 
 def table(collected: dict) -> list[str]:
