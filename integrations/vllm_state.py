@@ -37,6 +37,10 @@ class NamedVector:
     vector: object  # yapo_fast.SteeringVector
     sae: object | None  # yapo_fast.SAE for yapo vectors
     multiplier: float  # default multiplier
+    # the SAE in float32 on the worker's device and its table group, made once per registration (a
+    # copy and a weights hash of the whole SAE per (vector, multiplier) slot cost ~40 ms each)
+    prepared_sae: object | None = None
+    group: str | None = None
 
 
 @dataclass
@@ -156,11 +160,13 @@ class SteerState:
                 "TopK SAEs cannot steer an engine that replays CUDA graphs yet (ReLU and JumpReLU SAEs can): "
                 "build the LLM with enforce_eager=True to steer with this one"
             )
-        sae = nv.sae.to(device=self.device, dtype=torch.float32)
+        if nv.prepared_sae is None or nv.prepared_sae.device != self.device:
+            nv.prepared_sae = sae = nv.sae.to(device=self.device, dtype=torch.float32)
+            nv.group = f"{sae.kind}|{sae.d_in}|{sae.d_sae}|{sae.k}|{nv.sae.weights_hash()}"
+        sae = nv.prepared_sae
         prepared = prepare_sparse_steer(sae, vec.latent().to(self.device), m)
-        group = f"{sae.kind}|{sae.d_in}|{sae.d_sae}|{sae.k}|{sae.weights_hash()}"
         table = self._table(slot.layer, sae.d_in, table_width() or sae.d_sae)
-        table.write(slot.id + 1, const=prepared.const, prepared=prepared, group=group)
+        table.write(slot.id + 1, const=prepared.const, prepared=prepared, group=nv.group)
 
     def _table(self, layer: int, d_model: int, width: int) -> SteerTable:
         """The layer's table, made (or widened, once, when its first yapo vector arrives) to hold
