@@ -81,13 +81,7 @@ def reference_paired(model, tok, sae, pairs) -> dict:
     opt, sched = make_optimizer(v, lean.cfg, lean.total)
     naive_s = 0.0
     for _, batch, d in lean.schedule:
-        t0 = time.perf_counter()
-        opt.zero_grad()
-        naive.loss(batch, v, d).backward()
-        torch.nn.utils.clip_grad_norm_([v], lean.cfg.grad_clip)
-        opt.step()
-        sched.step()
-        naive_s += time.perf_counter() - t0
+        naive_s += timed(lambda: naive.step(batch, v, d, opt, sched, lean.cfg.grad_clip))[1]
         lean_s += timed(lean.step)[1]
     return {
         "lean": lean,

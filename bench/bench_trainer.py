@@ -270,17 +270,6 @@ class PhasePeak:
         self._stop.set()
 
 
-def naive_step(naive, batch, d, v, opt, sched, cfg) -> float:
-    """The naive trainer's update, as tests/naive_trainer.py does it: backward, clip, AdamW, cosine."""
-    opt.zero_grad()
-    loss = naive.loss(batch, v, d)
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_([v], cfg.grad_clip)
-    opt.step()
-    sched.step()
-    return float(loss.detach())
-
-
 def lean_trainer(model, tok, sae, pairs):
     """The lean trainer of one epoch over `pairs`, through the public step API (yapo_fast.train's own loop)."""
     from yapo_fast.train import TrainConfig, Trainer
@@ -334,7 +323,7 @@ def run_paired(on_step=None):
         for k, (_, batch, d) in enumerate(schedule):
             mem.start()
             t0 = time.perf_counter()
-            loss = naive_step(naive, batch, d, v, opt, sched, lean.cfg)
+            loss = naive.step(batch, v, d, opt, sched, lean.cfg.grad_clip)["loss"]
             out["naive"] += time.perf_counter() - t0
             out["naive_losses"].append(loss)
             out["naive_peak_mib"] = max(out["naive_peak_mib"], mem.above_start() / 2**20)

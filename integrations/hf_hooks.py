@@ -31,8 +31,9 @@ def _replace_hidden(output, new_hidden):
 
 def _in_graph() -> bool:
     """Being traced by torch.compile or captured into a CUDA graph: no host read of a value there."""
-    capturing = torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
-    return torch.compiler.is_compiling() or capturing
+    # is_initialized, not is_available: this runs per steered layer call, and no capture happens
+    # before CUDA is initialised
+    return torch.compiler.is_compiling() or (torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing())
 
 
 def _check_steered(steered: torch.Tensor, hidden: torch.Tensor, layer: int, m: float) -> None:

@@ -242,7 +242,8 @@ class SteerState:
             size = max(T, TOKEN_CAPACITY, 2 * self._token_buf.numel())
             self._token_buf = torch.zeros(size, dtype=torch.int64, device=self.device)
         self._token_buf[:T].copy_(torch.repeat_interleave(req, counts, output_size=T), non_blocking=True)
-        self._token_buf[T:].zero_()  # padded tokens of a replayed graph: unsteered
+        if self.graph_safe:  # a replayed graph steers its padded tokens too: they must read row 0
+            self._token_buf[T:].zero_()
 
     def clear_plan(self) -> None:
         self.steered = False

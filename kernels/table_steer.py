@@ -22,6 +22,7 @@ kernels/table_steer_reference.py (a per-token loop over the single-vector refere
 
 from __future__ import annotations
 
+import heapq
 import math
 
 import torch
@@ -49,12 +50,11 @@ class SteerTable:
         self.group: str | None = None  # the SAE the columns belong to (None: no sparse row yet)
         self._col_of: dict[int, int] = {}  # latent id -> column
         self._refs = [0] * width  # rows using each column
+        self._free = list(range(width))  # a heap: the lowest free column first, so the used ones stay packed
         self._row_cols: dict[int, list[int]] = {}  # row -> its columns
-
-    @property
-    def used_width(self) -> int:
-        """Columns up to the last one in use: an eager caller may compute only those."""
-        return max(self._col_of.values(), default=-1) + 1
+        # columns up to the last one in use: an eager caller computes only those (read per layer
+        # and step, so kept up to date here rather than derived)
+        self.used_width = 0
 
     def write(self, row: int, *, const: torch.Tensor, prepared=None, group: str | None = None) -> None:
         """Row `row` := a steering: `const` (d_model,) added to every token, plus for a YaPO vector
@@ -74,14 +74,19 @@ class SteerTable:
         """Row `row` := unsteered; columns no other row uses are freed."""
         self.const[row].zero_()
         self.coef[row].zero_()
+        freed = False
         for col in self._row_cols.pop(row, []):
             self._refs[col] -= 1
             if self._refs[col] == 0:
                 del self._col_of[int(self.latent[col])]
+                heapq.heappush(self._free, col)
                 self.thr[col] = math.inf
                 self.enc[:, col].zero_()
                 self.dec[col].zero_()
                 self.bias[col] = 0.0
+                freed = True
+        if freed:
+            self.used_width = max(self._col_of.values(), default=-1) + 1
 
     def _check_group(self, prepared, group: str | None) -> None:
         if self.group is None or not self._col_of:
@@ -99,13 +104,13 @@ class SteerTable:
     def _column(self, latent: int, prepared, j: int) -> int:
         col = self._col_of.get(latent)
         if col is None:
-            free = next((c for c, n in enumerate(self._refs) if n == 0), None)
-            if free is None:
+            if not self._free:
                 raise YapoFastError(
                     f"the steering table of this layer is full ({self.width} distinct dependent latents across "
                     "the registered vectors): unregister some vectors, or raise the width (YAPO_FAST_TABLE_WIDTH)"
                 )
-            col = self._col_of[latent] = free
+            col = self._col_of[latent] = heapq.heappop(self._free)
+            self.used_width = max(self.used_width, col + 1)
             self.enc[:, col] = prepared.enc_cols[:, j].to(self.enc)
             self.bias[col] = prepared.enc_bias[j].to(self.bias)
             self.thr[col] = prepared.thresholds[j].to(self.thr)
@@ -122,7 +127,7 @@ class SteerTable:
             setattr(out, name, getattr(self, name).to(device))
         if self.topk is not None:
             out.topk = (self.topk[0].to(device), self.topk[1].to(device), self.topk[2])
-        out._refs, out._col_of = list(self._refs), dict(self._col_of)
+        out._refs, out._col_of, out._free = list(self._refs), dict(self._col_of), list(self._free)
         out._row_cols = {r: list(c) for r, c in self._row_cols.items()}
         return out
 

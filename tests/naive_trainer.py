@@ -109,16 +109,21 @@ class NaiveTrainer:
         size = self.sae.d_sae if self.method == "yapo" else self.model.config.hidden_size
         v = torch.zeros(size, requires_grad=True)
         opt, sched = make_optimizer(v, cfg, len(schedule))
-        records = []
-        for _, batch, d in schedule[:steps]:
-            opt.zero_grad()
-            loss = self.loss(batch, v, d)
-            loss.backward()
-            rec = {"loss": float(loss.detach()), "d": d, "v": v.detach().clone()}
-            if record_grads:
-                rec["grad"] = v.grad.detach().clone()
-            torch.nn.utils.clip_grad_norm_([v], grad_clip)
-            opt.step()
-            sched.step()
-            records.append(rec)
+        records = [
+            self.step(batch, v, d, opt, sched, grad_clip, record_grads=record_grads) for _, batch, d in schedule[:steps]
+        ]
         return v.detach(), records
+
+    def step(self, batch, v, d, opt, sched, grad_clip, *, record_grads=False) -> dict:
+        """One update as the reference trainers do it: backward, clip, AdamW, cosine schedule.
+        Returns {loss, d, v (before the update), grad (before clipping, if asked)}."""
+        opt.zero_grad()
+        loss = self.loss(batch, v, d)
+        loss.backward()
+        rec = {"loss": float(loss.detach()), "d": d, "v": v.detach().clone()}
+        if record_grads:
+            rec["grad"] = v.grad.detach().clone()
+        torch.nn.utils.clip_grad_norm_([v], grad_clip)
+        opt.step()
+        sched.step()
+        return rec

@@ -181,10 +181,11 @@ class Trainer:
         self.v = torch.zeros(size, dtype=self.runner.dtype, device=self.runner.device, requires_grad=True)
         self.opt, self.sched = make_optimizer(self.v, cfg, self.total)
         self.row_norms = sae.W_dec.norm(dim=1).to(self.v.device, self.v.dtype) if cfg.support is not None else None
+        self.fingerprint = self._fingerprint()  # identity in the checkpoints; hashes all the data, so once
         self.next_step, self.stopped = 0, False
         if resume and self.ckpt_path is not None and self.ckpt_path.exists():
             self.next_step, self.stopped = load_checkpoint(
-                self.ckpt_path, v=self.v, optimizer=self.opt, scheduler=self.sched, fingerprint=self._fingerprint()
+                self.ckpt_path, v=self.v, optimizer=self.opt, scheduler=self.sched, fingerprint=self.fingerprint
             )
         self.resumed_from = self.next_step
         records = _read_log(self.log_path, self.next_step)
@@ -340,7 +341,7 @@ class Trainer:
                 optimizer=self.opt,
                 scheduler=self.sched,
                 step=self.next_step,
-                fingerprint=self._fingerprint(),
+                fingerprint=self.fingerprint,
                 stopped=self.stopped,
             )
 
